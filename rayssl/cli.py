@@ -1,0 +1,125 @@
+"""`rayssl` command line: parses arguments and delegates (convert | pretrain | preview)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Quiet, reproducible defaults for a CLI process; users can still override them.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="SSL method (voco, mlsscl, gvsl, drasclr); default voco")
+    p.add_argument("--data", help="Zarr store made by `rayssl convert` (default: embedded demo phantoms)")
+    p.add_argument("--profile", choices=["cpu", "paper"], help="settings profile (default: paper with a GPU, else cpu)")
+    p.add_argument("--config", help="YAML config file (e.g. a run folder's config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field (dotted paths, e.g. --set voco.lambda_reg=0.5 --set train.lr=3e-4)")
+    p.add_argument("--address", help="attach to a running Ray cluster (e.g. auto) instead of starting one")
+
+
+def _resolve(args: argparse.Namespace, extra: list[str]):
+    from rayssl.config import resolve_config
+
+    return resolve_config(method=args.method, profile=args.profile, file=args.config, overrides=extra + args.overrides)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from rayssl.train.trainer import pretrain
+
+    extra = []
+    if args.data:
+        extra.append(f"data.store={args.data}")
+    if args.steps:
+        extra.append(f"train.steps={args.steps}")
+    if args.out:
+        extra.append(f"out={args.out}")
+    if args.num_workers:
+        extra.append(f"train.num_workers={args.num_workers}")
+    if args.use_gpu:
+        extra.append("train.use_gpu=true")
+    if args.name:
+        extra.append(f"name={args.name}")
+    if args.resume and not args.config:
+        config_path = os.path.join(args.resume, "config.yaml")
+        if os.path.exists(config_path):
+            args.config = config_path
+    cfg = _resolve(args, extra)
+    result = pretrain(cfg, resume=args.resume, address=args.address)
+    return 0 if result.status in ("finished", "stopped") else 1
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from rayssl.preview import preview
+
+    extra = [f"data.store={args.data}"] if args.data else []
+    cfg = _resolve(args, extra)
+    path = preview(cfg, samples=args.samples, out=args.out, address=args.address)
+    print(f"[rayssl] preview written to {path}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from datasets_zarr import convert
+
+    window = tuple(args.window) if args.window else None
+    manifest = convert(
+        args.inputs, args.out, labels=args.label or None, spacing=args.spacing, modality=args.modality,
+        chunks=args.chunks, shards=args.shards, window=window, normalize=args.normalize,
+        on_error=args.on_error, address=args.address,
+    )
+    print(f"[rayssl] store {args.out}: {len(manifest)} volumes in the manifest")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayssl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder with an SSL method on Ray Train")
+    _add_run_options(p)
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--out", help="folder for run folders (default runs/)")
+    p.add_argument("--name", help="run name (default: unique <method>-<time>-<hex>)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers")
+    p.add_argument("--use-gpu", action="store_true", help="train on GPUs")
+    p.add_argument("--resume", metavar="RUN", help="resume a run folder from its last checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("preview", help="PNG montage of streamed crops and views (three orthogonal planes)")
+    _add_run_options(p)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--out", default="preview.png")
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("convert", help="convert NIfTI / DICOM series / .npy scans into a Zarr store + manifest")
+    p.add_argument("inputs", nargs="+", help="files, DICOM series folders, or folders of scans")
+    p.add_argument("--out", required=True, help="output store (e.g. data/ct.zarr)")
+    p.add_argument("--label", action="append", help="label map for the input at the same position (repeatable)")
+    p.add_argument("--spacing", type=float, nargs="+", help="resample to this spacing in mm (one value or three)")
+    p.add_argument("--modality", choices=["CT", "MR"], help="override modality detection")
+    p.add_argument("--chunks", type=int, default=64, help="chunk edge in voxels (default 64)")
+    p.add_argument("--shards", type=int, help="shard edge in voxels (for object stores); default unsharded")
+    p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), help="CT window in HU, scaled to [0, 1]")
+    p.add_argument("--normalize", action="store_true", help="MRI percentile normalisation to [0, 1]")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="a bad input: stop (default) or skip it and report at the end")
+    p.add_argument("--address", help="Ray cluster address (default: local runtime)")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"rayssl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

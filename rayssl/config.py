@@ -1,0 +1,187 @@
+"""Typed run configuration: defaults, method profiles, YAML files and `--set` overrides, validated once."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rayssl.methods import MethodConfig, get_method_class
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSection(_Strict):
+    """Where samples come from and how the CPU actor pool builds them."""
+
+    store: str | None = Field(None, description="Zarr store (path or fsspec URI); None = the embedded demo phantoms")
+    split: str = Field("train", description="manifest split to train on ('all' = every volume)")
+    samples_per_volume: int = Field(1, ge=1, description="samples drawn from each volume per epoch")
+    actors_min: int = Field(1, ge=1, description="minimum size of the view-building actor pool")
+    actors_max: int = Field(2, ge=1, description="maximum size (the autoscaler may grow the pool up to it)")
+    actor_cpus: float = Field(0.5, gt=0, description="logical CPUs reserved per data actor")
+    on_error: Literal["raise", "skip"] = Field("raise", description="unreadable volume: stop, or skip it and report")
+    prefetch_batches: int = Field(2, ge=0, description="batches prefetched ahead of the training step")
+    demo_volumes: int = Field(8, ge=2, description="number of phantoms in the demo store")
+
+    @model_validator(mode="after")
+    def _pool(self) -> "DataSection":
+        if self.actors_max < self.actors_min:
+            raise ValueError(f"actors_max ({self.actors_max}) must be >= actors_min ({self.actors_min})")
+        return self
+
+
+class TrainSection(_Strict):
+    """Optimisation, checkpoints and scaling of the Ray Train run."""
+
+    steps: int = Field(40, ge=1, description="optimizer steps")
+    batch_size: int = Field(2, ge=1, description="samples per worker per step")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (None = method default)")
+    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay (None = method default)")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps before cosine decay (None = method default)")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None = off)")
+    amp: bool = Field(True, description="bfloat16/float16 autocast on GPU (ignored on CPU)")
+    report_every: int = Field(1, ge=1, description="report metrics every k steps")
+    checkpoint_every: int = Field(20, ge=1, description="checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (None = cores / workers)")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+    controller_failure_limit: int = Field(3, ge=0, description="bounded retries when a worker group cannot be placed")
+    nan_policy: Literal["stop", "skip"] = Field("stop", description="non-finite loss: stop keeping the last good checkpoint, or skip the step")
+    stop_after: int | None = Field(None, ge=1, description="stop after this step (the schedule still targets `steps`); for tests and budgets")
+    storage_path: str | None = Field(None, description="Ray Train storage (shared FS or s3://); default = the run's parent folder")
+
+
+class RunConfig(_Strict):
+    """A whole pretraining run: method + its config, data, training, seed, where it goes."""
+
+    method: str = "voco"
+    profile: Literal["cpu", "paper"] = "cpu"
+    seed: int = 0
+    out: str = "runs"
+    name: str | None = None
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    method_config: dict[str, Any] = Field(default_factory=dict)
+
+    def method_cfg(self) -> MethodConfig:
+        return get_method_class(self.method).config_cls.model_validate(self.method_config)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json")
+        d[self.method] = d.pop("method_config")
+        return d
+
+
+def default_profile() -> str:
+    """`paper` when a GPU is visible, else the small `cpu` profile."""
+    try:
+        import torch
+
+        return "paper" if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001
+        return "cpu"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(d: dict, path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        d = d.setdefault(key, {})
+    d[path[-1]] = value
+
+
+def _route(key: str, method: str, method_fields: set[str]) -> list[str]:
+    """Where `--set key=...` goes: explicit sections, top-level fields, else a unique field name."""
+    parts = key.split(".")
+    head = parts[0]
+    if head in ("data", "train"):
+        return parts
+    if head in (method, "method_config"):
+        return ["method_config", *parts[1:]]
+    if len(parts) == 1 and head in RunConfig.model_fields and head not in ("data", "train", "method_config"):
+        return parts
+    if len(parts) == 1:
+        homes = [s for s, fields in (("method_config", method_fields),
+                                     ("data", set(DataSection.model_fields)),
+                                     ("train", set(TrainSection.model_fields))) if head in fields]
+        if len(homes) == 1:
+            return [homes[0], head]
+        if len(homes) > 1:
+            raise ValueError(f"--set {key}: ambiguous, it names a field of {homes}; write e.g. {homes[0].replace('method_config', method)}.{key}")
+    raise ValueError(
+        f"--set {key}: unknown field. Method {method!r} fields: {sorted(method_fields)}; "
+        f"data.*: {sorted(DataSection.model_fields)}; train.*: {sorted(TrainSection.model_fields)}"
+    )
+
+
+def resolve_config(
+    method: str | None = None,
+    profile: str | None = None,
+    file: str | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Build and validate a RunConfig: defaults < method profile < YAML file < `--set` overrides.
+
+    Raises ValueError with the offending field named when anything is invalid; no Ray is touched.
+    """
+    raw: dict[str, Any] = copy.deepcopy(base) if base else {}
+    if file:
+        with open(file) as f:
+            loaded = yaml.safe_load(f) or {}
+        raw.update(loaded)
+    method = method or raw.get("method") or "voco"
+    method_cls = get_method_class(method)
+    if method in raw:  # YAML writes the method section under the method's name
+        raw["method_config"] = raw.pop(method)
+    profile = profile or raw.get("profile") or default_profile()
+    if profile not in method_cls.profiles:
+        raise ValueError(f"unknown profile {profile!r} for {method}; choose one of {sorted(method_cls.profiles)}")
+    # The profile is applied first; explicit values from the file override it.
+    merged: dict[str, Any] = {"method": method, "profile": profile, "data": {}, "train": {}, "method_config": {}}
+    for key, value in method_cls.profiles[profile].items():
+        if key in ("data", "train"):
+            merged[key].update(value)
+        else:
+            merged["method_config"][key] = value
+    for key, value in raw.items():
+        if key in ("data", "train", "method_config") and isinstance(value, dict):
+            merged[key].update(value)
+        elif key not in ("method", "profile"):
+            merged[key] = value
+    fields = set(method_cls.config_cls.model_fields)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected field=value")
+        key, value = item.split("=", 1)
+        _set_path(merged, _route(key.strip(), method, fields), _parse_value(value.strip()))
+    try:
+        cfg = RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ValueError(_explain(err, "")) from None
+    try:
+        cfg.method_cfg()
+    except ValidationError as err:
+        raise ValueError(_explain(err, method + ".")) from None
+    return cfg
+
+
+def _explain(err: ValidationError, prefix: str) -> str:
+    lines = ["invalid configuration:"]
+    for e in err.errors():
+        loc = prefix + ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {loc.rstrip('.')}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Streaming crops from Zarr stores through Ray Data: plans, chunk-level reads, view building."""

@@ -1,0 +1,158 @@
+"""Builds the Ray Dataset that streams a method's views: plans -> CPU actors (read + views)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import ray
+
+from rayssl.data.plan import Planner, PlanFn, decode_requests
+from rayssl.data.read import StoreReader
+from rayssl.methods.base import ReadRequest, VolumeInfo
+
+ViewsFn = Callable[[list[np.ndarray], list[ReadRequest], np.random.Generator], dict[str, np.ndarray]]
+
+
+@ray.remote(num_cpus=0)
+class SkipLedger:
+    """Counts samples whose volume could not be read (on_error=skip), per volume, with the reason."""
+
+    def __init__(self) -> None:
+        self.skips: dict[str, dict[str, Any]] = {}
+
+    def record(self, volume_id: str, reason: str) -> None:
+        entry = self.skips.setdefault(volume_id, {"count": 0, "reason": reason})
+        entry["count"] += 1
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return self.skips
+
+
+class ViewBuilder:
+    """Ray Data actor: opens each store once, reads the plan's boxes, builds the method's views.
+
+    With on_error="skip", a sample whose volume fails (corrupt chunk, missing array, a views error)
+    is re-planned on the next volume in order, so batches keep their size (DDP shards stay equal);
+    the failing volume is recorded in the SkipLedger and never used again by this actor.
+    """
+
+    def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, views_fn: ViewsFn,
+                 on_error: str = "raise", ledger: Any = None) -> None:
+        self.volumes = list(volumes)
+        self.plan_fn = plan_fn
+        self.views_fn = views_fn
+        self.on_error = on_error
+        self.ledger = ledger
+        self.readers: dict[str, StoreReader] = {}
+        self.bad_volumes: set[int] = set()
+
+    def reader(self, store: str) -> StoreReader:
+        if store not in self.readers:
+            self.readers[store] = StoreReader(store)
+        return self.readers[store]
+
+    def read(self, requests: list[ReadRequest]) -> list[np.ndarray]:
+        """Crops for `requests`, grouped per (volume, array) so shared chunks decode once."""
+        crops: list[np.ndarray | None] = [None] * len(requests)
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.volume, r.array), []).append(i)
+        for (volume, array), idx in groups.items():
+            info = self.volumes[volume]
+            pad = info.background if array == "image" else 0
+            boxes = [(requests[i].start, requests[i].size) for i in idx]
+            out = self.reader(info.extra["store"]).read_boxes(info.extra["group"], boxes, array=array, pad_value=pad)
+            for i, crop in zip(idx, out):
+                crops[i] = crop
+        return crops  # type: ignore[return-value]
+
+    def build(self, requests: list[ReadRequest], seed: int) -> dict[str, np.ndarray]:
+        crops = self.read(requests)
+        return self.views_fn(crops, requests, np.random.default_rng(seed))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        samples: list[dict[str, np.ndarray]] = []
+        for row in range(len(batch["sample"])):
+            requests = decode_requests(batch["requests"][row])
+            seed = int(batch["seed"][row])
+            volume = int(batch["volume"][row])
+            views = self._build_or_skip(requests, seed, volume)
+            views["sample"] = np.int64(batch["sample"][row])
+            samples.append(views)
+        return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+    def _build_or_skip(self, requests: list[ReadRequest], seed: int, volume: int) -> dict[str, np.ndarray]:
+        last_error: Exception | None = None
+        for attempt in range(len(self.volumes)):
+            if volume not in self.bad_volumes:
+                try:
+                    return self.build(requests, seed)
+                except Exception as err:  # noqa: BLE001 - the on_error policy decides
+                    if self.on_error != "skip":
+                        raise
+                    last_error = err
+                    self.bad_volumes.add(volume)
+                    if self.ledger is not None:
+                        self.ledger.record.remote(self.volumes[volume].id, f"{type(err).__name__}: {err}")
+            # Re-plan this sample on the next volume, deterministically.
+            volume = (volume + 1) % len(self.volumes)
+            rng = np.random.default_rng([seed, attempt + 1])
+            requests = self.plan_fn(self.volumes, volume, rng)
+            seed = int(rng.integers(0, 2**62))
+        raise RuntimeError(f"on_error=skip: every volume failed; last error: {last_error}") from last_error
+
+
+def build_dataset(
+    volumes: Sequence[VolumeInfo],
+    plan_fn: PlanFn,
+    views_fn: ViewsFn,
+    *,
+    num_samples: int,
+    start_sample: int = 0,
+    seed: int = 0,
+    samples_per_volume: int = 1,
+    actors: tuple[int, int] = (1, 2),
+    actor_cpus: float = 1.0,
+    samples_per_call: int = 1,
+    on_error: str = "raise",
+    ledger: Any = None,
+) -> "ray.data.Dataset":
+    """Ray Dataset of views for samples [start_sample, start_sample + num_samples).
+
+    Plans are cheap rows computed in map tasks; reading and view building run on an autoscaling
+    actor pool (`ActorPoolStrategy(min_size, max_size)`), so a cluster grows the pool with CPU nodes.
+    """
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be > 0, got {num_samples}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    planner = Planner(volumes, plan_fn, seed=seed, samples_per_volume=samples_per_volume)
+    # Sample indices live in the driver's object store (no read tasks); planning is so cheap that it
+    # takes no CPU reservation, so it can never wait behind the training workers for a core.
+    ids = np.arange(start_sample, start_sample + num_samples, dtype=np.int64)
+    ds = ray.data.from_numpy(np.array_split(ids, max(1, min(num_samples // 16, 64))))  # column "data"
+    ds = ds.map_batches(planner, batch_format="numpy", batch_size=16, num_cpus=0)
+    ds = ds.map_batches(
+        ViewBuilder,
+        fn_constructor_kwargs=dict(volumes=list(volumes), plan_fn=plan_fn, views_fn=views_fn,
+                                   on_error=on_error, ledger=ledger),
+        compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
+        num_cpus=actor_cpus,
+        batch_size=samples_per_call,
+        batch_format="numpy",
+    )
+    return ds
+
+
+def measure_throughput(ds: "ray.data.Dataset", max_rows: int | None = None) -> dict[str, float]:
+    """Rows/s of iterating `ds` (used by `rayssl preview` and benchmarks)."""
+    t0 = time.perf_counter()
+    rows = 0
+    for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=4):
+        rows += len(batch["sample"])
+        if max_rows and rows >= max_rows:
+            break
+    elapsed = time.perf_counter() - t0
+    return {"rows": rows, "seconds": elapsed, "rows_per_s": rows / max(elapsed, 1e-9)}

@@ -1,0 +1,230 @@
+"""Read 3D boxes from Zarr v3 volume stores, decoding only the chunks each box touches.
+
+The fast path reads the chunk objects of unsharded `bytes + blosc` arrays (our stores' default)
+and decodes them with numcodecs directly, skipping the zarr API's per-chunk overhead (about half
+of a crop's time in our measurements). Any other layout (sharding, other codecs) goes through
+`zarr` itself. Both paths return identical arrays (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import fsspec
+import numcodecs.blosc
+import numpy as np
+import zarr
+
+# Ray gives each data actor its own core; blosc's internal threads would oversubscribe it.
+numcodecs.blosc.use_threads = False
+
+
+class ChunkReadError(RuntimeError):
+    """A chunk (or array) of a volume could not be read or decoded."""
+
+
+@dataclass
+class _ArrayInfo:
+    path: str  # path of the array inside the store (fs path)
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+    fill_value: float
+    separator: str
+    fast: bool  # bytes+blosc without sharding: decode chunk objects directly
+
+
+@dataclass
+class ReadStats:
+    """Counters for read amplification: bytes decoded vs bytes returned."""
+
+    boxes: int = 0
+    chunks_decoded: int = 0
+    bytes_decoded: int = 0
+    bytes_returned: int = 0
+    bytes_fetched: int = 0
+
+    @property
+    def amplification(self) -> float:
+        return self.bytes_decoded / max(self.bytes_returned, 1)
+
+
+def _parse_array_meta(path: str, meta: dict) -> _ArrayInfo:
+    if meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
+        raise ChunkReadError(f"{path}: not a Zarr v3 array (zarr.json says {meta.get('node_type')!r})")
+    codecs = [c["name"] for c in meta.get("codecs", [])]
+    key_encoding = meta.get("chunk_key_encoding", {})
+    separator = key_encoding.get("configuration", {}).get("separator", "/")
+    endian = next((c.get("configuration", {}).get("endian", "little") for c in meta["codecs"] if c["name"] == "bytes"), "little")
+    fast = codecs == ["bytes", "blosc"] and key_encoding.get("name") == "default" and endian == "little"
+    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    return _ArrayInfo(
+        path=path,
+        shape=tuple(meta["shape"]),
+        chunks=tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]),
+        dtype=dtype,
+        fill_value=meta.get("fill_value") or 0,
+        separator=separator,
+        fast=fast,
+    )
+
+
+class StoreReader:
+    """Reads boxes from the volume groups of one store (local path or fsspec URI).
+
+    Open once per actor: array metadata is cached, chunk objects are fetched (concurrently on
+    object stores, via `fs.cat`) and decoded once per `read_boxes` call even when several boxes
+    share them.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.fs, self.root = fsspec.core.url_to_fs(uri)
+        self._arrays: dict[tuple[str, str], _ArrayInfo] = {}
+        self.stats = ReadStats()
+
+    def array_info(self, group: str, array: str = "image") -> _ArrayInfo:
+        key = (group, array)
+        if key not in self._arrays:
+            path = posixpath.join(self.root, group, array)
+            try:
+                meta = json.loads(self.fs.cat_file(posixpath.join(path, "zarr.json")))
+            except FileNotFoundError:
+                raise ChunkReadError(
+                    f"volume {group!r} in store {self.uri}: array {array!r} not found; "
+                    f"check the manifest matches the store (re-run `rayssl convert`)"
+                ) from None
+            except (ValueError, OSError) as err:
+                raise ChunkReadError(f"volume {group!r} in store {self.uri}: cannot read {array}/zarr.json: {err}") from err
+            self._arrays[key] = _parse_array_meta(path, meta)
+        return self._arrays[key]
+
+    def read(self, group: str, start: Sequence[int], size: Sequence[int], array: str = "image",
+             pad_value: float = 0.0, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """One box [start, start+size); voxels outside the array are `pad_value`."""
+        return self.read_boxes(group, [(start, size)], array=array, pad_value=pad_value, dtype=dtype)[0]
+
+    def read_boxes(self, group: str, boxes: Iterable[tuple[Sequence[int], Sequence[int]]], array: str = "image",
+                   pad_value: float = 0.0, dtype: np.dtype | type = np.float32) -> list[np.ndarray]:
+        """Several boxes of one array; every chunk they touch is fetched and decoded once."""
+        info = self.array_info(group, array)
+        boxes = [(tuple(int(v) for v in s), tuple(int(v) for v in z)) for s, z in boxes]
+        for start, size in boxes:
+            if len(start) != len(info.shape) or len(size) != len(info.shape) or min(size) <= 0:
+                raise ValueError(f"volume {group!r}: bad box start={start} size={size} for array of shape {info.shape}")
+        outputs = [np.full(size, pad_value, dtype=dtype) for _, size in boxes]
+        self.stats.boxes += len(boxes)
+        self.stats.bytes_returned += sum(o.size * info.dtype.itemsize for o in outputs)
+        if info.fast:
+            self._read_fast(group, info, boxes, outputs)
+        else:
+            self._read_zarr(group, info, boxes, outputs)
+        return outputs
+
+    # -- fast path: chunk objects decoded with numcodecs ------------------------------------------
+    def _read_fast(self, group: str, info: _ArrayInfo, boxes, outputs) -> None:
+        needed: dict[tuple[int, ...], None] = {}
+        for start, size in boxes:
+            lo, hi = _clip(start, size, info.shape)
+            if lo is None:
+                continue
+            ranges = [range(l // c, (h - 1) // c + 1) for l, h, c in zip(lo, hi, info.chunks)]
+            for idx in np.ndindex(*[len(r) for r in ranges]):
+                needed[tuple(r[i] for r, i in zip(ranges, idx))] = None
+        if not needed:
+            return
+        keys = list(needed)
+        paths = [posixpath.join(info.path, "c", *map(str, k)) if info.separator == "/"
+                 else posixpath.join(info.path, "c" + info.separator + info.separator.join(map(str, k)))
+                 for k in keys]
+        blobs = self._fetch(paths)
+        chunk_nbytes = int(np.prod(info.chunks)) * info.dtype.itemsize
+        for key, path in zip(keys, paths):
+            blob = blobs.get(path)
+            if blob is None:  # never-written chunk: all fill value
+                chunk = np.full(info.chunks, info.fill_value, dtype=info.dtype)
+            else:
+                self.stats.bytes_fetched += len(blob)
+                try:
+                    raw = numcodecs.blosc.decompress(blob)
+                except Exception as err:  # numcodecs raises RuntimeError on corrupt input
+                    raise ChunkReadError(
+                        f"volume {group!r} in store {self.uri}: chunk {posixpath.relpath(path, self.root)} is corrupt "
+                        f"(blosc decode failed: {err}); re-convert this volume (`rayssl convert ...`) or stream "
+                        f"with on_error=skip to leave it out"
+                    ) from err
+                if len(raw) != chunk_nbytes:
+                    raise ChunkReadError(
+                        f"volume {group!r} in store {self.uri}: chunk {posixpath.relpath(path, self.root)} decodes to "
+                        f"{len(raw)} bytes, expected {chunk_nbytes}; the store is damaged, re-convert this volume"
+                    )
+                chunk = np.frombuffer(raw, dtype=info.dtype).reshape(info.chunks)
+                self.stats.chunks_decoded += 1
+                self.stats.bytes_decoded += chunk_nbytes
+            origin = tuple(k * c for k, c in zip(key, info.chunks))
+            for (start, size), out in zip(boxes, outputs):
+                _paste(chunk, origin, start, size, info.shape, out)
+
+    def _fetch(self, paths: list[str]) -> dict[str, bytes]:
+        if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            blobs = {}
+            for path in paths:
+                try:
+                    with open(path, "rb") as f:
+                        blobs[path] = f.read()
+                except FileNotFoundError:
+                    pass
+            return blobs
+        fetched = self.fs.cat(paths, on_error="return")
+        blobs = {}
+        for path, value in fetched.items():
+            if isinstance(value, FileNotFoundError):
+                continue
+            if isinstance(value, Exception):
+                raise ChunkReadError(f"store {self.uri}: cannot fetch {path}: {value}") from value
+            blobs[self.fs._strip_protocol(path) if path not in paths else path] = value
+        return blobs
+
+    # -- general path: the zarr API (sharded or other codecs) -------------------------------------
+    def _read_zarr(self, group: str, info: _ArrayInfo, boxes, outputs) -> None:
+        try:
+            arr = zarr.open_array(store=self.uri.rstrip("/") + "/" + group + "/" + posixpath.basename(info.path), mode="r")
+        except Exception as err:
+            raise ChunkReadError(f"volume {group!r} in store {self.uri}: cannot open {posixpath.basename(info.path)}: {err}") from err
+        for (start, size), out in zip(boxes, outputs):
+            lo, hi = _clip(start, size, info.shape)
+            if lo is None:
+                continue
+            try:
+                data = arr[tuple(slice(l, h) for l, h in zip(lo, hi))]
+            except Exception as err:
+                raise ChunkReadError(
+                    f"volume {group!r} in store {self.uri}: reading box {start}+{size} failed ({err}); "
+                    f"a chunk is probably corrupt: re-convert this volume or stream with on_error=skip"
+                ) from err
+            self.stats.bytes_decoded += data.nbytes
+            out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = data
+
+
+def _clip(start, size, shape):
+    lo = tuple(max(s, 0) for s in start)
+    hi = tuple(min(s + z, n) for s, z, n in zip(start, size, shape))
+    if any(h <= l for l, h in zip(lo, hi)):
+        return None, None
+    return lo, hi
+
+
+def _paste(chunk: np.ndarray, origin, start, size, shape, out: np.ndarray) -> None:
+    """Copy the part of `chunk` (placed at `origin`) that falls inside box (start, size) into `out`."""
+    src, dst = [], []
+    for o, c, s, z, n in zip(origin, chunk.shape, start, size, shape):
+        lo = max(o, s, 0)
+        hi = min(o + c, s + z, n)
+        if hi <= lo:
+            return
+        src.append(slice(lo - o, hi - o))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = chunk[tuple(src)]

@@ -1,0 +1,140 @@
+"""The contract every SSL method implements: CPU-side plans and views, model, loss, state, export."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's typed config: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Optimiser defaults of the method (the training loop reads them; `--set` overrides them).
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 5
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """What a planner may know about a volume without reading it (one manifest row)."""
+
+    index: int  # row in the manifest
+    id: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    bbox: tuple[int, int, int, int, int, int]  # foreground box, half-open [x0,y0,z0,x1,y1,z1]
+    background: float  # value of voxels read outside the volume
+    modality: str
+    has_label: bool = False
+    has_mask: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)  # other manifest columns
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """One box to read: voxels [start, start+size) of `array` of volume `volume` (manifest row).
+
+    Boxes may reach outside the volume; outside voxels read as the volume's background value.
+    """
+
+    volume: int
+    start: tuple[int, int, int]
+    size: tuple[int, int, int]
+    array: str = "image"
+
+
+@dataclass
+class ExportedBackbone:
+    """Backbone weights in the state_dict layout of a MONAI network, plus how to rebuild it."""
+
+    state_dict: dict[str, torch.Tensor]
+    network: str  # dotted import path, e.g. "monai.networks.nets.SwinUNETR"
+    network_kwargs: dict[str, Any]
+    key_groups: dict[str, list[str]]  # e.g. {"encoder": [...prefixes], "stem": [...], "input_projection": [...]}
+    notes: str = ""
+
+
+class Method(ABC):
+    """A self-supervised method: one module owns its views, model and loss.
+
+    CPU side (runs in Ray Data actors): `plan` says which boxes to read for a sample, `views`
+    turns the crops into the numeric arrays the model consumes. Model side (Ray Train workers):
+    `build_model` returns a module whose `forward(batch)` computes everything the loss needs (so
+    DDP sees one forward), `loss` returns the total under "loss" plus each term, `after_step`
+    runs momentum updates and queue enqueues. Methods never import Ray.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+    # Profiles: named partial configs; "cpu" must finish the demo run in minutes on 2 cores,
+    # "paper" holds the published settings (GPU-sized).
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {"cpu": {}, "paper": {}}
+    # DDP flag for models whose forward leaves some parameters unused in a step.
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    # ---- CPU side -------------------------------------------------------------------------
+    @abstractmethod
+    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
+        """Boxes to read for one sample whose primary volume is `volumes[index]`."""
+
+    @abstractmethod
+    def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Build the sample's views from the crops read for `requests` (float32, same order)."""
+
+    def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
+        """Raise ValueError naming a volume this method cannot use (before any worker starts)."""
+
+    def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+        """Driver-side data preparation before streaming (e.g. DrasCLR's atlas registration).
+
+        May write derived arrays/attributes into the store and return the volumes with extra
+        per-volume facts in `VolumeInfo.extra` (they travel to the data actors with the plans).
+        """
+        return list(volumes)
+
+    # ---- model side -----------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """Backbone + heads + target encoders; `forward(batch: dict[str, Tensor]) -> dict[str, Tensor]`."""
+
+    @abstractmethod
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"loss": total, <term>: value, ...}; every value a scalar tensor."""
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        """Called once on each worker after the model is on its device (create queues here)."""
+
+    def after_step(self, model: nn.Module, outputs: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, float]:
+        """Momentum updates, queue enqueues. `model` is unwrapped (no DDP). Returns extra metrics."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state outside the model (queues, counters): checkpointed, tensors only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    @abstractmethod
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The exportable encoder sub-module of `model` (unwrapped)."""
+
+    @abstractmethod
+    def export(self, model: nn.Module) -> ExportedBackbone:
+        """Backbone weights in the layout of the matching MONAI network."""
+
+    def card(self) -> dict[str, Any]:
+        """Model-card facts: pretraining patch size, recommended downstream patch size, ..."""
+        return {}

@@ -1,0 +1,1 @@
+"""Ray Train side: the per-worker loop, checkpoints, and the driver that launches a run."""

@@ -1,0 +1,268 @@
+"""`train_loop_per_worker`: the one training loop, knowing no method by name."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import random
+import resource
+import time
+from typing import Any
+
+import fsspec
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from rayssl.config import RunConfig
+from rayssl.methods import get_method_class
+from rayssl.train.checkpoint import load_checkpoint_dir, rng_state, set_rng_state, write_checkpoint_dir
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, final_fraction: float = 0.0):
+    """LR multiplier: linear warm-up over `warmup_steps`, then cosine decay to `final_fraction`."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def count_crops(batch: dict[str, torch.Tensor]) -> int:
+    """Image crops in a batch: every [B, ..., C, D, H, W] tensor counts prod of its middle dims per sample."""
+    crops = 0
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 5 and value.is_floating_point():
+            crops += int(np.prod(value.shape[:-4])) if value.dim() > 5 else value.shape[0]
+    return crops
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _write_text(path: str, text: str) -> None:
+    with fsspec.open(path, "w") as f:
+        f.write(text)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker. `loop_config`: {"run": RunConfig dict, "run_dir", "data_start_step", "card"}."""
+    cfg = RunConfig.model_validate(loop_config["run"])
+    run_dir: str = loop_config["run_dir"]
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tc.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    method_cfg = cfg.method_cfg()
+    method = get_method_class(cfg.method)(method_cfg)
+    device = ray.train.torch.get_device()
+    model = method.build_model().to(device)
+    method.setup(model, device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = tc.lr if tc.lr is not None else method_cfg.lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay if tc.weight_decay is not None else method_cfg.weight_decay)
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else method_cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(warmup, tc.steps), tc.steps))
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint_dir(directory)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+        if rank == 0:
+            print(f"[rayssl] resumed from checkpoint at step {step}", flush=True)
+
+    ddp_model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters})
+    use_amp = tc.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    stop = min(tc.stop_after or tc.steps, tc.steps)
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=True,
+                                       prefetch_batches=cfg.data.prefetch_batches)
+    # The driver starts the dataset at the step it resumes from; after an in-run restart (node
+    # loss) the dataset restarts at its own beginning, so skip what the checkpoint already covered.
+    to_skip = step - int(loop_config.get("data_start_step", 0))
+
+    metrics_path = posixpath.join(run_dir, "metrics.jsonl")
+    history: list[str] = []
+    if rank == 0 and step > 0:
+        try:
+            with fsspec.open(metrics_path, "r") as f:
+                history = [line.rstrip("\n") for line in f if json.loads(line)["step"] <= step]
+        except FileNotFoundError:
+            history = []
+
+    t_start = time.perf_counter()
+    t_window, samples_window, crops_window, steps_window = time.perf_counter(), 0, 0, 0
+    steps_done_here = 0
+    last_metrics: dict[str, float] = {}
+    for batch in batches:
+        if to_skip > 0:
+            to_skip -= 1
+            continue
+        if step >= stop:
+            break
+        ddp_model.train()
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+            outputs = ddp_model(batch)
+            losses = method.loss(outputs, batch)
+        loss = losses["loss"]
+        if _any_rank(not bool(torch.isfinite(loss.detach()).all())):
+            if tc.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step + 1} ({ {k: float(v) for k, v in losses.items()} }); "
+                    f"stopping. The last good checkpoint in {run_dir} is kept; lower train.lr, check the data, "
+                    f"or set train.nan_policy=skip")
+            optimizer.zero_grad(set_to_none=True)
+            if rank == 0:
+                print(f"[rayssl] step {step + 1}: non-finite loss, step skipped (nan_policy=skip)", flush=True)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        grad_norm = float("nan")
+        if tc.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
+        if _any_rank(not math.isfinite(grad_norm) and tc.grad_clip is not None):
+            if tc.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite gradient norm at step {step + 1}; stopping, the last good checkpoint is kept "
+                    f"(lower train.lr or set train.nan_policy=skip)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        steps_done_here += 1
+        extra = method.after_step(model, outputs, step, tc.steps)
+
+        batch_size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        samples_window += batch_size * world
+        crops_window += count_crops(batch) * world
+        steps_window += 1
+        final = step >= stop
+        due_ckpt = step % tc.checkpoint_every == 0 or final
+        if step % tc.report_every == 0 or due_ckpt:
+            elapsed = time.perf_counter() - t_window
+            metrics = {k: float(v.detach()) for k, v in losses.items()}
+            metrics.update({k: float(v) for k, v in extra.items()})
+            metrics = _mean_across_ranks(metrics)
+            metrics.update({
+                "step": step, "epoch": step * tc.batch_size * world // max(1, int(loop_config.get("samples_per_epoch", 1))),
+                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "samples_per_s": samples_window / max(elapsed, 1e-9),
+                "crops_per_s": crops_window / max(elapsed, 1e-9),
+                "step_time_s": elapsed / max(steps_window, 1),
+                "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "time_s": time.perf_counter() - t_start,
+            })
+            t_window, samples_window, crops_window, steps_window = time.perf_counter(), 0, 0, 0
+            ckpt_obj = None
+            if due_ckpt and rank == 0:
+                state = {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "method": method.state_dict(),
+                    "step": step, "epoch": metrics["epoch"], "rng": rng_state(),
+                }
+                ckpt_obj = ray.train.Checkpoint.from_directory(
+                    write_checkpoint_dir(state, {"step": step, "method": cfg.method, "loss": metrics["loss"]}))
+            if rank == 0:
+                history.append(json.dumps(metrics))
+                _write_text(metrics_path, "\n".join(history) + "\n")
+                remaining = (stop - step) * metrics["step_time_s"]
+                terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in losses and k != "loss")
+                print(f"[rayssl] step {step}/{stop} | loss {metrics['loss']:.4f} ({terms}) | "
+                      f"{metrics['samples_per_s']:.2f} samples/s {metrics['crops_per_s']:.1f} crops/s | "
+                      f"lr {metrics['lr']:.2e} | ETA {_fmt_eta(remaining)}", flush=True)
+            ray.train.report(metrics, checkpoint=ckpt_obj)
+            last_metrics = metrics
+        if final:
+            break
+
+    if step < stop:
+        raise RuntimeError(
+            f"the data stream ended at step {step} before the target {stop}; this is a bug in the dataset "
+            f"size computation, please report it")
+    if rank == 0 and step >= tc.steps:
+        _export(method, model, run_dir, cfg, loop_config.get("card", {}), step, last_metrics)
+
+
+def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str, Any], step: int,
+            last_metrics: dict[str, float]) -> None:
+    """export/backbone.pt (MONAI state_dict layout) + export/model_card.json."""
+    exported = method.export(model)
+    export_dir = posixpath.join(run_dir, "export")
+    fs, path = fsspec.core.url_to_fs(export_dir)
+    fs.makedirs(path, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in exported.state_dict.items()}
+    tmp = posixpath.join(export_dir, "backbone.pt.tmp")
+    with fsspec.open(tmp, "wb") as f:
+        torch.save(state, f)
+    fs.mv(posixpath.join(path, "backbone.pt.tmp"), posixpath.join(path, "backbone.pt"))
+    card = {
+        "method": cfg.method,
+        "profile": cfg.profile,
+        "steps": step,
+        "final_loss": last_metrics.get("loss"),
+        "network": exported.network,
+        "network_kwargs": exported.network_kwargs,
+        "weights": "backbone.pt",
+        "load_with": f"net = {exported.network.rsplit('.', 1)[-1]}(**network_kwargs); "
+                     f"net.load_state_dict(torch.load('backbone.pt', weights_only=True), strict=False)",
+        "key_groups": exported.key_groups,
+        "num_keys": len(state),
+        "notes": exported.notes,
+        "config": cfg.to_yaml_dict(),
+        **card_context,
+        **method.card(),
+    }
+    _write_text(posixpath.join(export_dir, "model_card.json"), json.dumps(card, indent=2, default=str))
+    print(f"[rayssl] exported backbone ({len(state)} tensors) to {export_dir}", flush=True)

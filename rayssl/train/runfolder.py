@@ -1,0 +1,140 @@
+"""The run folder a user reads: config, metrics, loss curves, summary, checkpoints, export, and a guide."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+from rayssl.config import RunConfig
+
+GUIDE = """# rayssl run {name}
+
+Method **{method}** (profile `{profile}`), {steps} steps, data: `{store}` ({volumes} volumes).
+
+| file | what it is |
+|---|---|
+| `config.yaml` | the resolved configuration of this run (re-run: `rayssl pretrain --config config.yaml`) |
+| `metrics.jsonl` | one JSON line per reported step: loss terms, lr, samples/s, crops/s, step time |
+| `loss.png` | loss curves (total and each term) |
+| `summary.json` | status, wall time, peak memory, final metrics, skipped volumes |
+| `checkpoint_*/` | Ray Train checkpoints (`state.pt`: model, optimizer, scheduler, step, RNG, method state such as queues) |
+| `export/backbone.pt` | the pretrained backbone in the state_dict layout of the MONAI network named in the card |
+| `export/model_card.json` | method, config, data manifest hash, steps, spacing/patch size, key groups, how to load |
+
+Resume: `rayssl pretrain --resume {run_dir}`. Evaluate: `rayssl probe {run_dir}`.
+"""
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    status: str
+    steps: int
+    wall_time_s: float
+    peak_memory_mb: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def start_run_folder(run_dir: str, cfg: RunConfig, store: str, volumes: int, resumed_from: int | None) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_yaml_dict(), f, sort_keys=False)
+    with open(os.path.join(run_dir, "README.md"), "w") as f:
+        f.write(GUIDE.format(name=cfg.name, method=cfg.method, profile=cfg.profile, steps=cfg.train.steps,
+                             store=store, volumes=volumes, run_dir=run_dir))
+    if resumed_from is not None:
+        print(f"[rayssl] resuming {run_dir} from step {resumed_from}")
+    else:
+        print(f"[rayssl] run folder: {run_dir}")
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str]) -> str | None:
+    """loss.png: the total loss and each term against the step."""
+    if not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(steps, [m["loss"] for m in metrics], label="loss", color="black")
+    for key in loss_keys:
+        if key != "loss":
+            axes[0].plot(steps, [m.get(key) for m in metrics], label=key, alpha=0.8)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].set_title("training loss")
+    axes[0].legend()
+    axes[1].plot(steps, [m.get("crops_per_s", 0) for m in metrics], label="crops/s")
+    axes[1].plot(steps, [m.get("samples_per_s", 0) for m in metrics], label="samples/s")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("throughput")
+    axes[1].legend()
+    fig.tight_layout()
+    path = os.path.join(run_dir, "loss.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+_NON_LOSS = {"step", "epoch", "lr", "grad_norm", "samples_per_s", "crops_per_s", "step_time_s",
+             "worker_peak_rss_mb", "time_s"}
+
+
+def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_memory_mb: float,
+                      skipped: dict[str, Any], error: BaseException | None = None) -> RunResult:
+    metrics = read_metrics(run_dir)
+    loss_keys = [k for k in (metrics[-1] if metrics else {}) if k not in _NON_LOSS and not k.startswith("momentum")]
+    plot_losses(run_dir, metrics, loss_keys)
+    last = metrics[-1] if metrics else {}
+    status = "failed" if error else ("finished" if last.get("step", 0) >= cfg.train.steps else "stopped")
+    exported = os.path.exists(os.path.join(run_dir, "export", "backbone.pt"))
+    summary = {
+        "status": status,
+        "error": str(error) if error else None,
+        "steps": last.get("step", 0),
+        "target_steps": cfg.train.steps,
+        "wall_time_s": round(wall_time_s, 2),
+        "peak_memory_mb": round(peak_memory_mb, 1),
+        "mean_samples_per_s": _mean(metrics, "samples_per_s"),
+        "mean_crops_per_s": _mean(metrics, "crops_per_s"),
+        "mean_step_time_s": _mean(metrics, "step_time_s"),
+        "final_metrics": last,
+        "skipped_volumes": skipped,
+        "exported": exported,
+        "host": platform.node(),
+    }
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    if skipped:
+        total = sum(v["count"] for v in skipped.values())
+        print(f"[rayssl] on_error=skip: {total} samples re-planned away from {len(skipped)} unreadable volume(s):")
+        for vid, info in skipped.items():
+            print(f"  - {vid}: {info['count']}x {info['reason']}")
+    print(f"[rayssl] {status}: {summary['steps']}/{cfg.train.steps} steps in {wall_time_s:.1f} s, "
+          f"peak memory +{peak_memory_mb:.0f} MiB, {summary['mean_crops_per_s']:.1f} crops/s. Run folder: {run_dir}")
+    return RunResult(run_dir=run_dir, status=status, steps=summary["steps"], wall_time_s=wall_time_s,
+                     peak_memory_mb=peak_memory_mb, metrics=last, skipped=skipped,
+                     error=str(error) if error else None)
+
+
+def _mean(metrics: list[dict[str, Any]], key: str) -> float:
+    values = [m[key] for m in metrics[1:] or metrics if key in m]  # first window includes start-up
+    return round(sum(values) / len(values), 3) if values else 0.0

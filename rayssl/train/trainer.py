@@ -1,0 +1,155 @@
+"""Driver side of `rayssl pretrain`: resolve data, build the stream, run TorchTrainer, finish the run folder."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import secrets
+import threading
+import time
+from typing import Any
+
+import psutil
+import ray
+import ray.train
+import yaml
+from ray.train.torch import TorchTrainer
+
+from rayssl.config import RunConfig
+from rayssl.data.pipeline import SkipLedger, build_dataset
+from rayssl.data.volumes import load_volumes, manifest_digest, spacing_summary
+from rayssl.methods import get_method_class
+from rayssl.train.checkpoint import latest_checkpoint_step
+from rayssl.train.loop import train_loop_per_worker
+from rayssl.train.runfolder import RunResult, finish_run_folder, start_run_folder
+
+
+def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    """Attach to `address` (e.g. "auto") or start a local runtime, unless one is already up."""
+    if ray.is_initialized():
+        return
+    init_kwargs.setdefault("logging_level", "WARNING")
+    if address:
+        ray.init(address=address, **init_kwargs)
+    else:
+        ray.init(**init_kwargs)
+
+
+def new_run_name(method: str) -> str:
+    """Unique per run: Ray Train silently resumes a re-used (storage, name), even a finished run."""
+    return f"{method}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def resolve_store(cfg: RunConfig) -> str:
+    if cfg.data.store:
+        return cfg.data.store
+    from datasets_zarr.demo import demo_store
+
+    return str(demo_store(n=cfg.data.demo_volumes))
+
+
+class _MemoryWatcher(threading.Thread):
+    """Samples machine memory in use during the run; the peak above the starting level is reported."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.base = psutil.virtual_memory().used
+        self.peak = self.base
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.peak = max(self.peak, psutil.virtual_memory().used)
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        return (self.peak - self.base) / 2**20
+
+
+def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = None,
+             ray_init: dict[str, Any] | None = None) -> RunResult:
+    """Run (or resume) one pretraining run; returns where it went and what it measured."""
+    t0 = time.perf_counter()
+    if resume:
+        run_dir = os.path.abspath(resume if os.path.isdir(resume) else os.path.join(cfg.out, resume))
+        if not os.path.isdir(run_dir):
+            raise FileNotFoundError(f"--resume {resume}: no run folder at {run_dir}")
+        name = os.path.basename(run_dir)
+        storage = os.path.dirname(run_dir)
+    else:
+        name = cfg.name or new_run_name(cfg.method)
+        storage = os.path.abspath(cfg.train.storage_path or cfg.out)
+        run_dir = os.path.join(storage, name)
+        if os.path.exists(run_dir):
+            raise FileExistsError(
+                f"run folder {run_dir} already exists; resume it with `rayssl pretrain --resume {run_dir}` "
+                f"or choose another --name")
+    cfg = cfg.model_copy(update={"name": name})
+
+    method = get_method_class(cfg.method)(cfg.method_cfg())
+    store = resolve_store(cfg)
+    ensure_ray(address, **(ray_init or {}))
+    volumes = load_volumes(store, cfg.data.split)
+    method.check_volumes(volumes)
+    volumes = method.prepare(store, volumes)
+
+    tc = cfg.train
+    use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    start_step = (latest_checkpoint_step(run_dir) or 0) if resume else 0
+    stop = min(tc.stop_after or tc.steps, tc.steps)
+    start_run_folder(run_dir, cfg, store=store, volumes=len(volumes), resumed_from=start_step if resume else None)
+    if start_step >= stop:
+        print(f"[rayssl] {run_dir} is already at step {start_step} >= {stop}: nothing to do "
+              f"(raise train.steps with --set train.steps=N to continue training)")
+        return finish_run_folder(run_dir, cfg, wall_time_s=0.0, peak_memory_mb=0.0, skipped={})
+
+    global_batch = tc.batch_size * tc.num_workers
+    ledger = SkipLedger.remote()
+    # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
+    dataset = build_dataset(
+        volumes, method.plan, method.views,
+        num_samples=(stop - start_step) * global_batch + global_batch,
+        start_sample=start_step * global_batch,
+        seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
+        actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
+        on_error=cfg.data.on_error, ledger=ledger,
+    )
+    card = {
+        "data": {"store": store, "manifest_sha256": manifest_digest(store), "volumes": len(volumes),
+                 "split": cfg.data.split},
+        "pretraining_spacing_mm": spacing_summary(volumes),
+    }
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # reproducible sample order => exact resume
+    data_config = ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json"), "run_dir": run_dir, "data_start_step": start_step,
+                           "card": card, "samples_per_epoch": len(volumes) * cfg.data.samples_per_volume},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures,
+                                                   controller_failure_limit=tc.controller_failure_limit),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+        dataset_config=data_config,
+    )
+    watcher = _MemoryWatcher()
+    watcher.start()
+    error = None
+    try:
+        trainer.fit()
+    except Exception as err:  # noqa: BLE001 - recorded in the run folder, then re-raised
+        error = err
+    peak = watcher.stop()
+    skipped = ray.get(ledger.summary.remote())
+    result = finish_run_folder(run_dir, cfg, wall_time_s=time.perf_counter() - t0, peak_memory_mb=peak,
+                               skipped=skipped, error=error)
+    if error is not None:
+        raise error
+    return result

@@ -1,0 +1,111 @@
+"""StoreReader: the chunk-level fast path equals the zarr API, pads outside, and names corrupt chunks."""
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec
+
+from rayssl.data.read import ChunkReadError, StoreReader
+
+
+def _write(root, name, data, chunks=(16, 16, 16), shards=None):
+    group = zarr.open_group(root, mode="a")
+    arr = group.create_group(name).create_array(
+        "image", shape=data.shape, chunks=chunks, shards=shards, dtype=data.dtype,
+        compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+    arr[:] = data
+    return arr
+
+
+def _reference(data, start, size, pad):
+    out = np.full(size, pad, dtype=np.float32)
+    src, dst = [], []
+    for s, z, n in zip(start, size, data.shape):
+        lo, hi = max(s, 0), min(s + z, n)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - s, max(lo, hi) - s))
+    out[tuple(dst)] = data[tuple(src)]
+    return out
+
+
+@pytest.fixture
+def volume():
+    rng = np.random.default_rng(0)
+    # Smooth-ish CT-like values so compression is realistic, plus noise.
+    base = np.cumsum(rng.normal(0, 5, (40, 36, 30)), axis=0).astype(np.int16)
+    return base - 500
+
+
+BOXES = [((0, 0, 0), (8, 8, 8)), ((5, 3, 2), (20, 20, 20)), ((-4, 10, 25), (12, 30, 10)),
+         ((30, 30, 20), (16, 16, 16)), ((-50, -50, -50), (4, 4, 4))]
+
+
+def test_fast_path_matches_zarr_and_pads(tmp_path, volume):
+    store = str(tmp_path / "s.zarr")
+    arr = _write(store, "v", volume)
+    reader = StoreReader(store)
+    assert reader.array_info("v").fast
+    for start, size in BOXES:
+        got = reader.read("v", start, size, pad_value=-1024)
+        np.testing.assert_array_equal(got, _reference(volume, start, size, -1024))
+    # Inside the volume the fast path is exactly zarr's own read.
+    np.testing.assert_array_equal(reader.read("v", (5, 3, 2), (20, 20, 20)), arr[5:25, 3:23, 2:22].astype(np.float32))
+
+
+def test_only_touched_chunks_are_decoded(tmp_path, volume):
+    store = str(tmp_path / "s.zarr")
+    _write(store, "v", volume)
+    reader = StoreReader(store)
+    reader.read("v", (0, 0, 0), (16, 16, 16))  # exactly one 16^3 chunk
+    assert reader.stats.chunks_decoded == 1
+    reader.read_boxes("v", [((0, 0, 0), (16, 16, 16)), ((4, 4, 4), (8, 8, 8))])  # shared chunk decoded once
+    assert reader.stats.chunks_decoded == 2
+    reader.read("v", (10, 10, 10), (10, 10, 10))  # straddles 2x2x2 chunks
+    assert reader.stats.chunks_decoded == 10
+
+
+def test_sharded_arrays_use_zarr_and_agree(tmp_path, volume):
+    store = str(tmp_path / "s.zarr")
+    _write(store, "plain", volume)
+    _write(store, "sharded", volume, chunks=(8, 8, 8), shards=(16, 16, 16))
+    reader = StoreReader(store)
+    assert not reader.array_info("sharded").fast
+    for start, size in BOXES:
+        np.testing.assert_array_equal(reader.read("sharded", start, size, pad_value=3),
+                                      reader.read("plain", start, size, pad_value=3))
+
+
+def test_fsspec_memory_store(volume):
+    arr = zarr.open_group("memory://rayssl-test.zarr", mode="w").create_group("v").create_array(
+        "image", shape=volume.shape, chunks=(16, 16, 16), dtype=volume.dtype)
+    arr[:] = volume
+    reader = StoreReader("memory://rayssl-test.zarr")
+    for start, size in BOXES:
+        np.testing.assert_array_equal(reader.read("v", start, size, pad_value=0), _reference(volume, start, size, 0))
+
+
+def test_corrupt_chunk_is_named(tmp_path, volume):
+    store = str(tmp_path / "s.zarr")
+    _write(store, "v", volume)
+    chunk = os.path.join(store, "v", "image", "c", "1", "0", "0")
+    with open(chunk, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff" * 40)
+    with open(chunk, "ab") as f:
+        f.truncate(60)
+    reader = StoreReader(store)
+    with pytest.raises(ChunkReadError) as err:
+        reader.read("v", (16, 0, 0), (4, 4, 4))
+    message = str(err.value)
+    assert "'v'" in message and "image/c/1/0/0" in message and "re-convert" in message
+    # Boxes that avoid the bad chunk still read.
+    assert reader.read("v", (0, 0, 0), (4, 4, 4)).shape == (4, 4, 4)
+
+
+def test_missing_array_is_explained(tmp_path, volume):
+    store = str(tmp_path / "s.zarr")
+    _write(store, "v", volume)
+    with pytest.raises(ChunkReadError, match="array 'mask' not found"):
+        StoreReader(store).read("v", (0, 0, 0), (4, 4, 4), array="mask")
