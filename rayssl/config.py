@@ -173,10 +173,11 @@ def resolve_config(
     except ValidationError as err:
         raise ValueError(_explain(err, "")) from None
     try:
-        cfg.method_cfg()
+        method_cfg = cfg.method_cfg()
     except ValidationError as err:
         raise ValueError(_explain(err, method + ".")) from None
-    return cfg
+    # Store every method field explicitly, so config.yaml shows the whole resolved method config.
+    return cfg.model_copy(update={"method_config": method_cfg.model_dump(mode="json")})
 
 
 def _explain(err: ValidationError, prefix: str) -> str:

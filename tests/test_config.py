@@ -1,0 +1,57 @@
+"""Config resolution: profiles, --set routing, and errors that name the field (no Ray involved)."""
+
+import time
+
+import pytest
+
+from rayssl.config import RunConfig, resolve_config
+
+
+def test_defaults_and_profile_are_recorded():
+    cfg = resolve_config(method="voco", profile="cpu")
+    assert cfg.method == "voco" and cfg.profile == "cpu"
+    assert cfg.to_yaml_dict()["voco"] == cfg.method_config or "voco" in cfg.to_yaml_dict()
+
+
+def test_set_routes_dotted_and_bare_names():
+    cfg = resolve_config(method="voco", profile="cpu",
+                         overrides=["train.steps=7", "data.on_error=skip", "seed=3", "train.lr=3e-4"])
+    assert cfg.train.steps == 7 and cfg.data.on_error == "skip" and cfg.seed == 3 and cfg.train.lr == 3e-4
+    cfg = resolve_config(method="voco", profile="cpu", overrides=["batch_size=3"])  # unique bare name
+    assert cfg.train.batch_size == 3
+
+
+def test_yaml_round_trip(tmp_path):
+    import yaml
+
+    cfg = resolve_config(method="voco", profile="cpu", overrides=["train.steps=5"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_yaml_dict()))
+    again = resolve_config(file=str(path))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.steps=0", "train.steps"),
+    ("train.lr=-1", "train.lr"),
+    ("data.on_error=ignore", "data.on_error"),
+    ("data.actors_min=3", "data"),
+])
+def test_invalid_values_name_the_field_fast(override, field):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        resolve_config(method="voco", profile="cpu", overrides=[override])
+    assert field in str(err.value)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_unknown_field_lists_choices():
+    with pytest.raises(ValueError, match="unknown field"):
+        resolve_config(method="voco", profile="cpu", overrides=["no_such_field=1"])
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve_config(method="nope")
+
+
+def test_run_config_rejects_unknown_keys():
+    with pytest.raises(Exception):
+        RunConfig.model_validate({"method": "voco", "trian": {}})
