@@ -1,0 +1,493 @@
+"""MLSSCL: multiview (axial/coronal/sagittal) and long-short spatial clip contrastive pretraining.
+
+Cao, Wang, Zhang, Zhang, Kang, Xu, "Multiview Long-Short Spatial Contrastive Learning for 3D Medical
+Image Analysis", ICASSP 2022. No official code is public; this module is the reference
+implementation of rayssl and states every reading of the paper it had to make.
+
+What the method does (from the paper's abstract and our issue-tracker spec; the full text was not
+reachable, so equation numbers are not cited):
+
+* Views. From each volume, three *long* spatial clips, one per anatomical view: C slices taken with
+  spatial stride δL along the view's axis at a random position (axial = planes of constant z,
+  coronal = constant y, sagittal = constant x; arrays are (x, y, z) RAS). The axial clip is also
+  the *long* clip of the long-short strategy. A *short* clip: C axial slices with stride δS < δL.
+  Each clip is augmented independently (random crop and resize, mirror flip, intensity scale,
+  intensity shift, Gaussian blur).
+* Model. An online encoder (backbone + projector + predictor, trained by backprop) and a target
+  encoder of the same architecture without predictor, updated by momentum (BYOL's cosine schedule
+  from 0.99 to 1). One memory queue of past target embeddings per target view gives negatives.
+* Loss. L = α·L_multiview + β·L_long_short with InfoNCE pair losses L_N.
+
+Readings of the paper (where it is not explicit) -- also listed in docs/methods/mlsscl.md:
+
+1. Clip tensor layout. Every clip is a tensor [1, C, H, W]: channel, then the clip axis, then the
+   two in-plane axes in (x, y, z) order: axial [z, x, y], coronal [y, x, z], sagittal [x, y, z].
+   One 3D backbone serves all views; the clip axis is its first spatial dimension.
+2. No downsampling along the clip axis. After building the MONAI network, every downsampling
+   convolution (ResNet) / max-pool (BasicUNet encoder) gets stride (1, 2, 2) (and pool kernel
+   (1, 2, 2)). Strides and pool sizes are not weights, so the state_dict layout is MONAI's and the
+   export loads into the standard network (whose strides are (2, 2, 2)).
+3. Head sizes. "1024->128" (ResNet-18) and "512->128" (UNet encoder) are read as projector hidden
+   dim -> output dim; both hidden dims equal 2x the backbone feature dim (512 and 256), so the
+   default hidden dim is 2x the feature dim. The predictor is 128 -> same hidden -> 128 (BYOL).
+4. Pair loss. ℓ(v1 → v2) = InfoNCE(query = online predictor output of v1, positive = target
+   projection of v2, negatives = the queue of view v2). As in CMC (Tian et al. 2020, two-view loss) the
+   multiview pair loss sums both directions:
+   L_N(v1, v2) = ℓ(v1 → v2) + ℓ(v2 → v1);  L_multiview = L_N(a, c) + L_N(a, s) + L_N(c, s).
+   The long-short loss is one direction, short clip predicting the long clip (as in long-short
+   temporal contrastive learning of video): L_long_short = ℓ(S → L), negatives = the axial (long)
+   queue. So there are three queues (axial, coronal, sagittal) and the target never embeds S.
+5. Short clip position. By default the short clip lies inside the long (axial) clip: same in-plane
+   window, z-range inside the long clip's z-range (a local part matched to its global context;
+   it is cut from the long clip's crop, so no extra read). `short_clip_placement: anywhere` samples
+   it independently in the volume (one more read).
+6. In-plane region. `plane_size` voxels square at a random in-plane position inside the foreground
+   box, or (None) the whole foreground extent of the plane; then random crop and resize to
+   `image_size`. No resampling to a common spacing here (the store's spacing is used as is).
+7. Intensity. CT (HU): window `ct_window` (default [-1000, 1000]) -> [0, 1], clipped. MR:
+   percentiles `mr_percentiles` (default 0.5, 99.5) of all clips of the sample jointly -> [0, 1].
+   `intensity: auto` picks per volume from the manifest (CT int16 -> window, CT float32 = already
+   scaled at conversion -> unchanged, MR -> percentiles), recorded by `prepare` on the driver.
+   Augmentations then act on [0, 1] intensities.
+8. BatchNorm1d in the heads with batch size 1: all clips of a batch go through the backbone and
+   heads concatenated (4·B rows online, 3·B rows target), so BN always sees >= 3 rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (
+    Compose,
+    RandFlip,
+    RandGaussianSmooth,
+    RandScaleCrop,
+    RandScaleIntensity,
+    RandShiftIntensity,
+    Resize,
+)
+from pydantic import Field, model_validator
+from torch import nn
+
+from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo
+from rayssl.nn.backbones import ResNetEncoder, UNetEncoder, global_pool
+from rayssl.nn.contrastive import info_nce
+from rayssl.nn.dist import gather_concat
+from rayssl.nn.heads import mlp
+from rayssl.nn.momentum import cosine_momentum, make_momentum_copy, momentum_update
+from rayssl.nn.queue import MemoryQueue
+
+# Views keyed by name; the array axis that is constant on each slice of the view's clip.
+VIEW_AXES: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
+TARGET_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")  # views with a target embedding and a queue
+ONLINE_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal", "short")
+MULTIVIEW_PAIRS: tuple[tuple[str, str], ...] = (("axial", "coronal"), ("axial", "sagittal"), ("coronal", "sagittal"))
+# CT stored in HU has air near -1000; no MR or pre-scaled store goes this low (fallback rule only).
+_HU_AIR_THRESHOLD = -200.0
+
+
+class MLSSCLConfig(MethodConfig):
+    """MLSSCL settings; defaults are the paper's where it gives them (see the module docstring)."""
+
+    # Clips (paper: C = 16, δL = 4, δS = 2).
+    clip_length: int = Field(16, ge=1, description="C: slices per clip")
+    long_stride: int = Field(4, ge=1, description="δL: spatial stride of the long (and view) clips")
+    short_stride: int = Field(2, ge=1, description="δS: spatial stride of the short clip (δS < δL)")
+    short_clip_placement: Literal["inside_long", "anywhere"] = "inside_long"
+    plane_size: int | None = Field(None, ge=1, description="in-plane read window (voxels); None = foreground extent")
+    image_size: int = Field(128, ge=4, description="in-plane size H = W of every clip after resize")
+
+    # Intensity.
+    intensity: Literal["auto", "ct", "mr", "none"] = "auto"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+
+    # Augmentation (paper: random crop and resize, mirror flip, intensity scale/shift, Gaussian blur).
+    augment: bool = True
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # side-length fraction of the random crop, per in-plane axis
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    intensity_scale: float = Field(0.1, ge=0.0)
+    intensity_shift: float = Field(0.1, ge=0.0)
+    intensity_prob: float = Field(0.5, ge=0.0, le=1.0)
+    blur_prob: float = Field(0.2, ge=0.0, le=1.0)
+    blur_sigma: tuple[float, float] = (0.25, 1.0)
+
+    # Model.
+    backbone: Literal["resnet18", "unet"] = "resnet18"
+    resnet_widen_factor: float = Field(1.0, gt=0.0)
+    unet_features: tuple[int, int, int, int, int, int] = (32, 32, 64, 128, 256, 32)
+    proj_hidden_dim: int | None = Field(None, ge=1, description="None = 2 x backbone feature dim (paper: 1024 / 512)")
+    proj_dim: int = Field(128, ge=1)
+    pred_hidden_dim: int | None = Field(None, ge=1, description="None = proj_hidden_dim")
+
+    # Loss and momentum.
+    temperature: float = Field(0.2, gt=0.0)
+    queue_length: int = Field(320, ge=1)
+    momentum: float = Field(0.99, ge=0.0, le=1.0, description="base momentum, cosine-scheduled to 1")
+    alpha: float = Field(0.5, ge=0.0, description="weight of L_multiview")
+    beta: float = Field(0.5, ge=0.0, description="weight of L_long_short")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "MLSSCLConfig":
+        if self.short_stride >= self.long_stride:
+            raise ValueError(f"short_stride ({self.short_stride}) must be < long_stride ({self.long_stride})")
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise ValueError(f"ct_window must be (low, high) with low < high, got {self.ct_window}")
+        if not 0.0 <= self.mr_percentiles[0] < self.mr_percentiles[1] <= 100.0:
+            raise ValueError(f"mr_percentiles must satisfy 0 <= low < high <= 100, got {self.mr_percentiles}")
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
+        return self
+
+
+def keep_clip_axis(module: nn.Module) -> nn.Module:
+    """Make every downsampling conv / max-pool of a 3D network stride 1 along the first spatial axis.
+
+    Changes attributes only (stride, pool kernel), never parameters, so the state_dict keeps the
+    layout of the MONAI network it came from. Returns `module` for chaining.
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.Conv3d) and sub.stride[0] > 1:
+            sub.stride = (1, *sub.stride[1:])
+        elif isinstance(sub, nn.MaxPool3d):
+            kernel = _triple(sub.kernel_size)
+            stride = _triple(sub.stride)
+            if stride[0] > 1:
+                sub.kernel_size = (1, *kernel[1:])
+                sub.stride = (1, *stride[1:])
+    return module
+
+
+def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    return tuple(value)  # type: ignore[return-value]
+
+
+class MLSSCLModel(nn.Module):
+    """Online encoder (backbone + projector) + predictor, and its momentum target (no predictor).
+
+    `forward(batch)` embeds all four clips with the online branch and the three view clips with
+    the target branch, each branch in one concatenated pass (so heads' BatchNorm1d sees >= 3 rows).
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden_dim: int, proj_dim: int,
+                 pred_hidden_dim: int) -> None:
+        super().__init__()
+        self.online = nn.ModuleDict({"backbone": backbone, "projector": mlp(feature_dim, proj_hidden_dim, proj_dim)})
+        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim)
+        self.target = make_momentum_copy(self.online)
+
+    @staticmethod
+    def _embed(branch: nn.ModuleDict, clips: torch.Tensor) -> torch.Tensor:
+        return branch["projector"](global_pool(branch["backbone"](clips)))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch_size = batch["axial"].shape[0]
+        online = self.predictor(self._embed(self.online, torch.cat([batch[v] for v in ONLINE_VIEWS])))
+        with torch.no_grad():
+            target = self._embed(self.target, torch.cat([batch[v] for v in TARGET_VIEWS]))
+        outputs: dict[str, torch.Tensor] = {}
+        for i, view in enumerate(ONLINE_VIEWS):
+            outputs[f"online_{view}"] = online[i * batch_size:(i + 1) * batch_size]
+        for i, view in enumerate(TARGET_VIEWS):
+            outputs[f"target_{view}"] = target[i * batch_size:(i + 1) * batch_size].detach()
+        return outputs
+
+
+class MLSSCL(Method):
+    """Multiview long-short spatial contrastive learning (Cao et al., ICASSP 2022)."""
+
+    name: ClassVar[str] = "mlsscl"
+    config_cls: ClassVar[type[MethodConfig]] = MLSSCLConfig
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {
+        # Small enough for the 2-core demo run: 16 x 32 x 32 clips, ResNet-18 at quarter width.
+        "cpu": {
+            "clip_length": 16, "plane_size": 48, "image_size": 32, "resnet_widen_factor": 0.25,
+            "proj_dim": 64, "queue_length": 64, "lr": 1e-3,
+        },
+        # Published values (C, δL, δS, queue, τ, momentum, α, β, ResNet-18, 128-d heads); the paper
+        # does not give the in-plane size, so the whole foreground plane is resized to 128 x 128.
+        "paper": {
+            "clip_length": 16, "long_stride": 4, "short_stride": 2, "plane_size": None, "image_size": 128,
+            "backbone": "resnet18", "resnet_widen_factor": 1.0, "proj_dim": 128, "queue_length": 320,
+            "temperature": 0.2, "momentum": 0.99, "alpha": 0.5, "beta": 0.5,
+        },
+    }
+    config: MLSSCLConfig
+
+    def __init__(self, config: MLSSCLConfig) -> None:
+        super().__init__(config)
+        self._queues: dict[str, MemoryQueue] | None = None
+        # Intensity mode ("ct" / "mr" / "none") per manifest row, filled by `prepare` (driver) and
+        # `plan`; `views` falls back to a data rule for a row it does not know.
+        self._intensity_by_volume: dict[int, str] = {}
+
+    # ---- CPU side -------------------------------------------------------------------------
+    def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
+        if self.config.intensity != "auto":
+            return
+        for volume in volumes:
+            if volume.modality.upper() not in ("CT", "MR"):
+                raise ValueError(
+                    f"volume {volume.id!r} has modality {volume.modality!r}; intensity='auto' knows CT and MR, "
+                    "set intensity to 'ct', 'mr' or 'none'"
+                )
+
+    def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+        """Record each volume's intensity mode on the driver.
+
+        The data actors call `views` on a pickled copy of this method made after `prepare`, and
+        `views` only sees requests (manifest rows), so the per-row mode travels in this dict.
+        """
+        for volume in volumes:
+            self._intensity_by_volume[volume.index] = self._intensity_mode(volume)
+        return list(volumes)
+
+    def _span(self, stride: int) -> int:
+        """Slices a clip of `clip_length` slices at `stride` covers (first to last, inclusive)."""
+        return (self.config.clip_length - 1) * stride + 1
+
+    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
+        """One box per view clip (axial, coronal, sagittal), plus one for the short clip if placed anywhere.
+
+        Each box spans the clip's slices along its axis (first to last slice; `views` takes every
+        stride-th) and the in-plane window, so only what the clips need is read.
+        """
+        volume = volumes[index]
+        self._intensity_by_volume[volume.index] = self._intensity_mode(volume)
+        long_span = self._span(self.config.long_stride)
+        requests = [self._clip_request(volume, axis, long_span, rng) for axis in VIEW_AXES.values()]
+        if self.config.short_clip_placement == "anywhere":
+            requests.append(self._clip_request(volume, VIEW_AXES["axial"], self._span(self.config.short_stride), rng))
+        return requests
+
+    def _clip_request(self, volume: VolumeInfo, clip_axis: int, span: int, rng: np.random.Generator) -> ReadRequest:
+        start, size = [], []
+        for axis in range(3):
+            lo, hi = volume.bbox[axis], volume.bbox[axis + 3]
+            if hi <= lo:  # empty foreground box: fall back to the whole axis
+                lo, hi = 0, volume.shape[axis]
+            if axis == clip_axis:
+                length = span
+            else:
+                length = self.config.plane_size if self.config.plane_size is not None else max(hi - lo, 1)
+            start.append(_random_start(lo, hi, length, rng))
+            size.append(length)
+        return ReadRequest(volume=volume.index, start=tuple(start), size=tuple(size))  # type: ignore[arg-type]
+
+    def _intensity_mode(self, volume: VolumeInfo) -> str:
+        if self.config.intensity != "auto":
+            return self.config.intensity
+        if volume.modality.upper() == "CT":
+            # Stores keep CT in HU as int16; float32 CT was windowed/scaled at conversion already.
+            dtype = str(volume.extra.get("dtype", "int16"))
+            return "none" if dtype.startswith("float") else "ct"
+        return "mr"
+
+    def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Four clips [1, C, H, W] float32: "axial" (= long), "coronal", "sagittal", "short"."""
+        cfg = self.config
+        expected = 4 if cfg.short_clip_placement == "anywhere" else 3
+        if len(crops) != expected:
+            raise ValueError(f"MLSSCL expects {expected} crops (from its plan), got {len(crops)}")
+        crops = self._normalise_intensity(crops, requests)
+        axial_crop, coronal_crop, sagittal_crop = crops[0], crops[1], crops[2]
+        long_stride, short_stride = cfg.long_stride, cfg.short_stride
+        clips = {
+            # Layout: clip axis first, then the other two axes in (x, y, z) order.
+            "axial": np.moveaxis(axial_crop[:, :, ::long_stride], 2, 0),  # [z, x, y]
+            "coronal": np.moveaxis(coronal_crop[:, ::long_stride, :], 1, 0),  # [y, x, z]
+            "sagittal": sagittal_crop[::long_stride],  # [x, y, z]
+        }
+        short_span = self._span(short_stride)
+        if cfg.short_clip_placement == "inside_long":
+            offset = int(rng.integers(0, self._span(long_stride) - short_span + 1))
+            short = axial_crop[:, :, offset:offset + short_span:short_stride]
+        else:
+            short = crops[3][:, :, ::short_stride]
+        clips["short"] = np.moveaxis(short, 2, 0)
+        out = {}
+        for name in ONLINE_VIEWS:
+            clip = clips[name]
+            if clip.shape[0] != cfg.clip_length:
+                raise ValueError(f"{name} clip has {clip.shape[0]} slices, expected {cfg.clip_length}")
+            out[name] = self._augment(np.ascontiguousarray(clip, dtype=np.float32), rng)[None]
+        return out
+
+    def _normalise_intensity(self, crops: list[np.ndarray], requests: list[ReadRequest]) -> list[np.ndarray]:
+        cfg = self.config
+        mode = cfg.intensity
+        if mode == "auto":
+            mode = self._intensity_by_volume.get(requests[0].volume, "")
+            if not mode:  # neither `prepare` nor `plan` saw this row here: decide from the data
+                lowest = min(float(c.min()) for c in crops)
+                mode = "ct" if lowest < _HU_AIR_THRESHOLD else "mr"
+        crops = [c.astype(np.float32, copy=False) for c in crops]
+        if mode == "none":
+            return crops
+        if mode == "ct":
+            low, high = cfg.ct_window
+        else:
+            # Percentiles of all the sample's clips together, so all views share one scale.
+            low, high = np.percentile(np.concatenate([c.ravel() for c in crops]), cfg.mr_percentiles)
+            if high <= low:
+                high = low + 1.0
+        return [np.clip((c - low) / (high - low), 0.0, 1.0) for c in crops]
+
+    def _augment(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Augment a clip [C, h, w] -> [C, image_size, image_size].
+
+        The clip axis is used as the channel axis of 2D transforms, so one draw of every random
+        transform applies to all slices of the clip alike (as video augmentation does per clip).
+        """
+        cfg = self.config
+        size = (cfg.image_size, cfg.image_size)
+        resize = Resize(spatial_size=size, mode="bilinear", anti_aliasing=True)
+        if not cfg.augment:
+            return np.asarray(resize(clip), dtype=np.float32)
+        transforms = Compose([
+            RandScaleCrop(roi_scale=cfg.crop_scale[0], max_roi_scale=cfg.crop_scale[1], random_size=True),
+            resize,
+            RandFlip(prob=cfg.flip_prob, spatial_axis=0),
+            RandFlip(prob=cfg.flip_prob, spatial_axis=1),
+            RandScaleIntensity(factors=cfg.intensity_scale, prob=cfg.intensity_prob),
+            RandShiftIntensity(offsets=cfg.intensity_shift, prob=cfg.intensity_prob),
+            RandGaussianSmooth(sigma_x=cfg.blur_sigma, sigma_y=cfg.blur_sigma, prob=cfg.blur_prob),
+        ])
+        transforms.set_random_state(seed=int(rng.integers(0, 2**32 - 1)))
+        return np.asarray(transforms(clip), dtype=np.float32)
+
+    # ---- model side -----------------------------------------------------------------------
+    def _build_backbone(self) -> nn.Module:
+        cfg = self.config
+        if cfg.backbone == "resnet18":
+            backbone: nn.Module = ResNetEncoder(depth=18, in_channels=1, widen_factor=cfg.resnet_widen_factor)
+        else:
+            backbone = UNetEncoder(in_channels=1, features=cfg.unet_features)
+        return keep_clip_axis(backbone)
+
+    def build_model(self) -> nn.Module:
+        cfg = self.config
+        backbone = self._build_backbone()
+        feature_dim = int(backbone.out_channels)
+        proj_hidden = cfg.proj_hidden_dim or 2 * feature_dim
+        pred_hidden = cfg.pred_hidden_dim or proj_hidden
+        return MLSSCLModel(backbone, feature_dim, proj_hidden, cfg.proj_dim, pred_hidden)
+
+    def _ensure_queues(self, device: torch.device | str) -> dict[str, MemoryQueue]:
+        if self._queues is None:
+            # Fixed seeds: every DDP rank starts from the same queues.
+            self._queues = {
+                view: MemoryQueue(self.config.queue_length, self.config.proj_dim, seed=i, device=device)
+                for i, view in enumerate(TARGET_VIEWS)
+            }
+        return self._queues
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        for queue in self._ensure_queues(device).values():
+            queue.to(device)
+
+    def _pair_loss(self, outputs: dict[str, torch.Tensor], query_view: str, key_view: str) -> torch.Tensor:
+        """ℓ(v1 → v2): InfoNCE of the online prediction of v1 against the target of v2, negatives = queue of v2."""
+        query = outputs[f"online_{query_view}"]
+        queue = self._ensure_queues(query.device)[key_view]
+        negatives = queue.buffer.to(query.device, query.dtype)
+        return info_nce(query, outputs[f"target_{key_view}"], negatives, self.config.temperature)
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L = α·L_multiview + β·L_long_short (Cao et al., ICASSP 2022, total loss).
+
+        L_multiview = L_N(a, c) + L_N(a, s) + L_N(c, s) with the CMC-style symmetric pair loss
+        L_N(v1, v2) = ℓ(v1 → v2) + ℓ(v2 → v1) (CMC, Tian et al. 2020); L_long_short =
+        ℓ(S → L), the short clip predicting the long (axial) clip. ℓ is InfoNCE (Oord et al. 2018;
+        MoCo Eq. 1) with the key view's queue as negatives and temperature τ.
+
+        Args:
+            outputs: the model's forward outputs (online_<view> [B, D], target_<view> [B, D]).
+            batch: the batch (unused; the clips were consumed by forward).
+        """
+        terms: dict[str, torch.Tensor] = {}
+        multiview = outputs["online_axial"].new_zeros(())
+        for first, second in MULTIVIEW_PAIRS:
+            pair = self._pair_loss(outputs, first, second) + self._pair_loss(outputs, second, first)
+            terms[f"{first}_{second}"] = pair.detach()
+            multiview = multiview + pair
+        long_short = self._pair_loss(outputs, "short", "axial")
+        total = self.config.alpha * multiview + self.config.beta * long_short
+        return {"loss": total, "multiview": multiview.detach(), "long_short": long_short.detach(), **terms}
+
+    def after_step(self, model: nn.Module, outputs: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, float]:
+        """Momentum update of the target (BYOL cosine schedule), then enqueue this step's target keys.
+
+        Keys are gathered from all ranks first (MoCo's concat_all_gather), so every rank's queues
+        receive the same keys in the same order and stay identical.
+        """
+        momentum = cosine_momentum(self.config.momentum, step, total_steps)
+        momentum_update(model.online, model.target, momentum)
+        queues = self._ensure_queues(outputs["target_axial"].device)
+        for view in TARGET_VIEWS:
+            keys = gather_concat(outputs[f"target_{view}"].detach())
+            queues[view].enqueue(F.normalize(keys, dim=1))
+        return {"momentum": momentum}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for view, queue in self._ensure_queues("cpu").items():
+            for key, value in queue.state_dict().items():
+                state[f"queue_{view}_{key}"] = value
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for view, queue in self._ensure_queues("cpu").items():
+            queue.load_state_dict({key: state[f"queue_{view}_{key}"] for key in ("buffer", "pointer")})
+
+    # ---- export ---------------------------------------------------------------------------
+    def backbone(self, model: nn.Module) -> nn.Module:
+        return model.online["backbone"]
+
+    def export(self, model: nn.Module) -> ExportedBackbone:
+        encoder = self.backbone(model)
+        state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+        if isinstance(encoder, ResNetEncoder):
+            state = {k.removeprefix("resnet."): v for k, v in state.items()}
+        cfg = self.config
+        notes = (
+            "MLSSCL online encoder. Pretrained on clips [1, C, H, W] (clip axis = first spatial dim) with "
+            f"C={cfg.clip_length}, H=W={cfg.image_size}; during pretraining every downsampling conv/pool had "
+            "stride (1, 2, 2) so the clip axis was not downsampled. Strides are not weights: the standard "
+            "MONAI network (strides (2, 2, 2)) loads these weights as they are."
+        )
+        return ExportedBackbone(
+            state_dict=state, network=encoder.network(), network_kwargs=dict(encoder.network_kwargs),
+            key_groups=encoder.key_groups(), notes=notes,
+        )
+
+    def card(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "method": "MLSSCL (Cao et al., ICASSP 2022)",
+            "backbone": cfg.backbone,
+            "pretraining_patch_size": [cfg.clip_length, cfg.image_size, cfg.image_size],
+            "pretraining_input_layout": "[1, clip axis, in-plane a, in-plane b]; axial [z,x,y], coronal [y,x,z], sagittal [x,y,z]",
+            "clip_strides": {"long": cfg.long_stride, "short": cfg.short_stride},
+            "pretraining_spacing": "native store spacing (no resampling)",
+            "intensity": {"mode": cfg.intensity, "ct_window": list(cfg.ct_window), "mr_percentiles": list(cfg.mr_percentiles)},
+            "recommended_downstream_patch_size": [cfg.image_size] * 3,
+        }
+
+
+def _random_start(lo: int, hi: int, length: int, rng: np.random.Generator) -> int:
+    """Start of a window of `length` inside [lo, hi) at a random position, centred when it does not fit."""
+    extent = hi - lo
+    if extent >= length:
+        return lo + int(rng.integers(0, extent - length + 1))
+    return lo - (length - extent) // 2
+
+
+METHOD = MLSSCL
