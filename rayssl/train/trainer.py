@@ -69,8 +69,12 @@ class _MemoryWatcher(threading.Thread):
 
 
 def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = None,
-             ray_init: dict[str, Any] | None = None) -> RunResult:
-    """Run (or resume) one pretraining run; returns where it went and what it measured."""
+             ray_init: dict[str, Any] | None = None, callbacks: list[Any] | None = None) -> RunResult:
+    """Run (or resume) one pretraining run; returns where it went and what it measured.
+
+    `callbacks` are Ray Train `UserCallback`s (e.g. Tune's `TuneReportCallback` when a Tune trial
+    launches this run).
+    """
     t0 = time.perf_counter()
     if resume:
         run_dir = os.path.abspath(resume if os.path.isdir(resume) else os.path.join(cfg.out, resume))
@@ -135,6 +139,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures,
                                                    controller_failure_limit=tc.controller_failure_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=callbacks or None,
         ),
         datasets={"train": dataset},
         dataset_config=data_config,
