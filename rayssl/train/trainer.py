@@ -110,6 +110,9 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         return finish_run_folder(run_dir, cfg, wall_time_s=0.0, peak_memory_mb=0.0, skipped={})
 
     global_batch = tc.batch_size * tc.num_workers
+    # Progress is the loop's per-step line (step, loss terms, crops/s, ETA); Ray Data's operator
+    # bars would interleave with it on every refresh.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ledger = SkipLedger.remote()
     # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
     dataset = build_dataset(
@@ -140,6 +143,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
                                                    controller_failure_limit=tc.controller_failure_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             callbacks=callbacks or None,
+            # Our loop prints one progress line per report; Train's own INFO lines would repeat it.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
         dataset_config=data_config,
