@@ -62,14 +62,28 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from datasets_zarr import convert
+    from datasets_zarr import ConversionFailed, convert
+    from datasets_zarr.recipes import RECIPES
 
-    window = tuple(args.window) if args.window else None
-    manifest = convert(
-        args.inputs, args.out, labels=args.label or None, spacing=args.spacing, modality=args.modality,
-        chunks=args.chunks, shards=args.shards, window=window, normalize=args.normalize,
+    options = dict(
+        spacing=(args.spacing[0] if args.spacing and len(args.spacing) == 1 else args.spacing),
+        modality=args.modality, chunks=args.chunks, shards=args.shards,
+        window=tuple(args.window) if args.window else None, normalize=args.normalize or None,
         on_error=args.on_error, address=args.address,
     )
+    try:
+        if args.recipe:
+            if len(args.inputs) != 1:
+                raise ValueError(f"--recipe {args.recipe} takes one dataset folder, got {len(args.inputs)} inputs")
+            # Only what the user set: the recipe's own defaults (e.g. BTCV spacing) stay otherwise.
+            manifest = RECIPES[args.recipe](args.inputs[0], args.out,
+                                            **{k: v for k, v in options.items() if v is not None})
+        else:
+            manifest = convert(args.inputs, args.out, labels=args.label or None, masks=args.mask or None,
+                               npy_spacing=args.npy_spacing, **options)
+    except ConversionFailed as err:
+        print(f"rayssl convert: {err}", file=sys.stderr)
+        return 1
     print(f"[rayssl] store {args.out}: {len(manifest)} volumes in the manifest")
     return 0
 
@@ -98,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files, DICOM series folders, or folders of scans")
     p.add_argument("--out", required=True, help="output store (e.g. data/ct.zarr)")
     p.add_argument("--label", action="append", help="label map for the input at the same position (repeatable)")
+    p.add_argument("--mask", action="append", help="mask (e.g. lung) for the input at the same position (repeatable)")
+    p.add_argument("--recipe", choices=["btcv", "msd", "luna16", "tcia-covid19", "brain-mri"],
+                   help="INPUT is a public dataset's folder as it ships; use its layout and defaults")
+    p.add_argument("--npy-spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("SX", "SY", "SZ"),
+                   help="voxel size (mm) of .npy inputs, which carry none (default 1 1 1)")
     p.add_argument("--spacing", type=float, nargs="+", help="resample to this spacing in mm (one value or three)")
     p.add_argument("--modality", choices=["CT", "MR"], help="override modality detection")
     p.add_argument("--chunks", type=int, default=64, help="chunk edge in voxels (default 64)")
