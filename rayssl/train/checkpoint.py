@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import random
 import tempfile
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 
@@ -61,13 +63,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def latest_checkpoint_step(run_dir: str) -> int | None:
-    """Largest step among the run's complete checkpoints (their meta.json), or None."""
-    if not os.path.isdir(run_dir):
+    """Largest step among the run's complete checkpoints (their meta.json), or None.
+
+    `run_dir` may be local or on object storage (any fsspec URI).
+    """
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    if not fs.isdir(root):
         return None
     steps = []
-    for entry in os.listdir(run_dir):
-        meta = os.path.join(run_dir, entry, META_FILE)
-        if entry.startswith("checkpoint") and os.path.exists(meta) and os.path.exists(os.path.join(run_dir, entry, STATE_FILE)):
-            with open(meta) as f:
+    for entry in fs.ls(root, detail=False):
+        name = posixpath.basename(entry.rstrip("/"))
+        meta = posixpath.join(entry, META_FILE)
+        if name.startswith("checkpoint") and fs.exists(meta) and fs.exists(posixpath.join(entry, STATE_FILE)):
+            with fs.open(meta, "r") as f:
                 steps.append(int(json.load(f)["step"]))
     return max(steps) if steps else None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import posixpath
 import random
 import resource
+import sys
 import time
 from typing import Any
 
@@ -21,6 +23,23 @@ import torch.distributed as dist
 from rayssl.config import RunConfig
 from rayssl.methods import get_method_class
 from rayssl.train.checkpoint import load_checkpoint_dir, rng_state, set_rng_state, write_checkpoint_dir
+
+
+def _say(message: str) -> None:
+    """One progress line to the worker's stdout (forwarded to the driver by Ray).
+
+    Train V2 patches `print` to also log through the root logger, which Ray forwards a second time;
+    writing to the process's own stdout prints each line once.
+    """
+    print(message, file=sys.__stdout__, flush=True)
+
+
+def _quiet_train_reports() -> None:
+    """Train V2 logs every report at INFO under a logger named by file path, which its LoggingConfig
+    level does not cover; our own progress line already says the same, so keep only warnings."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,6 +101,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = RunConfig.model_validate(loop_config["run"])
     run_dir: str = loop_config["run_dir"]
     tc = cfg.train
+    _quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tc.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
@@ -113,7 +133,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         set_rng_state(state["rng"])
         step = int(state["step"])
         if rank == 0:
-            print(f"[rayssl] resumed from checkpoint at step {step}", flush=True)
+            _say(f"[rayssl] resumed from checkpoint at step {step}")
 
     ddp_model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters})
@@ -161,7 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"or set train.nan_policy=skip")
             optimizer.zero_grad(set_to_none=True)
             if rank == 0:
-                print(f"[rayssl] step {step + 1}: non-finite loss, step skipped (nan_policy=skip)", flush=True)
+                _say(f"[rayssl] step {step + 1}: non-finite loss, step skipped (nan_policy=skip)")
             continue
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -219,9 +239,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _write_text(metrics_path, "\n".join(history) + "\n")
                 remaining = (stop - step) * metrics["step_time_s"]
                 terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in losses and k != "loss")
-                print(f"[rayssl] step {step}/{stop} | loss {metrics['loss']:.4f} ({terms}) | "
-                      f"{metrics['samples_per_s']:.2f} samples/s {metrics['crops_per_s']:.1f} crops/s | "
-                      f"lr {metrics['lr']:.2e} | ETA {_fmt_eta(remaining)}", flush=True)
+                _say(f"[rayssl] step {step}/{stop} | loss {metrics['loss']:.4f} ({terms}) | "
+                     f"{metrics['samples_per_s']:.2f} samples/s {metrics['crops_per_s']:.1f} crops/s | "
+                     f"lr {metrics['lr']:.2e} | ETA {_fmt_eta(remaining)}")
             ray.train.report(metrics, checkpoint=ckpt_obj)
             last_metrics = metrics
         if final:
@@ -265,4 +285,4 @@ def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str,
         **method.card(),
     }
     _write_text(posixpath.join(export_dir, "model_card.json"), json.dumps(card, indent=2, default=str))
-    print(f"[rayssl] exported backbone ({len(state)} tensors) to {export_dir}", flush=True)
+    _say(f"[rayssl] exported backbone ({len(state)} tensors) to {export_dir}")

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import platform
+import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
 
+import fsspec
+
 from rayssl.config import RunConfig
+
+
+def run_path(run_dir: str, *parts: str) -> str:
+    """A path inside the run folder, which may be local or on object storage (s3://, gs://)."""
+    return posixpath.join(run_dir, *parts)
+
+
+def write_run_file(run_dir: str, name: str, data: str | bytes) -> None:
+    with fsspec.open(run_path(run_dir, name), "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def run_file_exists(run_dir: str, *parts: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(run_path(run_dir, *parts))
+    return fs.exists(path)
 
 GUIDE = """# rayssl run {name}
 
@@ -43,12 +61,12 @@ class RunResult:
 
 
 def start_run_folder(run_dir: str, cfg: RunConfig, store: str, volumes: int, resumed_from: int | None) -> None:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_yaml_dict(), f, sort_keys=False)
-    with open(os.path.join(run_dir, "README.md"), "w") as f:
-        f.write(GUIDE.format(name=cfg.name, method=cfg.method, profile=cfg.profile, steps=cfg.train.steps,
-                             store=store, volumes=volumes, run_dir=run_dir))
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    fs.makedirs(path, exist_ok=True)
+    write_run_file(run_dir, "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
+    write_run_file(run_dir, "README.md", GUIDE.format(name=cfg.name, method=cfg.method, profile=cfg.profile,
+                                                      steps=cfg.train.steps, store=store, volumes=volumes,
+                                                      run_dir=run_dir))
     if resumed_from is not None:
         print(f"[rayssl] resuming {run_dir} from step {resumed_from}")
     else:
@@ -56,10 +74,9 @@ def start_run_folder(run_dir: str, cfg: RunConfig, store: str, volumes: int, res
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not run_file_exists(run_dir, "metrics.jsonl"):
         return []
-    with open(path) as f:
+    with fsspec.open(run_path(run_dir, "metrics.jsonl"), "r") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -88,10 +105,11 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
     axes[1].set_title("throughput")
     axes[1].legend()
     fig.tight_layout()
-    path = os.path.join(run_dir, "loss.png")
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return path
+    write_run_file(run_dir, "loss.png", buffer.getvalue())
+    return run_path(run_dir, "loss.png")
 
 
 _NON_LOSS = {"step", "epoch", "lr", "grad_norm", "samples_per_s", "crops_per_s", "step_time_s",
@@ -105,7 +123,7 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
     plot_losses(run_dir, metrics, loss_keys)
     last = metrics[-1] if metrics else {}
     status = "failed" if error else ("finished" if last.get("step", 0) >= cfg.train.steps else "stopped")
-    exported = os.path.exists(os.path.join(run_dir, "export", "backbone.pt"))
+    exported = run_file_exists(run_dir, "export", "backbone.pt")
     summary = {
         "status": status,
         "error": str(error) if error else None,
@@ -121,8 +139,7 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         "exported": exported,
         "host": platform.node(),
     }
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    write_run_file(run_dir, "summary.json", json.dumps(summary, indent=2, default=str))
     if skipped:
         total = sum(v["count"] for v in skipped.values())
         print(f"[rayssl] on_error=skip: {total} samples re-planned away from {len(skipped)} unreadable volume(s):")

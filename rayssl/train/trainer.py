@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import posixpath
 import secrets
 import threading
 import time
 from typing import Any
 
+import fsspec
 import psutil
 import ray
 import ray.train
@@ -34,6 +36,16 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         ray.init(address=address, **init_kwargs)
     else:
         ray.init(**init_kwargs)
+
+
+def _absolute(path: str) -> str:
+    """Local paths made absolute (workers may run elsewhere); URIs (s3://...) kept as they are."""
+    return path if "://" in str(path) else os.path.abspath(path)
+
+
+def _exists(path: str) -> bool:
+    fs, fs_path = fsspec.core.url_to_fs(str(path))
+    return fs.exists(fs_path)
 
 
 def new_run_name(method: str) -> str:
@@ -77,16 +89,16 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     """
     t0 = time.perf_counter()
     if resume:
-        run_dir = os.path.abspath(resume if os.path.isdir(resume) else os.path.join(cfg.out, resume))
-        if not os.path.isdir(run_dir):
+        run_dir = _absolute(resume if _exists(resume) else posixpath.join(cfg.train.storage_path or cfg.out, resume))
+        if not _exists(run_dir):
             raise FileNotFoundError(f"--resume {resume}: no run folder at {run_dir}")
-        name = os.path.basename(run_dir)
-        storage = os.path.dirname(run_dir)
+        name = posixpath.basename(run_dir.rstrip("/"))
+        storage = posixpath.dirname(run_dir.rstrip("/"))
     else:
         name = cfg.name or new_run_name(cfg.method)
-        storage = os.path.abspath(cfg.train.storage_path or cfg.out)
-        run_dir = os.path.join(storage, name)
-        if os.path.exists(run_dir):
+        storage = _absolute(cfg.train.storage_path or cfg.out)
+        run_dir = posixpath.join(storage, name)
+        if _exists(run_dir):
             raise FileExistsError(
                 f"run folder {run_dir} already exists; resume it with `rayssl pretrain --resume {run_dir}` "
                 f"or choose another --name")
