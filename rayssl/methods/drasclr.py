@@ -1,0 +1,835 @@
+"""DrasCLR (Yu et al., MedIA 2024): anatomy-conditioned MoCo on atlas landmarks of lung CT, Loc-CondConv encoder."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo
+from rayssl.nn.condconv import LocCondConv3d
+from rayssl.nn.contrastive import info_nce
+from rayssl.nn.dist import gather_concat, is_distributed
+from rayssl.nn.heads import mlp
+from rayssl.nn.momentum import make_momentum_copy, momentum_update
+from rayssl.nn.queue import KeyedMemoryQueues
+
+# Keys of VolumeInfo.extra written by `DrasCLR.prepare` (small numpy arrays, see datasets_zarr.landmarks).
+EXTRA_POSITIONS = "drasclr_landmarks"  # [L, 3] float32: landmark centres in this subject's voxel grid
+EXTRA_NEIGHBORS = "drasclr_neighbors"  # [L, k] int64: k nearest landmarks of each landmark (atlas space)
+EXTRA_ATLAS_COORDS = "drasclr_atlas_coords"  # [L, 3] float32: landmark centres in the atlas, scaled to [-1, 1]
+
+CT_WINDOW = (-1024.0, 240.0)  # the paper's HU window
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+class DrasCLRConfig(MethodConfig):
+    """DrasCLR settings. Defaults follow the official code (batmanlab/DrasCLR, run_train.sh)."""
+
+    # Anatomy (datasets_zarr.lungmask / register / landmarks, run by `prepare`).
+    mask: Literal["lung", "foreground"] = Field(
+        "lung", description="region the landmarks cover: the lung mask (CT) or the body/head outline"
+    )
+    atlas: str | None = Field(
+        None, description="volume id of the atlas; None = first volume with a plausible lung mask"
+    )
+    patch_size: int = Field(32, ge=8, le=256, description="landmark patch edge in voxels (paper: 32)")
+    landmark_step: int = Field(26, ge=1, description="grid step between landmark patches in the atlas (official: 26)")
+    landmark_min_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="a grid patch becomes a landmark when more than this fraction lies in the atlas mask",
+    )
+    n_neighbors: int = Field(2, ge=1, le=26, description="neighbouring landmarks per sample (paper: 2)")
+    # Views (official: augmentation 'agc' = RandAffine, RandGaussianNoise, RandAdjustContrast).
+    affine_translate: float = Field(
+        0.375, ge=0.0, le=1.0, description="max translation as a fraction of the patch (official: 12/32)"
+    )
+    affine_rotate_deg: float = Field(
+        10.0, ge=0.0, le=180.0, description="max rotation per axis in degrees (official: pi/18)"
+    )
+    affine_scale: float = Field(0.1, ge=0.0, lt=1.0, description="max relative scaling per axis")
+    noise_prob: float = Field(0.25, ge=0.0, le=1.0)
+    noise_std: float = Field(50.0, ge=0.0, description="Gaussian noise std in HU (MONAI samples std in [0, noise_std])")
+    contrast_prob: float = Field(0.25, ge=0.0, le=1.0)
+    contrast_gamma: tuple[float, float] = Field((0.5, 4.5), description="gamma range of RandAdjustContrast")
+    # Encoder (official cnn3d.Encoder: widths 8-16-32-64-128, rep 128, 8 experts).
+    widths: tuple[int, int, int, int, int] = Field(
+        (8, 16, 32, 64, 128), description="channels of stem, 3 blocks, last conv"
+    )
+    rep_dim: int = Field(128, ge=1, description="representation size (encoder output)")
+    proj_dim: int = Field(128, ge=1, description="MoCo embedding size (projection head output)")
+    num_experts: int = Field(8, ge=1, le=64, description="experts per Loc-CondConv layer")
+    # MoCo with a conditional memory bank.
+    momentum: float = Field(0.999, ge=0.0, le=1.0, description="key-encoder EMA momentum")
+    temperature: float = Field(0.2, gt=0.0, description="InfoNCE temperature")
+    queue_size: int = Field(4096, ge=1, description="negatives per landmark queue (K)")
+    queue_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="storage of the memory bank; float16 halves it (4096 x 128 x 581 landmarks = 0.61 GB)"
+    )
+    neighbor_weight: float = Field(
+        1.0, ge=0.0, description="beta: weight of L_neighbor in L = L_local + beta L_neighbor"
+    )
+    shuffle_bn: bool = Field(True, description="shuffle keys across DDP ranks for the key encoder's BatchNorm (MoCo)")
+    weight_decay: float = 1e-4  # official SGD weight decay
+
+    @field_validator("contrast_gamma")
+    @classmethod
+    def _gamma_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"contrast_gamma must satisfy 0 < low <= high, got {value}")
+        return value
+
+    @field_validator("widths")
+    @classmethod
+    def _positive_widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if min(value) < 1:
+            raise ValueError(f"widths must be positive, got {value}")
+        return value
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"patch_size must be even (the landmark sits at the patch centre), got {value}")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder (official models/cnn3d.py, with batched Loc-CondConv)
+# ---------------------------------------------------------------------------------------------
+
+
+class _ConvBlock(nn.Module):
+    """Loc-CondConv -> BatchNorm -> ELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, num_experts: int, coord_dim: int) -> None:
+        super().__init__()
+        self.conv = LocCondConv3d(
+            in_channels,
+            out_channels,
+            kernel_size=3,
+            stride=stride,
+            padding=1,
+            num_experts=num_experts,
+            coord_dim=coord_dim,
+        )
+        self.bn = nn.BatchNorm3d(out_channels)
+        self.act = nn.ELU(inplace=True)
+
+    def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x, loc)))
+
+
+class _DownBlock(nn.Module):
+    """Two stride-1 conv blocks and a stride-2 conv block (the official `Block`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_experts: int, coord_dim: int) -> None:
+        super().__init__()
+        self.conv1 = _ConvBlock(in_channels, out_channels, 1, num_experts, coord_dim)
+        self.conv2 = _ConvBlock(out_channels, out_channels, 1, num_experts, coord_dim)
+        self.conv3 = _ConvBlock(out_channels, out_channels, 2, num_experts, coord_dim)
+
+    def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.conv1(x, loc), loc), loc)
+
+
+class DrasCLREncoder(nn.Module):
+    """The DrasCLR patch encoder: 13 Loc-CondConv layers, each with BatchNorm and ELU; 5 stride-2 stages.
+
+    Layout of the official `cnn3d.Encoder`: stem (conv w0 s1, conv w0 s2), three down blocks
+    (w1, w2, w3), conv w4 s1, conv rep_dim s2, then global average pooling (equal to the official
+    flatten for 32^3 patches, whose last map is 1^3). Every convolution takes the patch's atlas
+    coordinate `loc` ([B, 3], scaled to [-1, 1]) to mix its expert kernels.
+
+    There is no MONAI equivalent (MONAI has no location-conditioned convolution), so exported
+    weights load back into this class (`network = "rayssl.methods.drasclr.DrasCLREncoder"`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        widths: Sequence[int] = (8, 16, 32, 64, 128),
+        rep_dim: int = 128,
+        num_experts: int = 8,
+        coord_dim: int = 3,
+    ) -> None:
+        super().__init__()
+        if len(widths) != 5:
+            raise ValueError(f"widths must have 5 entries (stem, 3 blocks, last conv), got {tuple(widths)}")
+        w0, w1, w2, w3, w4 = (int(w) for w in widths)
+        self.network_kwargs: dict[str, Any] = dict(
+            in_channels=in_channels,
+            widths=[w0, w1, w2, w3, w4],
+            rep_dim=rep_dim,
+            num_experts=num_experts,
+            coord_dim=coord_dim,
+        )
+        self.stem1 = _ConvBlock(in_channels, w0, 1, num_experts, coord_dim)
+        self.stem2 = _ConvBlock(w0, w0, 2, num_experts, coord_dim)
+        self.down1 = _DownBlock(w0, w1, num_experts, coord_dim)
+        self.down2 = _DownBlock(w1, w2, num_experts, coord_dim)
+        self.down3 = _DownBlock(w2, w3, num_experts, coord_dim)
+        self.head1 = _ConvBlock(w3, w4, 1, num_experts, coord_dim)
+        self.head2 = _ConvBlock(w4, rep_dim, 2, num_experts, coord_dim)
+        self.out_channels = rep_dim
+
+    STAGES: ClassVar[tuple[str, ...]] = ("stem1", "stem2", "down1", "down2", "down3", "head1", "head2")
+
+    def forward_features(self, x: torch.Tensor, loc: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps after every stage, shallow to deep."""
+        features = []
+        for name in self.STAGES:
+            x = getattr(self, name)(x, loc)
+            features.append(x)
+        return features
+
+    def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        """x [B, C, P, P, P], loc [B, 3] -> representation [B, rep_dim]."""
+        return self.forward_features(x, loc)[-1].flatten(2).mean(dim=2)
+
+    def router_prefixes(self) -> list[str]:
+        """state_dict prefixes of every routing layer (the location -> expert-weight maps)."""
+        return [f"{name}.router." for name, module in self.named_modules() if isinstance(module, LocCondConv3d)]
+
+
+class _Branch(nn.Module):
+    """Encoder + MoCo projection head (official: Linear-ReLU-Linear on the representation)."""
+
+    def __init__(self, encoder: DrasCLREncoder, proj_dim: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = mlp(encoder.out_channels, encoder.out_channels, proj_dim, batch_norm=False)
+
+    def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x, loc))
+
+
+class DrasCLRModel(nn.Module):
+    """Online (query) branch + momentum (key) branch; one forward computes q, neighbour queries and k."""
+
+    def __init__(self, config: DrasCLRConfig) -> None:
+        super().__init__()
+        encoder = DrasCLREncoder(1, config.widths, config.rep_dim, config.num_experts, coord_dim=3)
+        self.online = _Branch(encoder, config.proj_dim)
+        self.target = make_momentum_copy(self.online)
+        self.shuffle_bn = config.shuffle_bn
+
+    @torch.no_grad()
+    def _keys(self, view: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        if not (self.shuffle_bn and is_distributed()):
+            return F.normalize(self.target(view, loc), dim=1)
+        # MoCo's shuffle BN: the key encoder sees a random mix of all ranks' samples, so its batch
+        # statistics cannot leak which key belongs to which query on this rank.
+        world, rank = dist.get_world_size(), dist.get_rank()
+        views_all, loc_all = gather_concat(view), gather_concat(loc)
+        permutation = torch.randperm(views_all.shape[0], device=view.device)
+        dist.broadcast(permutation, src=0)
+        mine = permutation.view(world, -1)[rank]
+        keys_all = gather_concat(F.normalize(self.target(views_all[mine], loc_all[mine]), dim=1))
+        restore = torch.argsort(permutation).view(world, -1)[rank]
+        return keys_all[restore]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        view_q, neighbors = batch["view_q"], batch["neighbors"]
+        b, n = neighbors.shape[:2]
+        # Anchor and neighbour patches go through the online branch in one pass.
+        x = torch.cat([view_q, neighbors.flatten(0, 1)], dim=0)
+        loc = torch.cat([batch["loc"], batch["neighbor_loc"].flatten(0, 1)], dim=0).to(x.dtype)
+        z = F.normalize(self.online(x, loc), dim=1)
+        return {
+            "query": z[:b],
+            "neighbor_queries": z[b:].reshape(b, n, -1),
+            "key": self._keys(batch["view_k"], batch["loc"].to(x.dtype)),
+            "landmark": batch["landmark"].long(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def neighbor_info_nce(
+    neighbor_queries: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """DrasCLR's neighbouring contrastive loss L_neighbor (Yu et al., MedIA 2024, Eq. 8).
+
+    Read as the official code computes it: the query is the sum of the L2-normalised embeddings
+    of the anchor's n neighbouring patches, r = Σ_j r_j (not re-normalised, so each neighbour
+    contributes its own similarity), the positive is the anchor patch's momentum key k, and the
+    negatives are the memory-bank queue of the anchor's landmark:
+
+        L = -log( exp(Σ_j r_j·k / τ) / (exp(Σ_j r_j·k / τ) + Σ_m exp(Σ_j r_j·n_m / τ)) ).
+
+    Args:
+        neighbor_queries: [B, n, D] neighbour embeddings, already L2-normalised (gradients flow).
+        key: [B, D] anchor keys (normalised here; no gradient expected).
+        negatives: [B, K, D] the queue of each anchor's landmark (normalised here).
+        temperature: τ > 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    summed = neighbor_queries.sum(dim=1)  # [B, D]
+    k = F.normalize(key, dim=-1)
+    n = F.normalize(negatives, dim=-1)
+    positive = (summed * k).sum(dim=-1, keepdim=True)
+    negative = torch.einsum("bd,bkd->bk", summed, n)
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    labels = torch.zeros(summed.shape[0], dtype=torch.long, device=summed.device)
+    return F.cross_entropy(logits, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU-side views
+# ---------------------------------------------------------------------------------------------
+
+
+def scale_intensity(patch: np.ndarray, window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
+    """Clip to `window` and map it linearly to [-1, 1] (the paper: HU [-1024, 240] -> [-1, 1])."""
+    lo, hi = window
+    return ((np.clip(patch, lo, hi) - lo) / ((hi - lo) / 2.0) - 1.0).astype(np.float32)
+
+
+def _robust_window(patch: np.ndarray) -> tuple[float, float]:
+    """Intensity window of a non-CT patch: its 0.5-99.5 percentiles (never empty)."""
+    lo, hi = np.percentile(patch, [0.5, 99.5])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+@dataclass
+class _Anatomy:
+    """Landmark tables the CPU views need (filled by `prepare`, pickled with the method into data actors)."""
+
+    atlas_coords: np.ndarray  # [L, 3] float32 in [-1, 1]
+    neighbors: np.ndarray  # [L, k] int64
+    starts: dict[int, np.ndarray] = field(default_factory=dict)  # volume index -> [L, 3] int64 patch starts
+    is_ct: dict[int, bool] = field(default_factory=dict)
+
+
+def landmark_starts(positions: np.ndarray, patch_size: int) -> np.ndarray:
+    """Patch starts (int voxel) of landmark centres `positions` [L, 3]: round(centre) - P // 2."""
+    return np.rint(np.asarray(positions, dtype=np.float64)).astype(np.int64) - patch_size // 2
+
+
+class DrasCLR(Method):
+    """DrasCLR: local (same landmark, two augmentations) and neighbouring contrast, per-landmark queues.
+
+    Data: `prepare` computes lung masks, registers every volume to an atlas (affine, mask to mask)
+    and places landmarks on a grid of overlapping patches inside the atlas lung; each sample is a
+    random landmark j of a subject: two augmented views of the patch at j, the patches at j's
+    nearest landmarks, and the atlas coordinates that condition the Loc-CondConv encoder.
+    Loss: L = L_local + β L_neighbor, negatives from the memory-bank queue of landmark j only.
+    """
+
+    name = "drasclr"
+    config_cls = DrasCLRConfig
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {
+        # Forward + backward of a batch of 2 samples: 0.15-0.4 s alone on 2 cores, 1-2 s per step
+        # inside `rayssl pretrain` next to the data actors (measured, see docs/methods/drasclr.md).
+        "cpu": {
+            "patch_size": 16,
+            "landmark_step": 8,
+            "widths": (4, 8, 16, 32, 64),
+            "rep_dim": 64,
+            "proj_dim": 64,
+            "num_experts": 4,
+            "queue_size": 32,
+            "queue_dtype": "float32",
+            "momentum": 0.99,
+            "lr": 1e-3,
+        },
+        # Published settings: 32^3 patches, step 26, 8 experts, K = 4096, m = 0.999, tau = 0.2,
+        # batch 128 over 4 GPUs (32 per GPU), 20 epochs, SGD lr 0.01 in the official code.
+        "paper": {
+            "patch_size": 32,
+            "landmark_step": 26,
+            "widths": (8, 16, 32, 64, 128),
+            "rep_dim": 128,
+            "proj_dim": 128,
+            "num_experts": 8,
+            "queue_size": 4096,
+            "momentum": 0.999,
+            "temperature": 0.2,
+            "train": {"batch_size": 32},
+        },
+    }
+
+    def __init__(self, config: DrasCLRConfig) -> None:
+        super().__init__(config)
+        self.config: DrasCLRConfig = config
+        self._anatomy: _Anatomy | None = None
+        self._augment = None
+        self._bank: KeyedMemoryQueues | None = None
+        self._enqueued: torch.Tensor | None = None  # keys received per landmark (for the fill metric)
+        self._device: torch.device = torch.device("cpu")
+        # prepare() runs masks and registrations as Ray tasks; tests may run them in-process.
+        self.prepare_with_ray = True
+
+    # ---- data preparation (driver) ------------------------------------------------------------
+    def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+        """Lung masks, atlas registration (Ray tasks) and landmarks; see datasets_zarr.landmarks.
+
+        Imports datasets_zarr lazily: it runs on the driver only and starts Ray tasks there.
+        """
+        from datasets_zarr.landmarks import prepare_anatomy
+
+        cfg = self.config
+        table = prepare_anatomy(
+            volumes,
+            mask=cfg.mask,
+            atlas=cfg.atlas,
+            patch_size=cfg.patch_size,
+            step=cfg.landmark_step,
+            min_fraction=cfg.landmark_min_fraction,
+            n_neighbors=cfg.n_neighbors,
+            use_ray=self.prepare_with_ray,
+        )
+        prepared = []
+        for volume in volumes:
+            extra = dict(volume.extra)
+            extra[EXTRA_POSITIONS] = table.subject_positions[volume.id]
+            extra[EXTRA_NEIGHBORS] = table.neighbors
+            extra[EXTRA_ATLAS_COORDS] = table.atlas_coords
+            # As the manifest columns written by prepare_anatomy (4x4 row-major, flattened).
+            atlas_to_subject = table.atlas_to_subject[volume.id]
+            extra["atlas"] = table.atlas_id
+            extra["atlas_dice"] = table.dice[volume.id]
+            extra["atlas_to_subject_voxel"] = atlas_to_subject.ravel()
+            extra["subject_to_atlas_voxel"] = np.linalg.inv(atlas_to_subject).ravel()
+            prepared.append(replace(volume, has_mask=True, extra=extra))
+        self.attach(prepared)
+        return prepared
+
+    def attach(self, volumes: Sequence[VolumeInfo]) -> None:
+        """Keep the landmark tables of prepared `volumes` so `views` can identify each sample's landmark.
+
+        `views` only receives read boxes (volume row, start, size); the landmark index j is found
+        by matching the anchor box with this volume's landmark patches.
+        """
+        if not volumes:
+            raise ValueError("no volumes to attach")
+        first = volumes[0].extra
+        if EXTRA_ATLAS_COORDS not in first:
+            raise ValueError(
+                f"volume {volumes[0].id!r} has no DrasCLR landmarks: run DrasCLR.prepare(store, volumes) first"
+            )
+        anatomy = _Anatomy(
+            atlas_coords=np.asarray(first[EXTRA_ATLAS_COORDS], dtype=np.float32),
+            neighbors=np.asarray(first[EXTRA_NEIGHBORS], dtype=np.int64),
+        )
+        for v in volumes:
+            anatomy.starts[v.index] = landmark_starts(v.extra[EXTRA_POSITIONS], self.config.patch_size)
+            # CT stored as integers is in HU (docs/store_format.md); float CT was rescaled at conversion.
+            anatomy.is_ct[v.index] = v.modality.upper() == "CT" and str(v.extra.get("dtype", "int16")).startswith("int")
+        self._anatomy = anatomy
+
+    # ---- CPU side -------------------------------------------------------------------------
+    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
+        """Patch at a random landmark j of `volumes[index]`, then the patches at j's nearest landmarks."""
+        volume = volumes[index]
+        if EXTRA_POSITIONS not in volume.extra:
+            raise ValueError(
+                f"volume {volume.id!r} has no DrasCLR landmarks: DrasCLR.prepare(store, volumes) must run first"
+            )
+        positions = np.asarray(volume.extra[EXTRA_POSITIONS])
+        neighbors = np.asarray(volume.extra[EXTRA_NEIGHBORS])
+        j = int(rng.integers(len(positions)))
+        starts = landmark_starts(positions[[j, *neighbors[j]]], self.config.patch_size)
+        size = (self.config.patch_size,) * 3
+        return [ReadRequest(volume=volume.index, start=tuple(int(s) for s in start), size=size) for start in starts]
+
+    def _landmark_of(self, requests: Sequence[ReadRequest]) -> int:
+        if self._anatomy is None:
+            raise RuntimeError(
+                "DrasCLR.views needs the landmark tables: call prepare() (or attach(volumes)) "
+                "on this method instance before streaming"
+            )
+        volume = requests[0].volume
+        starts = self._anatomy.starts.get(volume)
+        if starts is None:
+            raise RuntimeError(
+                f"DrasCLR.views: volume row {volume} was not prepared (attach the same volumes as plan uses)"
+            )
+        candidates = np.flatnonzero((starts == np.asarray(requests[0].start)).all(axis=1))
+        if len(candidates) == 0:
+            raise RuntimeError(
+                f"DrasCLR.views: box at {requests[0].start} of volume row {volume} is not a landmark patch"
+            )
+        if len(candidates) > 1:
+            # Two landmarks rounded to the same voxel in this subject: the neighbour boxes decide.
+            neighbor_starts = np.asarray([r.start for r in requests[1:]])
+            for j in candidates:
+                if np.array_equal(starts[self._anatomy.neighbors[j]], neighbor_starts):
+                    return int(j)
+        return int(candidates[0])
+
+    def _augmenter(self):
+        if self._augment is None:
+            from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandGaussianNoise
+
+            cfg = self.config
+            p = cfg.patch_size
+            self._augment = Compose(
+                [
+                    RandAffine(
+                        prob=1.0,
+                        spatial_size=(p, p, p),
+                        translate_range=(cfg.affine_translate * p,) * 3,
+                        rotate_range=(math.radians(cfg.affine_rotate_deg),) * 3,
+                        scale_range=(cfg.affine_scale,) * 3,
+                        padding_mode="border",
+                        mode="bilinear",
+                    ),
+                    RandGaussianNoise(prob=cfg.noise_prob, mean=0.0, std=cfg.noise_std),
+                    RandAdjustContrast(prob=cfg.contrast_prob, gamma=cfg.contrast_gamma),
+                ]
+            )
+        return self._augment
+
+    def _augment_once(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        augment = self._augmenter()
+        augment.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
+        out = augment(x)
+        return np.asarray(out.detach().cpu().numpy() if torch.is_tensor(out) else out, dtype=np.float32)
+
+    def views(
+        self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        """Two augmented views of the anchor patch, the (jointly augmented) neighbour patches, coordinates.
+
+        As the official code: intensities are clipped to the HU window and shifted to [0, hi - lo]
+        (so the noise std is in HU), augmented, then scaled to [-1, 1]. The neighbours share one
+        random transform (the official code augments them as one multi-channel image).
+        """
+        j = self._landmark_of(requests)
+        anatomy = self._anatomy
+        assert anatomy is not None
+        ids = anatomy.neighbors[j]
+        if len(crops) != 1 + len(ids):
+            raise ValueError(f"DrasCLR.views expects {1 + len(ids)} crops (anchor + neighbours), got {len(crops)}")
+        if anatomy.is_ct.get(requests[0].volume, True):
+            lo, hi = CT_WINDOW
+        else:
+            lo, hi = _robust_window(crops[0])
+        half = (hi - lo) / 2.0
+        shifted = [np.clip(np.asarray(c, dtype=np.float32), lo, hi) - lo for c in crops]
+        view_q = self._augment_once(shifted[0][None], rng) / half - 1.0
+        view_k = self._augment_once(shifted[0][None], rng) / half - 1.0
+        neighbors = self._augment_once(np.stack(shifted[1:]), rng) / half - 1.0
+        return {
+            "view_q": view_q.astype(np.float32),
+            "view_k": view_k.astype(np.float32),
+            "neighbors": neighbors[:, None].astype(np.float32),
+            "loc": anatomy.atlas_coords[j].astype(np.float32),
+            "neighbor_loc": anatomy.atlas_coords[ids].astype(np.float32),
+            "landmark": np.asarray(j, dtype=np.int64),
+            "n_landmarks": np.asarray(len(anatomy.atlas_coords), dtype=np.int64),
+        }
+
+    # ---- model side -------------------------------------------------------------------------
+    def build_model(self) -> DrasCLRModel:
+        return DrasCLRModel(self.config)
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        self._device = torch.device(device)
+        if self._bank is not None:
+            self._bank.to(self._device)
+            self._enqueued = self._enqueued.to(self._device)
+
+    def _ensure_bank(self, n_landmarks: int) -> KeyedMemoryQueues:
+        """The memory bank, created on first use: the landmark count is known from the data only."""
+        if self._bank is None:
+            cfg = self.config
+            bank = KeyedMemoryQueues(n_landmarks, cfg.queue_size, cfg.proj_dim, seed=0, device="cpu")
+            bank.buffer = bank.buffer.to(getattr(torch, cfg.queue_dtype))
+            self._bank = bank.to(self._device)
+            self._enqueued = torch.zeros(n_landmarks, dtype=torch.long, device=self._device)
+        elif self._bank.buffer.shape[0] != n_landmarks:
+            raise ValueError(
+                f"the batch has {n_landmarks} landmarks but the memory bank has {self._bank.buffer.shape[0]}: "
+                f"the atlas landmarks changed since the bank was created (same atlas, patch_size and step "
+                f"are needed to resume)"
+            )
+        return self._bank
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L = L_local + β·L_neighbor; negatives are the queue of each sample's landmark."""
+        bank = self._ensure_bank(int(batch["n_landmarks"].reshape(-1)[0]))
+        query = outputs["query"]
+        negatives = bank.negatives(outputs["landmark"]).to(device=query.device, dtype=query.dtype)
+        local = info_nce(query, outputs["key"], negatives, self.config.temperature)
+        neighbor = neighbor_info_nce(outputs["neighbor_queries"], outputs["key"], negatives, self.config.temperature)
+        return {"loss": local + self.config.neighbor_weight * neighbor, "loss_local": local, "loss_neighbor": neighbor}
+
+    def after_step(
+        self, model: nn.Module, outputs: dict[str, torch.Tensor], step: int, total_steps: int
+    ) -> dict[str, float]:
+        """EMA update of the key branch, then enqueue every rank's keys into their landmarks' queues."""
+        momentum_update(model.online, model.target, self.config.momentum)
+        keys = gather_concat(outputs["key"].detach().float().contiguous())
+        ids = gather_concat(outputs["landmark"].detach().contiguous())
+        if self._bank is None:
+            raise RuntimeError("after_step before loss: the memory bank does not exist yet")
+        self._bank.enqueue(keys, ids)
+        assert self._enqueued is not None
+        self._enqueued.index_add_(0, ids.to(self._enqueued.device), torch.ones_like(ids, device=self._enqueued.device))
+        filled = self._enqueued.clamp(max=self._bank.length).float().mean() / self._bank.length
+        return {"bank_fill": float(filled)}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._bank is None:
+            return {}
+        assert self._enqueued is not None
+        return {"bank": self._bank.state_dict(), "enqueued": self._enqueued.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        n_landmarks = int(state["bank"]["buffer"].shape[0])
+        self._ensure_bank(n_landmarks)
+        assert self._bank is not None
+        self._bank.load_state_dict(state["bank"])
+        self._enqueued = state["enqueued"].to(self._device).clone()
+
+    def backbone(self, model: nn.Module) -> DrasCLREncoder:
+        return model.online.encoder
+
+    def export(self, model: nn.Module) -> ExportedBackbone:
+        encoder = self.backbone(model)
+        state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+        return ExportedBackbone(
+            state_dict=state,
+            network="rayssl.methods.drasclr.DrasCLREncoder",
+            network_kwargs=dict(encoder.network_kwargs),
+            key_groups={
+                "encoder": [""],
+                "stem": ["stem1.", "stem2."],
+                "input_projection": ["stem1.conv."],
+                "router": encoder.router_prefixes(),
+            },
+            notes=(
+                "DrasCLR Loc-CondConv encoder (no MONAI equivalent: every convolution mixes expert kernels "
+                "by the patch's atlas coordinate). Call encoder(x, loc): x [B,1,P,P,P] = HU clipped to "
+                "[-1024, 240] scaled to [-1, 1]; loc [B,3] = atlas voxel coordinate of the patch centre "
+                "scaled by 2*c/(atlas_shape-1)-1. Image-level features: mean over landmarks "
+                "(rayssl.methods.drasclr.embed_image); dense features: embed_voxels."
+            ),
+        )
+
+    def card(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "pretraining_patch_size": [cfg.patch_size] * 3,
+            "recommended_downstream_patch_size": [cfg.patch_size] * 3,
+            "input_intensity": {"window_hu": list(CT_WINDOW), "scaled_to": [-1, 1]},
+            "conditioning": "atlas coordinate of the patch centre, 2*c/(atlas_shape-1)-1 per axis",
+            "landmarks": {
+                "mask": cfg.mask,
+                "atlas": cfg.atlas,
+                "patch_size": cfg.patch_size,
+                "step": cfg.landmark_step,
+                "min_fraction": cfg.landmark_min_fraction,
+                "n_neighbors": cfg.n_neighbors,
+                "count": int(self._bank.buffer.shape[0]) if self._bank is not None else None,
+            },
+            "memory_bank": {"queue_size": cfg.queue_size, "dim": cfg.proj_dim, "dtype": cfg.queue_dtype},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature extraction for downstream use
+# ---------------------------------------------------------------------------------------------
+
+
+def read_box(image: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
+    """Box [start, start+size) of a 3D array; voxels outside the array are `fill`."""
+    out = np.full(tuple(size), fill, dtype=np.float32)
+    src = tuple(slice(max(s, 0), min(s + z, n)) for s, z, n in zip(start, size, image.shape))
+    if any(sl.start >= sl.stop for sl in src):
+        return out
+    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
+    out[dst] = image[src]
+    return out
+
+
+@torch.no_grad()
+def _encode_patches(
+    encoder: DrasCLREncoder,
+    image: np.ndarray,
+    centres: np.ndarray,
+    coords: np.ndarray,
+    patch_size: int,
+    background: float,
+    window: tuple[float, float] | None,
+    batch_size: int,
+    device: torch.device | str,
+) -> np.ndarray:
+    was_training = encoder.training
+    encoder.eval()
+    starts = landmark_starts(centres, patch_size)
+    features = []
+    for i in range(0, len(starts), batch_size):
+        patches = [read_box(image, s, (patch_size,) * 3, background) for s in starts[i : i + batch_size]]
+        patches = [scale_intensity(p, window or _robust_window(p)) for p in patches]
+        x = torch.from_numpy(np.stack(patches)[:, None]).to(device)
+        loc = torch.from_numpy(np.asarray(coords[i : i + batch_size], dtype=np.float32)).to(device)
+        features.append(encoder(x, loc).cpu().numpy())
+    encoder.train(was_training)
+    return np.concatenate(features, axis=0)
+
+
+def embed_landmarks(
+    encoder: DrasCLREncoder,
+    image: np.ndarray,
+    positions: np.ndarray,
+    atlas_coords: np.ndarray,
+    patch_size: int,
+    *,
+    background: float = -1024.0,
+    window: tuple[float, float] | None = CT_WINDOW,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Representation of every landmark patch of one subject: [L, rep_dim].
+
+    Args:
+        encoder: a (pretrained) DrasCLREncoder.
+        image: the subject's volume (x, y, z), in HU for CT.
+        positions: [L, 3] landmark centres in the subject's voxel grid (VolumeInfo.extra["drasclr_landmarks"]).
+        atlas_coords: [L, 3] the landmarks' atlas coordinates in [-1, 1] (extra["drasclr_atlas_coords"]).
+        patch_size: patch edge used in pretraining.
+        window: intensity window (None = per-patch 0.5-99.5 percentiles, for non-CT).
+    """
+    return _encode_patches(
+        encoder,
+        image,
+        np.asarray(positions),
+        np.asarray(atlas_coords),
+        patch_size,
+        background,
+        window,
+        batch_size,
+        device,
+    )
+
+
+def embed_image(
+    encoder: DrasCLREncoder,
+    image: np.ndarray,
+    positions: np.ndarray,
+    atlas_coords: np.ndarray,
+    patch_size: int,
+    **kwargs: Any,
+) -> np.ndarray:
+    """Image-level representation [rep_dim]: the mean of the landmark representations (as the paper)."""
+    return embed_landmarks(encoder, image, positions, atlas_coords, patch_size, **kwargs).mean(axis=0)
+
+
+def embed_voxels(
+    encoder: DrasCLREncoder,
+    image: np.ndarray,
+    subject_to_atlas_voxel: np.ndarray,
+    atlas_shape: Sequence[int],
+    patch_size: int,
+    stride: int | None = None,
+    *,
+    background: float = -1024.0,
+    window: tuple[float, float] | None = CT_WINDOW,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sliding-window features over a whole subject: ([rep_dim, gx, gy, gz], centres [gx, gy, gz, 3]).
+
+    A window of `patch_size` is centred every `stride` voxels (default patch_size // 2); each is
+    encoded with the atlas coordinate of its centre, found through the subject->atlas affine
+    (`subject_to_atlas_voxel`, 4x4 in voxel indices, attrs["rayssl"]["drasclr"] of the volume).
+    Interpolate the grid at the returned centres for per-voxel features.
+    """
+    stride = stride or max(1, patch_size // 2)
+    axes = [np.arange(0, max(n, 1), stride, dtype=np.int64) + min(stride, n) // 2 for n in image.shape]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # [gx, gy, gz, 3]
+    centres = grid.reshape(-1, 3)
+    homogeneous = np.concatenate([centres, np.ones((len(centres), 1))], axis=1)
+    atlas_points = (np.asarray(subject_to_atlas_voxel, dtype=np.float64) @ homogeneous.T).T[:, :3]
+    from datasets_zarr.landmarks import atlas_coordinates
+
+    coords = atlas_coordinates(atlas_points, atlas_shape)  # windows outside the atlas extrapolate
+    feats = _encode_patches(encoder, image, centres, coords, patch_size, background, window, batch_size, device)
+    return feats.T.reshape(-1, *grid.shape[:3]), grid
+
+
+def embed_volume(
+    encoder: DrasCLREncoder,
+    store: str,
+    volume_id: str,
+    *,
+    patch_size: int,
+    level: str = "image",
+    landmark_step: int = 26,
+    landmark_min_fraction: float = 0.1,
+    stride: int | None = None,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> Any:
+    """Features of a stored, registered volume, for downstream probes.
+
+    level "image": [rep_dim], the mean over landmarks; "landmarks": [L, rep_dim]; "voxels": the
+    sliding-window grid and centres of `embed_voxels`. The volume must have been registered to
+    its atlas (DrasCLR.prepare / datasets_zarr.landmarks.prepare_anatomy); the landmark grid is
+    rebuilt from the atlas mask with the pretraining `patch_size`, `landmark_step` and
+    `landmark_min_fraction` (the model card's "landmarks" entry).
+    """
+    import zarr
+
+    from datasets_zarr.landmarks import atlas_coordinates, grid_landmarks, map_to_subject
+    from datasets_zarr.lungmask import read_mask
+    from datasets_zarr.manifest import volume_meta
+    from datasets_zarr.register import ATTRS_KEY
+    from datasets_zarr.store import read_volume_attrs
+
+    if level not in ("image", "landmarks", "voxels"):
+        raise ValueError(f"level must be 'image', 'landmarks' or 'voxels', got {level!r}")
+    attrs = read_volume_attrs(store, volume_id) or {}
+    entry = attrs.get(ATTRS_KEY)
+    if not entry:
+        raise ValueError(
+            f"volume {volume_id!r} of {store} is not registered to an atlas: run DrasCLR.prepare "
+            f"(or datasets_zarr.landmarks.prepare_anatomy) on its store first"
+        )
+    image = zarr.open_array(f"{store}/{volume_id}/image", mode="r")[...]
+    is_hu = attrs.get("modality") == "CT" and attrs.get("intensity", {}).get("unit") == "HU"
+    options = dict(
+        background=float(attrs.get("background", -1024.0)),
+        window=CT_WINDOW if is_hu else None,
+        batch_size=batch_size,
+        device=device,
+    )
+    atlas_shape = volume_meta(entry["atlas_store"], entry["atlas"]).shape
+    if level == "voxels":
+        return embed_voxels(
+            encoder, image, np.asarray(entry["subject_to_atlas_voxel"]), atlas_shape, patch_size, stride, **options
+        )
+    centres = grid_landmarks(
+        read_mask(entry["atlas_store"], entry["atlas"]), patch_size, landmark_step, landmark_min_fraction
+    )
+    positions = map_to_subject(centres, np.asarray(entry["atlas_to_subject_voxel"]))
+    features = embed_landmarks(
+        encoder, image, positions, atlas_coordinates(centres, atlas_shape), patch_size, **options
+    )
+    return features.mean(axis=0) if level == "image" else features
+
+
+METHOD = DrasCLR
