@@ -1,0 +1,498 @@
+"""GVSL: geometric visual similarity learning by registering pairs of different volumes (He et al., CVPR 2023)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.nets import BasicUNet
+from monai.networks.nets.basic_unet import TwoConv
+from monai.transforms import RandAffine, Rand3DElastic, Resize
+from pydantic import Field, model_validator
+from torch import nn
+
+from rayssl.data.genesis import genesis_corrupt
+from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo
+from rayssl.nn.backbones import global_pool
+from rayssl.nn.spatial import (
+    N_AFFINE_PARAMS,
+    AffineRanges,
+    affine_from_raw,
+    affine_warp,
+    fuse_affine_dvf,
+    local_ncc_loss,
+    smoothness_loss,
+    warp,
+)
+
+# GVSL's activation (official code: LeakyReLU(0.2)); BasicUNet's default slope is 0.1.
+_ACT = ("LeakyReLU", {"negative_slope": 0.2, "inplace": True})
+
+
+class GVSLConfig(MethodConfig):
+    """GVSL settings. Defaults are the paper's / official code's unless a field says otherwise."""
+
+    # ---- views -------------------------------------------------------------------------------
+    input_size: tuple[int, int, int] = (128, 128, 128)  # both images are resized to this (multiple of 16)
+    crop_fraction: float = Field(1.0, gt=0.0, le=1.0)  # box = this fraction of the (margined) foreground box
+    bbox_margin: float = Field(0.05, ge=0.0, le=1.0)  # margin added on each side, fraction of the bbox extent
+    # auto: per volume from the manifest (CT int16 -> ct window; CT float32, scaled at conversion ->
+    # none = clip to [0, 1]; other modalities -> percentiles).
+    intensity: Literal["auto", "ct", "percentile", "none"] = "auto"
+    ct_window: tuple[float, float] = (-1024.0, 1024.0)  # HU -> [0, 1]; paper: raw [0, 2048] = HU + 1024
+    percentiles: tuple[float, float] = (0.5, 99.5)  # non-CT (MR) scaling to [0, 1]
+    # Spatial augmentation, identical for x_A, corrupted x_A and x_B (official Train_GVSL.py values).
+    spatial_aug_prob: float = Field(1.0, ge=0.0, le=1.0)
+    aug_rotation: float = Field(math.pi / 9, ge=0.0, le=math.pi)  # radians, uniform ± per axis
+    aug_scale: float = Field(0.25, ge=0.0, lt=1.0)  # scale factor 1 ± this per axis
+    aug_translate: float = Field(0.05, ge=0.0, le=0.5)  # fraction of input_size per axis
+    aug_shear: float = Field(math.pi / 18, ge=0.0, lt=math.pi / 2)  # radians; matrix entries tan(angle)
+    elastic_sigma: tuple[float, float] = (10.0, 13.0)  # voxels (at 128^3)
+    elastic_magnitude: tuple[float, float] = (0.0, 512.0)  # multiplier of the smoothed U(-1, 1) offsets
+    # Models Genesis corruption of x_A (the official code's effective behaviour).
+    shuffle_prob: float = Field(0.8, ge=0.0, le=1.0)
+    shuffle_blocks: int = Field(5000, ge=0)
+    shuffle_block_fraction: float = Field(0.05, gt=0.0, le=0.5)  # block edge = max(2, n * this)
+    nonlinear_prob: float = Field(0.9, ge=0.0, le=1.0)
+    paint_prob: float = Field(1.0, ge=0.0, le=1.0)
+    inpaint_prob: float = Field(1.0, ge=0.0, le=1.0)  # else out-painting
+
+    # ---- model ---------------------------------------------------------------------------------
+    features: tuple[int, int, int, int, int, int] = (32, 64, 128, 256, 512, 32)  # BasicUNet features
+    num_groups: int = Field(4, ge=1)  # GroupNorm groups in every block
+    affine: bool = True  # False = ablation "w/o affine head"
+    restoration: bool = True  # False = ablation "w/o fundament"
+    max_rotation: float = Field(math.pi / 9, gt=0.0, le=math.pi)
+    max_translation: float = Field(0.25, gt=0.0, le=2.0)  # normalised units (1 = half the extent)
+    max_scale: float = Field(0.25, gt=0.0, lt=1.0)
+    max_shear: float = Field(math.pi / 18, gt=0.0, lt=math.pi / 2)
+
+    # ---- loss ----------------------------------------------------------------------------------
+    ncc_window: int = Field(9, ge=3)
+    smooth_weight: float = Field(1.0, ge=0.0)
+    restoration_weight: float = Field(1.0, ge=0.0)
+    warmup_restoration_steps: int = Field(0, ge=0)  # first steps train the restoration term only
+
+    lr: float = 1e-4  # Adam 1e-4 (paper Sec. 4.1)
+    weight_decay: float = 0.0  # the official code uses plain Adam
+
+    @model_validator(mode="after")
+    def _check(self) -> "GVSLConfig":
+        if any(n < 16 or n % 16 for n in self.input_size):
+            raise ValueError(f"input_size must be multiples of 16 (4 poolings), got {self.input_size}")
+        if self.ncc_window % 2 == 0:
+            raise ValueError(f"ncc_window must be odd, got {self.ncc_window}")
+        for name in ("percentiles", "elastic_sigma", "elastic_magnitude"):
+            lo, hi = getattr(self, name)
+            if not 0.0 <= lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(lo, hi)}")
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise ValueError(f"ct_window must be (low, high) HU with low < high, got {self.ct_window}")
+        if self.percentiles[1] > 100.0 or self.percentiles[0] == self.percentiles[1]:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        if self.elastic_sigma[0] <= 0 and self.elastic_magnitude[1] > 0:
+            raise ValueError(f"elastic_sigma must be > 0, got {self.elastic_sigma}")
+        g = self.num_groups
+        widths = list(self.features) + [self.features[4] // 2, self.features[5] // 2]
+        if any(w < 1 or w % g for w in widths):
+            raise ValueError(
+                f"num_groups={g} must divide every feature width and the head widths "
+                f"features[4]//2, features[5]//2 (widths {widths})"
+            )
+        if self.warmup_restoration_steps > 0 and not self.restoration:
+            raise ValueError("warmup_restoration_steps > 0 needs restoration=True "
+                             "(the warm-up trains restoration only)")
+        return self
+
+    def affine_ranges(self) -> AffineRanges:
+        return AffineRanges(rotation=self.max_rotation, translation=self.max_translation,
+                            scale=self.max_scale, shear=self.max_shear)
+
+
+# ---- model --------------------------------------------------------------------------------------
+
+
+class GVSLUNet(nn.Module):
+    """MONAI BasicUNet without its final 1x1 conv, returning (global, local) features.
+
+    global = bottleneck (`down_4` output), local = last decoder level (`upcat_1` output, full
+    resolution), as GVSL's 3D U-Net (He et al. 2023, supplementary Fig. 12 a). Blocks keep
+    BasicUNet's names, so `state_dict()` loads into `BasicUNet(**network_kwargs)` (strict=False;
+    only `final_conv` is missing).
+    """
+
+    BLOCKS = ("conv_0", "down_1", "down_2", "down_3", "down_4", "upcat_4", "upcat_3", "upcat_2", "upcat_1")
+
+    def __init__(self, in_channels: int = 1, features: Sequence[int] = (32, 64, 128, 256, 512, 32),
+                 num_groups: int = 4) -> None:
+        super().__init__()
+        self.network_kwargs: dict[str, Any] = dict(
+            spatial_dims=3, in_channels=in_channels, out_channels=1, features=tuple(features),
+            norm=("group", {"num_groups": num_groups}), act=_ACT,
+        )
+        full = BasicUNet(**self.network_kwargs)
+        for name in self.BLOCKS:
+            setattr(self, name, getattr(full, name))
+        self.global_channels = int(features[4])
+        self.local_channels = int(features[5])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = self.conv_0(x)
+        x1 = self.down_1(x0)
+        x2 = self.down_2(x1)
+        x3 = self.down_3(x2)
+        x4 = self.down_4(x3)
+        u4 = self.upcat_4(x4, x3)
+        u3 = self.upcat_3(u4, x2)
+        u2 = self.upcat_2(u3, x1)
+        u1 = self.upcat_1(u2, x0)
+        return x4, u1
+
+
+def _norm(num_groups: int) -> tuple:
+    return ("group", {"num_groups": num_groups})
+
+
+class AffineHead(nn.Module):
+    """Z-matching affine head (Sec. 3.2.1): concatenated global features -> 15 raw affine values.
+
+    Two conv groups, global average pooling, one linear layer of 15 outputs (the paper's four
+    linear layers of 3, 3, 3 and 6 outputs, as one). The linear layer starts small so the first
+    predictions are near the identity transform while every weight still receives a gradient.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, num_groups: int) -> None:
+        super().__init__()
+        self.convs = TwoConv(3, in_channels, hidden, _ACT, _norm(num_groups), True)
+        self.linear = nn.Linear(hidden, N_AFFINE_PARAMS)
+        nn.init.normal_(self.linear.weight, std=1e-3)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, moving_global: torch.Tensor, fixed_global: torch.Tensor) -> torch.Tensor:
+        return self.linear(global_pool(self.convs(torch.cat([moving_global, fixed_global], dim=1))))
+
+
+class DeformableHead(nn.Module):
+    """Z-matching deformable head (Sec. 3.2.2): concatenated local features -> DVF in voxels.
+
+    Two conv groups and a 3x3x3 convolution to 3 channels; the output convolution starts at
+    N(0, 1e-5) (as VoxelMorph's flow layer) so the first fields are near zero.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, num_groups: int) -> None:
+        super().__init__()
+        self.convs = TwoConv(3, in_channels, hidden, _ACT, _norm(num_groups), True)
+        self.flow = nn.Conv3d(hidden, 3, kernel_size=3, padding=1)
+        nn.init.normal_(self.flow.weight, std=1e-5)
+        nn.init.zeros_(self.flow.bias)
+
+    def forward(self, moving_local: torch.Tensor, fixed_local: torch.Tensor) -> torch.Tensor:
+        return self.flow(self.convs(torch.cat([moving_local, fixed_local], dim=1)))
+
+
+class RestorationHead(nn.Module):
+    """Self-restoration head (Sec. 3.3): one conv group and a 1x1x1 convolution to the image."""
+
+    def __init__(self, in_channels: int, hidden: int, num_groups: int) -> None:
+        super().__init__()
+        self.conv = Convolution(3, in_channels, hidden, kernel_size=3, act=_ACT, norm=_norm(num_groups))
+        self.out = nn.Conv3d(hidden, 1, kernel_size=1)
+
+    def forward(self, local: torch.Tensor) -> torch.Tensor:
+        return self.out(self.conv(local))
+
+
+class GVSLModel(nn.Module):
+    """Backbone + Z-matching head (+ restoration head); one forward computes every output.
+
+    As in the official code, x_B is the moving image and x_A the fixed one: the backbone sees the
+    corrupted x_A and the clean x_B, the heads predict a transform that warps x_B onto x_A, and
+    the loss compares the warped x_B with the clean x_A.
+    """
+
+    def __init__(self, config: GVSLConfig) -> None:
+        super().__init__()
+        f, g = config.features, config.num_groups
+        self.unet = GVSLUNet(1, f, g)
+        self.ranges = config.affine_ranges()
+        self.affine_head = AffineHead(2 * f[4], f[4] // 2, g) if config.affine else None
+        self.deformable_head = DeformableHead(2 * f[5], f[5] // 2, g)
+        self.restoration_head = RestorationHead(f[5], f[5] // 2, g) if config.restoration else None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        fixed_input, moving = batch["image_a_corrupted"], batch["image_b"]
+        n = fixed_input.shape[0]
+        # One backbone pass over both images (GroupNorm is per sample, so this equals two passes).
+        global_features, local_features = self.unet(torch.cat([fixed_input, moving], dim=0))
+        global_a, global_b = global_features[:n], global_features[n:]
+        local_a, local_b = local_features[:n], local_features[n:]
+        outputs: dict[str, torch.Tensor] = {}
+        matrix = None
+        if self.affine_head is not None:
+            matrix = affine_from_raw(self.affine_head(global_b, global_a), self.ranges)
+            local_b = affine_warp(local_b, matrix)  # globally align B's local features to A's grid
+            outputs["affine_matrix"] = matrix
+        flow = self.deformable_head(local_b, local_a)
+        outputs["flow"] = flow
+        outputs["warped"] = warp(moving, fuse_affine_dvf(matrix, flow))
+        if self.restoration_head is not None:
+            outputs["restored"] = self.restoration_head(local_a)
+        return outputs
+
+
+# ---- views helpers -------------------------------------------------------------------------------
+
+
+def _intensity_mode(volume: VolumeInfo, configured: str) -> str:
+    """The scaling of one volume: the configured one, or (auto) from its modality and stored dtype."""
+    if configured != "auto":
+        return configured
+    if volume.modality.upper() == "CT":
+        # Stores keep CT in HU as int16; float32 CT was windowed/scaled at conversion already.
+        return "none" if str(volume.extra.get("dtype", "int16")).startswith("float") else "ct"
+    return "percentile"
+
+
+def _scale_intensity(crop: np.ndarray, mode: str, ct_window: tuple[float, float],
+                     percentiles: tuple[float, float]) -> np.ndarray:
+    """Crop in stored units -> float32 in [0, 1] (CT window in HU, percentile scaling, or a clip)."""
+    if mode == "auto":
+        # A volume `prepare`/`plan` did not record: HU crops always hold air/background far below
+        # -500 (reads outside the volume are its background, -1024 for CT); MR and scaled data do not.
+        mode = "ct" if float(crop.min()) <= -500.0 else "percentile"
+    if mode == "none":
+        return np.clip(crop.astype(np.float32), 0.0, 1.0)
+    if mode == "ct":
+        lo, hi = ct_window
+    else:
+        lo, hi = (float(v) for v in np.percentile(crop, percentiles))
+        if hi <= lo:
+            return np.zeros(crop.shape, dtype=np.float32)
+    return np.clip((crop.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _resize(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize a 3D volume: area averaging on shrinking axes (no aliasing), then trilinear."""
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
+    shrunk = tuple(min(a, b) for a, b in zip(volume.shape, size))
+    if shrunk != tuple(volume.shape):
+        x = Resize(shrunk, mode="area")(x)
+    if shrunk != tuple(size):
+        x = Resize(tuple(size), mode="trilinear", align_corners=False)(x)
+    return np.asarray(torch.as_tensor(x)[0], dtype=np.float32)
+
+
+def _pair_box(info: VolumeInfo, fraction: float, margin: float, position: np.ndarray) -> ReadRequest:
+    """Box of `fraction` of the volume's margined foreground box, at relative `position` in [0, 1]^3."""
+    bbox = np.array(info.bbox, dtype=np.int64)
+    lo, hi = bbox[:3], bbox[3:]
+    if (hi <= lo).any():  # empty foreground box: use the whole volume
+        lo, hi = np.zeros(3, dtype=np.int64), np.array(info.shape, dtype=np.int64)
+    extent = hi - lo
+    pad = np.ceil(extent * margin).astype(np.int64)
+    lo, extent = lo - pad, extent + 2 * pad
+    size = np.maximum(1, np.round(extent * fraction)).astype(np.int64)
+    start = lo + np.floor((extent - size) * position).astype(np.int64)
+    return ReadRequest(volume=info.index, start=tuple(int(v) for v in start), size=tuple(int(v) for v in size))
+
+
+def elastic_settings(edge: int) -> dict[str, tuple[float, float]]:
+    """Elastic sigma/magnitude for `edge`-voxel inputs giving the official 128^3 deformation, scaled.
+
+    The official values (sigma 10-13, magnitude 0-512) are for 128-voxel edges. Smoothing U(-1, 1)
+    noise with a 3D Gaussian of width sigma leaves a standard deviation ∝ sigma^-1.5, so keeping
+    the displacement the same fraction of the image needs sigma ∝ s and magnitude ∝ s^2.5, s = edge/128.
+    """
+    s = edge / 128.0
+    return {"elastic_sigma": (10.0 * s, 13.0 * s), "elastic_magnitude": (0.0, round(512.0 * s**2.5, 2))}
+
+
+# ---- method ---------------------------------------------------------------------------------------
+
+
+class GVSL(Method):
+    """GVSL (He et al., CVPR 2023): Z-matching registration of two different volumes + self-restoration.
+
+    Loss (Sec. 3.1-3.3): L = L_NCC(warp(x_B), x_A) + w_smooth · L_smooth(u) + w_res · MSE(R(f_A), x_A),
+    where u is the deformable part of the transform. For the first `warmup_restoration_steps`
+    optimizer steps only the restoration term counts (the registration terms are multiplied by 0,
+    so every parameter still gets a gradient and DDP needs no unused-parameter search). The step
+    count comes from `after_step(step=...)` (steps completed), is checkpointed in `state_dict`,
+    and `set_step` sets it for loops that do not call `after_step`.
+    """
+
+    name: ClassVar[str] = "gvsl"
+    config_cls: ClassVar[type[MethodConfig]] = GVSLConfig
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {
+        # 2 cores: 48^3 inputs, narrow U-Net; elastic deformation scaled from the 128^3 values.
+        "cpu": {"input_size": (48, 48, 48), "features": (8, 16, 32, 64, 128, 16), "num_groups": 4,
+                **elastic_settings(48)},
+        "paper": {"input_size": (128, 128, 128), "features": (32, 64, 128, 256, 512, 32), "num_groups": 4,
+                  **elastic_settings(128)},
+    }
+
+    def __init__(self, config: GVSLConfig) -> None:
+        super().__init__(config)
+        self.config: GVSLConfig = config
+        self.steps_done = 0  # optimizer steps taken (drives the restoration warm-up)
+        # Intensity mode per manifest row, filled by `prepare` (driver) and `plan`: `views` runs on a
+        # pickled copy made after `prepare` and only sees requests, so the mode travels in this dict.
+        self._intensity_by_volume: dict[int, str] = {}
+
+    # ---- CPU side -------------------------------------------------------------------------
+    def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
+        if len(volumes) < 2:
+            raise ValueError(
+                f"GVSL registers pairs of different volumes and needs at least 2 volumes, got {len(volumes)}"
+            )
+
+    def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+        """Record each volume's intensity mode on the driver (see `_intensity_by_volume`)."""
+        for volume in volumes:
+            self._intensity_by_volume[volume.index] = _intensity_mode(volume, self.config.intensity)
+        return list(volumes)
+
+    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
+        """x_A = volume `index`, x_B = another volume drawn uniformly; both boxes at the same relative position."""
+        self.check_volumes(volumes)
+        other = int(rng.integers(0, len(volumes) - 1))
+        other += int(other >= index)
+        for i in (index, other):
+            self._intensity_by_volume[i] = _intensity_mode(volumes[i], self.config.intensity)
+        position = rng.random(3)
+        cfg = self.config
+        return [_pair_box(volumes[i], cfg.crop_fraction, cfg.bbox_margin, position) for i in (index, other)]
+
+    def views(self, crops: list[np.ndarray], requests: list[ReadRequest],
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """image_a (clean x_A), image_a_corrupted (Models Genesis), image_b: each [1, *input_size] in [0, 1]."""
+        cfg = self.config
+        if len(crops) != 2:
+            raise ValueError(f"GVSL views need 2 crops (x_A, x_B), got {len(crops)}")
+        a, b = (_resize(_scale_intensity(crop, self._intensity_by_volume.get(request.volume, cfg.intensity),
+                                         cfg.ct_window, cfg.percentiles), cfg.input_size)
+                for crop, request in zip(crops, requests))
+        block = tuple(max(2, int(n * cfg.shuffle_block_fraction)) for n in cfg.input_size)
+        corrupted = genesis_corrupt(
+            a, rng, shuffle_prob=cfg.shuffle_prob, nonlinear_prob=cfg.nonlinear_prob, paint_prob=cfg.paint_prob,
+            inpaint_prob=cfg.inpaint_prob, shuffle_blocks=cfg.shuffle_blocks, shuffle_block_size=block,
+        )
+        # The corruption comes first and one spatial transform then moves all three images alike,
+        # as the official loop does; stacking them as channels shares MONAI's random draw.
+        stacked = self._spatial_augment(np.stack([a, corrupted, b]), rng)
+        stacked = np.clip(stacked, 0.0, 1.0)
+        return {
+            "image_a": stacked[0:1].copy(),
+            "image_a_corrupted": stacked[1:2].copy(),
+            "image_b": stacked[2:3].copy(),
+        }
+
+    def _spatial_augment(self, stacked: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One random affine (+ elastic) transform of the [3, *input_size] stack, trilinear, zero padding."""
+        cfg = self.config
+        affine_ranges = dict(
+            prob=cfg.spatial_aug_prob,
+            rotate_range=(cfg.aug_rotation,) * 3,
+            shear_range=(math.tan(cfg.aug_shear),) * 6,
+            translate_range=tuple(cfg.aug_translate * n for n in cfg.input_size),
+            scale_range=(cfg.aug_scale,) * 3,
+            mode="bilinear",
+            padding_mode="zeros",
+        )
+        if cfg.elastic_magnitude[1] > 0:
+            transform = Rand3DElastic(sigma_range=cfg.elastic_sigma, magnitude_range=cfg.elastic_magnitude,
+                                      **affine_ranges)
+        else:
+            # Elastic off: RandAffine skips the Gaussian smoothing of a dense offset field, which is
+            # most of the views' cost at 128^3 (~3.5 CPU-s per sample here).
+            transform = RandAffine(**affine_ranges)
+        transform.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
+        out = transform(torch.from_numpy(stacked))
+        return np.asarray(torch.as_tensor(out), dtype=np.float32)
+
+    # ---- model side -----------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        return GVSLModel(self.config)
+
+    @property
+    def in_restoration_warmup(self) -> bool:
+        return self.steps_done < self.config.warmup_restoration_steps
+
+    def set_step(self, step: int) -> None:
+        """Number of optimizer steps already taken (for loops that track the step themselves)."""
+        self.steps_done = int(step)
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L = L_NCC + w_smooth · L_smooth + w_res · L_MSE (He et al. 2023, Eq. 1, Eq. 2, Sec. 3.3).
+
+        L_NCC = 1 - local NCC(warped x_B, clean x_A) over ncc_window^3 windows; L_smooth = mean
+        squared spatial gradient of the deformable DVF (the affine part is not penalised, as in
+        the official code); L_MSE = mean squared error of the restored x_A against the clean x_A.
+        """
+        cfg = self.config
+        target = batch["image_a"]
+        ncc = local_ncc_loss(outputs["warped"], target, window=cfg.ncc_window)
+        smooth = smoothness_loss(outputs["flow"])
+        registration_weight = 0.0 if self.in_restoration_warmup else 1.0
+        total = registration_weight * (ncc + cfg.smooth_weight * smooth)
+        terms = {"ncc": ncc.detach(), "smooth": smooth.detach()}
+        if cfg.restoration:
+            restoration = F.mse_loss(outputs["restored"], target)
+            total = total + cfg.restoration_weight * restoration
+            terms["restoration"] = restoration.detach()
+        return {"loss": total, **terms}
+
+    def after_step(self, model: nn.Module, outputs: dict[str, torch.Tensor], step: int,
+                   total_steps: int) -> dict[str, float]:
+        """`step` = optimizer steps completed so far (the loop calls this after incrementing it)."""
+        warmup = self.in_restoration_warmup  # the step just taken
+        self.steps_done = int(step)
+        return {"restoration_warmup": float(warmup)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_done": torch.tensor(self.steps_done, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_done = int(state["steps_done"])
+
+    # ---- export ---------------------------------------------------------------------------
+    def backbone(self, model: nn.Module) -> nn.Module:
+        return model.unet
+
+    def export(self, model: nn.Module) -> ExportedBackbone:
+        unet: GVSLUNet = self.backbone(model)  # type: ignore[assignment]
+        encoder = ["conv_0.", "down_1.", "down_2.", "down_3.", "down_4."]
+        decoder = ["upcat_4.", "upcat_3.", "upcat_2.", "upcat_1."]
+        return ExportedBackbone(
+            state_dict={k: v.detach().cpu().clone() for k, v in unet.state_dict().items()},
+            network="monai.networks.nets.BasicUNet",
+            network_kwargs=dict(unet.network_kwargs),
+            key_groups={"encoder": encoder, "decoder": decoder, "stem": ["conv_0."],
+                        "input_projection": ["conv_0.conv_0.conv."]},
+            notes=("Whole BasicUNet except final_conv (GVSL pretrains encoder and decoder). Global features = "
+                   "down_4 output, local features = upcat_1 output. Inputs were intensities in [0, 1]."),
+        )
+
+    def card(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "method": "GVSL (He et al., CVPR 2023)",
+            "pretraining_input_size": list(cfg.input_size),
+            "recommended_downstream_input_size": list(cfg.input_size),
+            "intensity": (f"CT window {list(cfg.ct_window)} HU -> [0, 1]" if cfg.intensity == "ct" else
+                          f"percentiles {list(cfg.percentiles)} -> [0, 1]" if cfg.intensity == "percentile" else
+                          f"auto: CT window {list(cfg.ct_window)} HU for HU crops, else percentiles "
+                          f"{list(cfg.percentiles)}; -> [0, 1]"),
+            "input_resampling": "foreground box resized to input_size (not isotropic)",
+            "network": "monai.networks.nets.BasicUNet",
+            "features": list(cfg.features),
+            "norm": f"group ({cfg.num_groups} groups)",
+            "heads": {"affine": cfg.affine, "restoration": cfg.restoration},
+        }
+
+
+METHOD = GVSL
