@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a bad input: stop (default) or skip it and report at the end")
     p.add_argument("--address", help="Ray cluster address (default: local runtime)")
     p.set_defaults(func=cmd_convert)
+    from rayssl.eval.cli import add_eval_parsers
+    add_eval_parsers(sub)
     return parser
 
 

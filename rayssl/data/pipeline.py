@@ -132,7 +132,11 @@ def build_dataset(
     # Sample indices live in the driver's object store (no read tasks); planning is so cheap that it
     # takes no CPU reservation, so it can never wait behind the training workers for a core.
     ids = np.arange(start_sample, start_sample + num_samples, dtype=np.int64)
-    ds = ray.data.from_numpy(np.array_split(ids, max(1, min(num_samples // 16, 64))))  # column "data"
+    # Blocks of ~16 samples, at most 4 per actor of the largest pool (and at least 64): an actor
+    # task builds a whole input block, so the block count bounds how many actors work at once
+    # (a flat cap of 64 idled larger pools); each block costs the driver one put (~4 ms).
+    n_blocks = max(1, min(num_samples // 16, max(64, 4 * actors[1])))
+    ds = ray.data.from_numpy(np.array_split(ids, n_blocks))  # column "data"
     ds = ds.map_batches(planner, batch_format="numpy", batch_size=16, num_cpus=0)
     ds = ds.map_batches(
         ViewBuilder,

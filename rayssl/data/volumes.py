@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import Sequence
 
@@ -54,6 +55,10 @@ def load_volumes(stores: str | Sequence[str], split: str | None = "train") -> li
     if isinstance(stores, str):
         stores = [stores]
     tables = [read_manifest_table(s) for s in stores]
+    # Read each store where it is now (the path given), not where the manifest says it was written:
+    # stores move (converted locally, then copied to s3:// or to a cluster's shared filesystem).
+    for store, t in zip(stores, tables):
+        t["store"] = str(store) if "://" in str(store) else os.path.abspath(store)
     table = pd.concat(tables, ignore_index=True)
     if split not in (None, "all"):
         if "split" in table and (table["split"] == split).any():

@@ -68,6 +68,22 @@ def count_crops(batch: dict[str, torch.Tensor]) -> int:
     return crops
 
 
+def _running_norm_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) of every running statistic of the model's norm layers (BatchNorm and the like)."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
+                if buffer is not None:
+                    saved.append((buffer, buffer.detach().clone()))
+    return saved
+
+
+def _restore_running_norm_stats(saved: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    for buffer, copy in saved or []:
+        buffer.copy_(copy)
+
+
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
@@ -169,6 +185,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if step >= stop:
             break
         ddp_model.train()
+        # nan_policy=skip: a skipped step must leave no trace, but a train-mode forward has already
+        # folded the bad batch into BatchNorm running statistics; keep them to put back.
+        norm_stats = _running_norm_stats(model) if tc.nan_policy == "skip" else None
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
             outputs = ddp_model(batch)
             losses = method.loss(outputs, batch)
@@ -180,6 +199,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"stopping. The last good checkpoint in {run_dir} is kept; lower train.lr, check the data, "
                     f"or set train.nan_policy=skip")
             optimizer.zero_grad(set_to_none=True)
+            _restore_running_norm_stats(norm_stats)
             if rank == 0:
                 _say(f"[rayssl] step {step + 1}: non-finite loss, step skipped (nan_policy=skip)")
             continue
@@ -195,6 +215,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"non-finite gradient norm at step {step + 1}; stopping, the last good checkpoint is kept "
                     f"(lower train.lr or set train.nan_policy=skip)")
             optimizer.zero_grad(set_to_none=True)
+            _restore_running_norm_stats(norm_stats)
             scaler.update()
             continue
         scaler.step(optimizer)
@@ -242,7 +263,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _say(f"[rayssl] step {step}/{stop} | loss {metrics['loss']:.4f} ({terms}) | "
                      f"{metrics['samples_per_s']:.2f} samples/s {metrics['crops_per_s']:.1f} crops/s | "
                      f"lr {metrics['lr']:.2e} | ETA {_fmt_eta(remaining)}")
-            ray.train.report(metrics, checkpoint=ckpt_obj)
+            # The local copy goes once uploaded: otherwise every checkpoint stays in the node's /tmp
+            # (a paper-size model + AdamW state is ~0.75 GB each).
+            ray.train.report(metrics, checkpoint=ckpt_obj, delete_local_checkpoint_after_upload=True)
             last_metrics = metrics
         if final:
             break

@@ -17,6 +17,7 @@ import ray
 import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayssl.config import RunConfig
 from rayssl.data.pipeline import SkipLedger, build_dataset
@@ -80,6 +81,38 @@ class _MemoryWatcher(threading.Thread):
         return (self.peak - self.base) / 2**20
 
 
+class PlacementError(RuntimeError):
+    """The Train worker group could not be placed on the cluster within the bounded retries."""
+
+
+def explain_placement_failure(err: BaseException, tc: Any, use_gpu: bool) -> PlacementError | None:
+    """Ray's worker-group start-up timeout, restated in rayssl's terms (what was asked, what exists, what to change).
+
+    Train V2 waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (default 60 s) for the placement group,
+    then retries up to `train.controller_failure_limit` times; its message names neither the
+    resources asked for nor the config fields that set them.
+    """
+    failure = getattr(err, "controller_failure", None)
+    if failure is None or type(failure).__name__ not in (
+            "WorkerGroupStartupTimeoutError", "InsufficientClusterResourcesError"):
+        return None
+    per_worker = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    try:
+        total = {k: v for k, v in ray.cluster_resources().items() if k in per_worker}
+    except Exception:  # noqa: BLE001 - the message is still useful without it
+        total = "unknown"
+    timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    explained = PlacementError(
+        f"could not place {tc.num_workers} training workers x {per_worker} "
+        f"(train.num_workers={tc.num_workers}, train.cpus_per_worker={tc.cpus_per_worker}, use_gpu={use_gpu}) "
+        f"in {tc.controller_failure_limit + 1} attempt(s) of {timeout} s; the cluster has {total} in total "
+        f"(data actors need data.actor_cpus each on top). Lower train.num_workers or train.cpus_per_worker, "
+        f"or add nodes; if an autoscaler is still starting nodes, raise RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S "
+        f"or train.controller_failure_limit. Ray: {failure}")
+    explained.__cause__ = err
+    return explained
+
+
 def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = None,
              ray_init: dict[str, Any] | None = None, callbacks: list[Any] | None = None) -> RunResult:
     """Run (or resume) one pretraining run; returns where it went and what it measured.
@@ -125,7 +158,10 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     # Progress is the loop's per-step line (step, loss terms, crops/s, ETA); Ray Data's operator
     # bars would interleave with it on every refresh.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ledger = SkipLedger.remote()
+    # On the driver's node: a 0-CPU actor may otherwise land on any worker node, and losing that
+    # node would fail a run that Train itself recovered (cluster work, see docs/cluster.md).
+    ledger = SkipLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True)).remote()
     # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
     dataset = build_dataset(
         volumes, method.plan, method.views,
@@ -167,7 +203,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     try:
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - recorded in the run folder, then re-raised
-        error = err
+        error = explain_placement_failure(err, tc, use_gpu) or err
     peak = watcher.stop()
     skipped = ray.get(ledger.summary.remote())
     result = finish_run_folder(run_dir, cfg, wall_time_s=time.perf_counter() - t0, peak_memory_mb=peak,

@@ -1,0 +1,106 @@
+"""`rayssl probe` and `rayssl tune`: argument parsers and the commands they run (wired into rayssl/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """'10,30,100' or '0.1,0.3,1' -> (0.1, 0.3, 1.0)."""
+    values = [float(v.rstrip("%")) for v in text.split(",") if v.strip()]
+    if values and max(values) > 1:
+        values = [v / 100 for v in values]
+    return tuple(values)
+
+
+def add_probe_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("probe", help="linear probe (and fine-tuning) of a run's backbone against random init",
+                       description="Probe a run's pretrained backbone on a labelled store: voxel-level Dice of a 1x1x1 "
+                                   "conv on frozen features (segmentation networks) or logistic regression on pooled "
+                                   "features (encoders), at several label fractions, against the same network from "
+                                   "random init. Writes probe.json and probe.png into the run folder.")
+    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("--data", help="labelled Zarr store (default: held-out demo phantoms with organ labels)")
+    p.add_argument("--task", choices=["auto", "voxel", "patch", "both"], default="auto",
+                   help="auto: voxel probe for BasicUNet/SwinUNETR backbones, patch probe for encoders")
+    p.add_argument("--fractions", type=_fractions, default=(0.1, 0.3, 1.0), metavar="F,F,...",
+                   help="label fractions, e.g. 10,30,100 (default) or 0.1,1")
+    p.add_argument("--fraction-unit", choices=["crops", "volumes"], default="crops",
+                   help="a fraction counts labelled crops (default) or labelled volumes")
+    p.add_argument("--source", choices=["auto", "export", "checkpoint"], default="auto",
+                   help="weights: export/ (auto when present) or the latest checkpoint")
+    p.add_argument("--checkpoint", help="a specific checkpoint folder of the run")
+    p.add_argument("--patch", type=int, help="crop edge in voxels (default: the pretraining patch size)")
+    p.add_argument("--crops-per-volume", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit/eval split, crops and heads")
+    p.add_argument("--finetune", action="store_true",
+                   help="also fine-tune the network with a segmentation head (pretrained vs random init)")
+    p.add_argument("--finetune-steps", type=int, default=40)
+    p.add_argument("--finetune-batch", type=int, default=2)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--out", help="folder for probe.json / probe.png (default: the run folder)")
+    p.set_defaults(func=cmd_probe)
+    return p
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from rayssl.eval.finetune import FinetuneConfig
+    from rayssl.eval.probe import ProbeConfig, run_probe
+
+    cfg = ProbeConfig(tasks=args.task, fractions=args.fractions, fraction_unit=args.fraction_unit, patch=args.patch,
+                      crops_per_volume=args.crops_per_volume, seed=args.seed, baseline=not args.no_baseline,
+                      threads=args.threads)
+    finetune = (FinetuneConfig(steps=args.finetune_steps, batch_size=args.finetune_batch, lr=args.finetune_lr,
+                               seed=args.seed) if args.finetune else None)
+    run_probe(args.run, store=args.data, cfg=cfg, source=args.source, checkpoint=args.checkpoint,
+              finetune=finetune, out_dir=args.out)
+    return 0
+
+
+def add_tune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("tune", help="Ray Tune sweep over tune_spaces/<method>.yaml, trials scored by a probe",
+                       description="Sample the method's search space, pretrain each trial (a TorchTrainer run) in "
+                                   "segments, probe its backbone after each segment, stop weak trials with ASHA, and "
+                                   "name a winner (its weights are copied to <out>/<sweep>/best).")
+    p.add_argument("--method", required=True, help="SSL method (voco, mlsscl, gvsl, drasclr)")
+    p.add_argument("--num-samples", type=int, default=4, help="trials (default 4)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="pretraining steps per trial (default 20: a short sweep; pass the profile's count for a full one)")
+    p.add_argument("--out", default="runs/tune", help="folder for sweep folders (default runs/tune)")
+    p.add_argument("--space", help="search space YAML (default: tune_spaces/<method>.yaml)")
+    p.add_argument("--name", help="sweep name (default: tune-<method>-<time>-<hex>)")
+    p.add_argument("--data", help="pretraining Zarr store (default: embedded demo phantoms)")
+    p.add_argument("--probe-data", help="labelled store for the probe (default: held-out demo phantoms)")
+    p.add_argument("--probes", type=int, default=2, help="probe points per trial, evenly spaced (default 2)")
+    p.add_argument("--grace-probes", type=int, default=1, help="probe points before ASHA may stop a trial")
+    p.add_argument("--reduction-factor", type=float, default=2, help="ASHA reduction factor (default 2)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
+    p.add_argument("--probe-crops", type=int, default=8, help="probe crops per volume (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (sampled values)")
+    p.add_argument("--profile", choices=["cpu", "paper"], help="settings profile (default: paper with a GPU, else cpu)")
+    p.add_argument("--config", help="YAML config file every trial starts from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="fixed override for every trial (e.g. --set train.batch_size=1)")
+    p.add_argument("--address", help="attach to a running Ray cluster (e.g. auto) instead of starting one")
+    p.set_defaults(func=cmd_tune)
+    return p
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rayssl.tune.sweep import run_sweep
+
+    overrides = [*([f"data.store={args.data}"] if args.data else []), *args.overrides]
+    result = run_sweep(args.method, num_samples=args.num_samples, steps=args.steps, out=args.out, space=args.space,
+                       overrides=overrides, profile=args.profile, config_file=args.config, address=args.address,
+                       probes=args.probes, max_concurrent=args.max_concurrent, probe_store=args.probe_data,
+                       probe={"crops_per_volume": args.probe_crops}, grace_probes=args.grace_probes,
+                       reduction_factor=args.reduction_factor, seed=args.seed, name=args.name)
+    return 0 if result.best is not None else 1
+
+
+def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `rayssl probe` and `rayssl tune` on the main parser's subcommands."""
+    add_probe_parser(sub)
+    add_tune_parser(sub)

@@ -1,0 +1,339 @@
+"""Load a run's pretrained backbone (from export/ or any checkpoint) and extract frozen multi-level features."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayssl.config import RunConfig, resolve_config
+from rayssl.methods import MethodConfig, VolumeInfo, get_method_class
+from rayssl.nn.backbones import global_pool
+from rayssl.train.checkpoint import META_FILE, STATE_FILE, load_checkpoint_dir
+
+# Networks a model card may name: rebuilding one imports its module, so only these packages are trusted.
+_TRUSTED_PACKAGES = ("monai.", "rayssl.")
+# Networks that are whole segmentation networks (encoder + decoder) in MONAI.
+SEGMENTATION_NETWORKS = ("monai.networks.nets.BasicUNet", "monai.networks.nets.SwinUNETR")
+
+
+@dataclass
+class RunWeights:
+    """A run's backbone weights in the exported (MONAI) layout, and what is needed to use them."""
+
+    method: str
+    network: str  # dotted import path of the network class or factory
+    network_kwargs: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    key_groups: dict[str, list[str]]
+    source: str  # "export" or the checkpoint directory name
+    step: int | None
+    run_config: RunConfig | None
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def method_config(self) -> MethodConfig:
+        if self.run_config is None:
+            return get_method_class(self.method).config_cls()
+        return self.run_config.method_cfg()
+
+    @property
+    def has_decoder(self) -> bool:
+        """True when pretrained decoder weights were exported too (GVSL pretrains the whole U-Net)."""
+        return bool(self.key_groups.get("decoder"))
+
+    def pretraining_patch(self) -> int | None:
+        """Largest edge of the pretraining input, from the model card (None when the card does not say)."""
+        for key in ("pretraining_patch_size", "pretraining_input_size"):
+            value = self.card.get(key)
+            if isinstance(value, (list, tuple)) and value:
+                return int(max(value))
+        return None
+
+
+def _run_config(run_dir: str, card: dict[str, Any] | None = None) -> RunConfig | None:
+    path = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(path):
+        cfg = resolve_config(file=path)
+    elif card and card.get("config"):
+        cfg = resolve_config(base=card["config"])
+    else:
+        return None
+    # A run stopped at a probe point keeps `stop_after` in its config; it says nothing about the weights.
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"stop_after": None})})
+
+
+def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint of a run folder, by step."""
+    found = []
+    if not os.path.isdir(run_dir):
+        return found
+    for entry in os.listdir(run_dir):
+        path = os.path.join(run_dir, entry)
+        meta = os.path.join(path, META_FILE)
+        if entry.startswith("checkpoint") and os.path.exists(meta) and os.path.exists(os.path.join(path, STATE_FILE)):
+            with open(meta) as f:
+                found.append((int(json.load(f)["step"]), path))
+    return sorted(found)
+
+
+def load_run_weights(run_dir: str, source: str = "auto", checkpoint: str | None = None) -> RunWeights:
+    """The backbone of a run folder: `export/` (source="export"), a checkpoint (source="checkpoint",
+    the latest unless `checkpoint` names one), or "auto" (export when present, else the latest checkpoint).
+
+    A checkpoint is turned into the exported layout by the method's own `build_model` + `export`,
+    so probing a checkpoint and probing the export of the same step give the same features.
+    """
+    run_dir = os.path.abspath(run_dir)
+    export_dir = os.path.join(run_dir, "export")
+    has_export = os.path.exists(os.path.join(export_dir, "backbone.pt"))
+    if source not in ("auto", "export", "checkpoint"):
+        raise ValueError(f"source={source!r}: use auto, export or checkpoint")
+    if checkpoint is None and (source == "export" or (source == "auto" and has_export)):
+        if not has_export:
+            raise FileNotFoundError(f"{export_dir} has no backbone.pt: the run did not finish; "
+                                    f"use --source checkpoint to probe its latest checkpoint")
+        with open(os.path.join(export_dir, "model_card.json")) as f:
+            card = json.load(f)
+        state = torch.load(os.path.join(export_dir, card.get("weights", "backbone.pt")), map_location="cpu",
+                           weights_only=True)
+        return RunWeights(method=card["method"], network=card["network"], network_kwargs=dict(card["network_kwargs"]),
+                          state_dict=state, key_groups=card.get("key_groups", {}), source="export",
+                          step=card.get("steps"), run_config=_run_config(run_dir, card), card=card)
+
+    if checkpoint is None:
+        found = checkpoint_dirs(run_dir)
+        if not found:
+            raise FileNotFoundError(f"{run_dir} has neither export/backbone.pt nor a complete checkpoint_*/ folder")
+        step, checkpoint = found[-1]
+    cfg = _run_config(run_dir)
+    if cfg is None:
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: cannot rebuild the method's model for {checkpoint}")
+    state = load_checkpoint_dir(checkpoint)
+    method = get_method_class(cfg.method)(cfg.method_cfg())
+    model = method.build_model()
+    model.load_state_dict(state["model"])
+    if state.get("method"):
+        method.load_state_dict(state["method"])
+    exported = method.export(model)
+    card = {**method.card(), "method": cfg.method, "network": exported.network, "steps": int(state["step"])}
+    return RunWeights(method=cfg.method, network=exported.network, network_kwargs=dict(exported.network_kwargs),
+                      state_dict={k: v.detach().cpu() for k, v in exported.state_dict.items()},
+                      key_groups=exported.key_groups, source=os.path.basename(checkpoint), step=int(state["step"]),
+                      run_config=cfg, card=card)
+
+
+def _import_network(path: str) -> Callable[..., nn.Module]:
+    if not path.startswith(_TRUSTED_PACKAGES):
+        raise ValueError(f"network {path!r}: only networks from {', '.join(p.rstrip('.') for p in _TRUSTED_PACKAGES)} "
+                         f"are rebuilt from a model card")
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_exported(network: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load exported weights with strict=False; raise unless every exported key is used. Returns the missing keys."""
+    missing, unexpected = network.load_state_dict(state_dict, strict=False)
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} exported keys do not exist in {type(network).__name__}, "
+                         f"e.g. {sorted(unexpected)[:3]}: the export does not match its network")
+    return list(missing)
+
+
+def build_network(weights: RunWeights, pretrained: bool = True, seed: int = 0,
+                  out_channels: int | None = None) -> nn.Module:
+    """The export's network, with the pretrained weights or a seeded random init (the baseline)."""
+    kwargs = dict(weights.network_kwargs)
+    if out_channels is not None and "out_channels" in kwargs:
+        kwargs["out_channels"] = int(out_channels)
+    torch.manual_seed(seed)
+    network = _import_network(weights.network)(**kwargs)
+    if pretrained:
+        load_exported(network, weights.state_dict)
+    return network
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-level features of any backbone we export
+# ---------------------------------------------------------------------------------------------
+class FeatureNet(nn.Module):
+    """Frozen-feature view of an exported network: `levels(x)` (feature maps, shallow to deep) and `pooled(x)`.
+
+    Knows the layouts rayssl exports: BasicUNet (encoder levels, plus the last decoder level when
+    the decoder was pretrained), SwinUNETR (the Swin stages, plus `encoder1` when exported), MONAI
+    ResNets (stem and the four layers), and DrasCLR's Loc-CondConv encoder, which needs the patch's
+    atlas coordinate `loc` and so has no location-free dense map (`dense = False`).
+    """
+
+    def __init__(self, network: nn.Module, use_decoder: bool = False, use_swin_skip: bool = False) -> None:
+        super().__init__()
+        if hasattr(network, "resnet") and not hasattr(network, "layer1"):
+            network = network.resnet  # rayssl's ResNetEncoder wraps MONAI's ResNet
+        self.network = network
+        self.use_decoder = use_decoder and hasattr(network, "upcat_1")
+        self.use_swin_skip = use_swin_skip and hasattr(network, "encoder1")
+        if hasattr(network, "conv_0") and hasattr(network, "down_4"):
+            self.kind, self.size_multiple = "unet", 16
+        elif hasattr(network, "swinViT"):
+            self.kind, self.size_multiple = "swin", 32
+        elif hasattr(network, "layer4") and hasattr(network, "conv1"):
+            self.kind, self.size_multiple = "resnet", 8
+        elif hasattr(network, "STAGES") and hasattr(network, "forward_features"):
+            self.kind, self.size_multiple = "loc_conditioned", 2 ** 5
+        elif hasattr(network, "forward_features"):
+            self.kind, self.size_multiple = "generic", 16
+        else:
+            raise ValueError(f"no feature extractor for {type(network).__name__}: expected a BasicUNet, SwinUNETR, "
+                             f"MONAI ResNet, DrasCLR encoder or a module with forward_features(x)")
+        self.dense = self.kind != "loc_conditioned"
+
+    @classmethod
+    def from_weights(cls, weights: RunWeights, pretrained: bool = True, seed: int = 0) -> "FeatureNet":
+        network = build_network(weights, pretrained=pretrained, seed=seed)
+        exported = weights.state_dict
+        net = cls(network, use_decoder=weights.has_decoder,
+                  use_swin_skip=any(k.startswith("encoder1.") for k in exported))
+        return net.eval().requires_grad_(False)
+
+    def levels(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> list[torch.Tensor]:
+        n = self.network
+        if self.kind == "unet":
+            x0 = n.conv_0(x)
+            x1 = n.down_1(x0)
+            x2 = n.down_2(x1)
+            x3 = n.down_3(x2)
+            x4 = n.down_4(x3)
+            feats = [x0, x1, x2, x3, x4]
+            if self.use_decoder:
+                u4 = n.upcat_4(x4, x3)
+                u3 = n.upcat_3(u4, x2)
+                u2 = n.upcat_2(u3, x1)
+                feats.append(n.upcat_1(u2, x0))
+            return feats
+        if self.kind == "swin":
+            hidden = list(n.swinViT(x, n.normalize))
+            return ([n.encoder1(x)] if self.use_swin_skip else []) + hidden
+        if self.kind == "resnet":
+            x = n.act(n.bn1(n.conv1(x)))
+            feats = [x]
+            if not getattr(n, "no_max_pool", True):
+                x = n.maxpool(x)
+            for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+                x = layer(x)
+                feats.append(x)
+            return feats
+        if self.kind == "loc_conditioned":
+            if loc is None:
+                raise ValueError(f"{type(n).__name__} is conditioned on the patch location: pass loc [B, 3]")
+            return list(n.forward_features(x, loc))
+        return list(n.forward_features(x))
+
+    def pool(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Global features from `levels(x)`: every level's global average, concatenated; for a
+        location-conditioned encoder, its own representation (the deepest level's average)."""
+        if not self.dense:
+            return global_pool(levels[-1])
+        return torch.cat([global_pool(f) for f in levels], dim=1)
+
+    def pooled(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C] global features of `x` (see `pool`)."""
+        return self.pool(self.levels(x, loc))
+
+    def forward(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return self.levels(x, loc)
+
+
+def sample_levels(levels: Sequence[torch.Tensor], size: Sequence[int], points: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Features of each crop at given voxels, as if every level were upsampled to `size` (trilinear).
+
+    `points[b]` is a [N_b, 3] long tensor of voxel indices in crop b. Sampling with `grid_sample`
+    (align_corners=False, border padding) at the voxel centres gives exactly what
+    `F.interpolate(level, size, mode="trilinear", align_corners=False)` gives there, without
+    materialising the upsampled maps. Returns one [N_b, C_total] tensor per crop.
+    """
+    size_t = torch.tensor([float(s) for s in size])
+    out = []
+    for b, pts in enumerate(points):
+        # Normalised coordinates of voxel centres; grid_sample's last dim is ordered (W, H, D) = reversed axes.
+        normalised = ((pts.float() + 0.5) / size_t) * 2.0 - 1.0
+        grid = normalised.flip(-1).view(1, 1, 1, -1, 3)
+        feats = [F.grid_sample(level[b:b + 1].float(), grid.to(level.device), mode="bilinear", padding_mode="border",
+                               align_corners=False).view(level.shape[1], -1).T for level in levels]
+        out.append(torch.cat(feats, dim=1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Intensities as the method fed them to the network
+# ---------------------------------------------------------------------------------------------
+IntensityFn = Callable[[np.ndarray, VolumeInfo], np.ndarray]
+
+
+def _window(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def _percentiles(image: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    low, high = (float(v) for v in np.percentile(image, (lower, upper)))
+    if high <= low:
+        return np.zeros(image.shape, dtype=np.float32)
+    return _window(image, low, high)
+
+
+def _stored_in_hu(image: np.ndarray, volume: VolumeInfo) -> bool:
+    dtype = str(volume.extra.get("dtype", ""))
+    if dtype:
+        return volume.modality.upper() == "CT" and not dtype.startswith("float")
+    return volume.modality.upper() == "CT" and float(image.min()) <= -500.0
+
+
+def intensity_scaler(method: str, config: MethodConfig) -> IntensityFn:
+    """Map a whole volume in stored units to the network's input range, as the method's views do.
+
+    The rule follows the method config's fields: `intensity` ("ct_window"/"ct" = the `ct_window`
+    HU window to [0, 1]; "percentile"/"mr" = its percentiles to [0, 1]; "none" = unchanged; "auto"
+    = the window for CT stored in HU, unchanged for CT scaled at conversion, percentiles otherwise).
+    DrasCLR maps its fixed HU window to [-1, 1] (`rayssl.methods.drasclr.scale_intensity`).
+    Percentiles are taken over the whole volume (methods take them over a crop).
+    """
+    if method == "drasclr":
+        from rayssl.methods.drasclr import CT_WINDOW, scale_intensity
+
+        def drasclr_scale(image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
+            if _stored_in_hu(image, volume):
+                return scale_intensity(image, CT_WINDOW)
+            low, high = (float(v) for v in np.percentile(image, (0.5, 99.5)))
+            return scale_intensity(image, (low, max(high, low + 1e-6)))
+
+        return drasclr_scale
+
+    mode = getattr(config, "intensity", "auto")
+    window = tuple(getattr(config, "ct_window", (-1000.0, 1000.0)))
+    pct = tuple(getattr(config, "percentiles", None) or getattr(config, "mr_percentiles", None) or (0.5, 99.5))
+
+    def scale(image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
+        chosen = mode
+        if chosen == "auto":
+            if _stored_in_hu(image, volume):
+                chosen = "ct"
+            elif volume.modality.upper() == "CT":
+                chosen = "none"
+            else:
+                chosen = "percentile"
+        if chosen in ("ct_window", "ct"):
+            return _window(image, *window)
+        if chosen in ("percentile", "mr"):
+            return _percentiles(image, *pct)
+        return image.astype(np.float32, copy=False)
+
+    return scale
+
+
+def round_up(value: int, multiple: int) -> int:
+    return int(-(-int(value) // multiple) * multiple)

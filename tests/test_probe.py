@@ -1,0 +1,245 @@
+"""Downstream evaluation: backbone loading (export / checkpoint), frozen features, linear probes, fine-tuning, `rayssl probe`."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rayssl.config import resolve_config
+from rayssl.eval.features import FeatureNet, build_network, intensity_scaler, load_run_weights, sample_levels
+from rayssl.eval.finetune import FinetuneConfig, segmentation_network
+from rayssl.eval.probe import (CropPool, ProbeConfig, ProbeData, build_pool, dice_per_class, fraction_subset,
+                               macro_auc, patch_probe, pool_features, train_voxel_head, voxel_probe)
+from rayssl.methods import VolumeInfo, get_method_class
+
+TINY_VOCO = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random_crops=2",
+             "unet_features=[4,4,8,8,16,4]", "proj_hidden_dim=32", "proj_dim=32"]
+
+
+def make_run(root, step=3, export=True):
+    """A run folder as the training loop leaves it (config.yaml, one checkpoint, export/), without Ray."""
+    from rayssl.train.checkpoint import write_checkpoint_dir
+    from rayssl.train.loop import _export
+    from rayssl.train.runfolder import start_run_folder
+
+    cfg = resolve_config(method="voco", profile="cpu", overrides=[f"out={root}", "name=run", *TINY_VOCO])
+    run_dir = os.path.join(root, "run")
+    start_run_folder(run_dir, cfg, store="demo", volumes=4, resumed_from=None)
+    method = get_method_class("voco")(cfg.method_cfg())
+    torch.manual_seed(123)
+    model = method.build_model()
+    state = {"model": model.state_dict(), "method": method.state_dict(), "step": step}
+    shutil.move(write_checkpoint_dir(state, {"step": step}), os.path.join(run_dir, f"checkpoint_{step:06d}"))
+    if export:
+        _export(method, model, run_dir, cfg, {}, step, {"loss": 1.0})
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(str(tmp_path_factory.mktemp("probe_run")))
+
+
+class OneHotIntensity(nn.Module):
+    """Oracle features: one channel per intensity level (a perfect linear probe exists), at two scales."""
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        self.levels = levels
+
+    def forward_features(self, x):
+        onehot = torch.cat([(torch.round(x * (self.levels - 1)) == k).float() for k in range(self.levels)], dim=1)
+        return [onehot, nn.functional.avg_pool3d(onehot, 2)]
+
+
+def blocks_data(n=4, shape=(24, 24, 16), classes=3, seed=0):
+    """Volumes of random axis-aligned blocks of classes 1..classes-1; image = label / (classes - 1)."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for _ in range(n):
+        label = np.zeros(shape, dtype=np.int64)
+        for c in range(1, classes):
+            for _ in range(3):
+                lo = [int(rng.integers(0, s - 6)) for s in shape]
+                label[lo[0]:lo[0] + 6, lo[1]:lo[1] + 6, lo[2]:lo[2] + 5] = c
+        labels.append(label)
+        images.append(label.astype(np.float32) / (classes - 1))
+    return ProbeData.from_arrays(images, labels, modality="MR", background=0.0)
+
+
+class TestFeatures:
+    def test_sample_levels_equals_upsample_then_index(self):
+        torch.manual_seed(0)
+        levels = [torch.randn(2, 3, 16, 16, 16), torch.randn(2, 5, 4, 4, 4), torch.randn(2, 2, 1, 1, 1)]
+        points = [torch.tensor([[0, 0, 0], [15, 3, 7], [8, 15, 15]]), torch.tensor([[5, 6, 7]])]
+        sampled = sample_levels(levels, (16, 16, 16), points)
+        full = torch.cat([nn.functional.interpolate(f, size=(16, 16, 16), mode="trilinear", align_corners=False)
+                          for f in levels], dim=1)
+        for b, pts in enumerate(points):
+            expected = full[b, :, pts[:, 0], pts[:, 1], pts[:, 2]].T
+            assert sampled[b].shape == (len(pts), 10)
+            torch.testing.assert_close(sampled[b], expected, atol=1e-5, rtol=1e-5)
+
+    def test_export_and_checkpoint_give_the_same_backbone(self, run_dir):
+        exported = load_run_weights(run_dir, source="export")
+        from_ckpt = load_run_weights(run_dir, source="checkpoint")
+        assert exported.network == from_ckpt.network == "monai.networks.nets.BasicUNet"
+        assert from_ckpt.step == exported.step == 3 and from_ckpt.source.startswith("checkpoint_")
+        assert exported.state_dict.keys() == from_ckpt.state_dict.keys()
+        for key, value in exported.state_dict.items():
+            assert torch.equal(value, from_ckpt.state_dict[key]), key
+        assert load_run_weights(run_dir).source == "export"  # auto prefers the export
+        assert exported.pretraining_patch() == 32
+
+    def test_pretrained_weights_load_fully_and_random_init_differs(self, run_dir):
+        weights = load_run_weights(run_dir)
+        pretrained, random_init = build_network(weights, pretrained=True), build_network(weights, pretrained=False)
+        state = pretrained.state_dict()
+        for key, value in weights.state_dict.items():
+            assert torch.equal(state[key], value), key
+        differing = [k for k in weights.state_dict if "conv.weight" in k
+                     and not torch.equal(random_init.state_dict()[k], weights.state_dict[k])]
+        assert differing, "the random-init baseline must not carry the pretrained weights"
+
+    def test_missing_run_content_is_a_clear_error(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="neither export"):
+            load_run_weights(str(tmp_path))
+        with pytest.raises(FileNotFoundError, match="--source checkpoint"):
+            load_run_weights(make_run(str(tmp_path), export=False), source="export")
+
+    def test_feature_net_knows_every_exported_layout(self):
+        from monai.networks.nets import SwinUNETR, resnet10
+
+        from rayssl.methods.drasclr import DrasCLREncoder
+
+        x = torch.zeros(2, 1, 32, 32, 32)
+        swin = FeatureNet(SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3), use_swin_skip=True)
+        assert swin.kind == "swin" and len(swin.levels(x)) == 6 and swin.size_multiple == 32
+        resnet = FeatureNet(resnet10(spatial_dims=3, n_input_channels=1, conv1_t_size=3, conv1_t_stride=1,
+                                     no_max_pool=True, feed_forward=False))
+        feats = resnet.levels(x)
+        assert resnet.kind == "resnet" and [f.shape[1] for f in feats] == [64, 64, 128, 256, 512]
+        dras = FeatureNet(DrasCLREncoder(widths=(2, 2, 4, 4, 8), rep_dim=8, num_experts=2))
+        assert not dras.dense and dras.pooled(torch.zeros(2, 1, 16, 16, 16), torch.zeros(2, 3)).shape == (2, 8)
+        with pytest.raises(ValueError, match="loc"):
+            dras.levels(torch.zeros(1, 1, 16, 16, 16))
+
+    def test_intensity_scaler_follows_each_method(self):
+        ct = VolumeInfo(index=0, id="a", shape=(2, 1, 1), spacing=(1, 1, 1), bbox=(0, 0, 0, 2, 1, 1),
+                        background=-1024.0, modality="CT", extra={"dtype": "int16"})
+        image = np.array([-1024.0, 250.0], dtype=np.float32).reshape(2, 1, 1)
+        voco = get_method_class("voco").config_cls()  # ct_window (-175, 250) -> [0, 1]
+        np.testing.assert_allclose(intensity_scaler("voco", voco)(image, ct).ravel(), [0.0, 1.0])
+        drasclr = get_method_class("drasclr").config_cls()  # HU [-1024, 240] -> [-1, 1]
+        np.testing.assert_allclose(intensity_scaler("drasclr", drasclr)(image, ct).ravel(), [-1.0, 1.0])
+        mlsscl = get_method_class("mlsscl").config_cls()  # auto: CT stored as float was scaled at conversion
+        scaled_ct = VolumeInfo(**{**ct.__dict__, "extra": {"dtype": "float32"}})
+        np.testing.assert_allclose(intensity_scaler("mlsscl", mlsscl)(image * 0 + 0.25, scaled_ct).ravel(), [0.25, 0.25])
+
+
+class TestProbes:
+    def test_dice_per_class_hand_computed(self):
+        truth = np.array([0, 1, 1, 1, 2, 2, 0, 0])
+        pred = np.array([0, 1, 1, 0, 2, 1, 2, 0])
+        # class 1: |P|=3, |T|=3, overlap 2 -> 4/6; class 2: |P|=2, |T|=2, overlap 1 -> 2/4; class 3 absent: skipped
+        assert dice_per_class(pred, truth, 4) == pytest.approx({1: 4 / 6, 2: 0.5})
+
+    def test_fraction_subsets_are_nested_and_sized(self):
+        pool = CropPool(patch=8, volume=np.repeat(np.arange(5), 4), starts=np.zeros((20, 3), dtype=np.int64),
+                        centre_class=np.zeros(20, dtype=np.int64))
+        subsets = [set(fraction_subset(pool, f, seed=3)) for f in (0.1, 0.3, 1.0)]
+        assert [len(s) for s in subsets] == [2, 6, 20]
+        assert subsets[0] <= subsets[1] <= subsets[2]
+        by_volume = fraction_subset(pool, 0.4, seed=3, unit="volumes")
+        assert len(by_volume) == 8 and len(set(pool.volume[by_volume])) == 2
+
+    def test_crop_pool_is_seeded_and_covers_every_class(self):
+        data = blocks_data()
+        a = build_pool(data, data.fit, 6, 8, 4, seed=1)
+        b = build_pool(data, data.fit, 6, 8, 4, seed=1)
+        np.testing.assert_array_equal(a.starts, b.starts)
+        assert set(a.centre_class.tolist()) == {0, 1, 2}
+        for i in range(len(a)):  # the sampled voxels carry their true labels
+            label = data.volumes[a.volume[i]].label
+            coords = a.points[i] + a.starts[i]
+            np.testing.assert_array_equal(label[coords[:, 0], coords[:, 1], coords[:, 2]], a.point_classes[i])
+
+    def test_voxel_probe_reaches_dice_one_on_separable_features(self):
+        data = blocks_data()
+        cfg = ProbeConfig(fractions=(0.5, 1.0), crops_per_volume=6, voxels_per_class=16, head_steps=200,
+                          head_lr=0.05, batch_size=2)
+        pool = build_pool(data, data.fit, cfg.crops_per_volume, 8, cfg.voxels_per_class, cfg.seed)
+        oracle = FeatureNet(OneHotIntensity(3)).eval()
+        scaled = [v.image for v in data.volumes]
+        rows = voxel_probe(oracle, data, scaled, pool, pool_features(oracle, data, scaled, pool, 2), cfg)
+        assert [r["fraction"] for r in rows] == [0.5, 1.0]
+        for row in rows:
+            assert row["score"] > 0.99, row
+            assert set(row["dice"]) == {"class_1", "class_2"}
+        # Crop-level scoring (what Tune uses) agrees on separable features.
+        eval_pool = build_pool(data, data.eval, 4, 8, 1, seed=1)
+        crops_cfg = ProbeConfig(**{**cfg.__dict__, "eval_on": "crops"})
+        rows = voxel_probe(oracle, data, scaled, pool, pool_features(oracle, data, scaled, pool, 2), crops_cfg, eval_pool)
+        assert all(r["score"] > 0.99 for r in rows)
+
+    def test_voxel_head_cannot_fit_uninformative_features(self):
+        torch.manual_seed(0)
+        features, labels = torch.randn(600, 4), torch.randint(0, 3, (600,))
+        w, b = train_voxel_head(features, labels, 3, steps=200, lr=0.05, weight_decay=1e-2, seed=0)
+        test, truth = torch.randn(600, 4), torch.randint(0, 3, (600,))
+        accuracy = float(((test @ w.T + b).argmax(1) == truth).float().mean())
+        assert accuracy < 0.45  # chance is 1/3
+
+    def test_patch_probe_scores_and_auc(self):
+        rng = np.random.default_rng(0)
+        centres = np.repeat(np.arange(3), 10)
+        pool = CropPool(patch=8, volume=np.zeros(30, dtype=np.int64), starts=np.zeros((30, 3), dtype=np.int64),
+                        centre_class=centres)
+        separable = np.eye(3)[centres] * 5 + rng.normal(0, 0.1, (30, 3))
+        rows = patch_probe(pool, separable, pool, separable, ProbeConfig(fractions=(1.0,)))
+        assert rows[0]["balanced_accuracy"] == 1.0 and rows[0]["auc"] == pytest.approx(1.0)
+        assert macro_auc(np.array([0, 0, 1, 1]), np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.4, 0.6]]),
+                         np.array([0, 1])) == pytest.approx(1.0)
+
+
+class TestFinetune:
+    def test_segmentation_network_carries_the_export(self, run_dir):
+        weights = load_run_weights(run_dir)
+        net = segmentation_network(weights, num_classes=5, pretrained=True, seed=0, patch=32)
+        state = net.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in weights.state_dict.items())
+        assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 5, 32, 32, 32)
+        baseline = segmentation_network(weights, num_classes=5, pretrained=False, seed=0, patch=32)
+        # Same seed: the head (decoder and final conv) starts identical; only the encoder differs.
+        assert torch.equal(baseline.state_dict()["final_conv.weight"], state["final_conv.weight"])
+        assert not torch.equal(baseline.state_dict()["conv_0.conv_0.conv.weight"], state["conv_0.conv_0.conv.weight"])
+
+    def test_config_is_validated(self):
+        with pytest.raises(ValueError, match="fractions"):
+            FinetuneConfig(fractions=(0.0,))
+        with pytest.raises(ValueError, match="tasks"):
+            ProbeConfig(tasks="segment")
+
+
+def test_rayssl_probe_cli_writes_table_json_png_and_card(run_dir, demo_store_path, capsys):
+    from rayssl.cli import main
+
+    out = main(["probe", run_dir, "--data", str(demo_store_path), "--fractions", "50,100", "--crops-per-volume", "3",
+                "--finetune", "--finetune-steps", "2", "--threads", "2"])
+    assert out == 0
+    printed = capsys.readouterr().out
+    assert "pretrained" in printed and "voxel" in printed and "gain" in printed
+    report = json.load(open(os.path.join(run_dir, "probe.json")))
+    assert os.path.getsize(os.path.join(run_dir, "probe.png")) > 0
+    assert report["method"] == "voco" and len(report["fit_volumes"]) == 2 and len(report["eval_volumes"]) == 2
+    assert not set(report["fit_volumes"]) & set(report["eval_volumes"])
+    kinds = {(r["probe"], r["init"], r["fraction"]) for r in report["rows"]}
+    assert kinds == {(p, i, f) for p in ("voxel", "finetune") for i in ("pretrained", "random") for f in (0.5, 1.0)}
+    for row in report["rows"]:
+        assert 0.0 <= row["score"] <= 1.0 and row["dice"]
+    card = json.load(open(os.path.join(run_dir, "export", "model_card.json")))
+    assert {s["init"] for s in card["probe"]["scores"]} == {"pretrained", "random"}
