@@ -374,7 +374,7 @@ def fmt_table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def ray_init(object_store_mib: int, num_cpus: int = 2) -> None:
+def ray_init(object_store_mib: int, num_cpus: int = 2, tasks_in_flight: int = 0) -> None:
     """A fresh local Ray instance (address="local": never attach to another user's cluster), quiet."""
     import ray
 
@@ -386,6 +386,9 @@ def ray_init(object_store_mib: int, num_cpus: int = 2) -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the bars cost driver CPU on a 2-core machine
+    if tasks_in_flight:
+        # Each queued actor task's output block lands in the object store: fewer in flight, less spilling.
+        ctx.max_tasks_in_flight_per_actor = tasks_in_flight
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ machine, not Ray (docs/scaling.md turns the per-core rate into cluster sizes).
     python benchmarks/actor_scaling.py                  # VoCo cpu profile on the demo store, n = 1..4
     python benchmarks/actor_scaling.py --quick          # smoke check
     python benchmarks/actor_scaling.py --method mlsscl --actors 1 2
+    python benchmarks/actor_scaling.py --method voco --profile paper --in-process-only --step-flops
 """
 
 from __future__ import annotations
@@ -64,6 +65,32 @@ def in_process_rate(volumes, method, samples: int, seed: int) -> dict:
             "crops_per_sample": crops / samples, "cpu_seconds_per_sample": cpu / samples}
 
 
+def train_step_tflop(method, views: dict[str, np.ndarray], batch_size: int) -> float:
+    """FLOPs (in TFLOP) of one training step (forward of every branch, loss, backward) at `batch_size`,
+    counted with torch's FlopCounterMode on the meta device (no compute), on CPU if a model refuses meta."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = method.build_model()
+    method.setup(model, torch.device("cpu"))
+    batch = {k: torch.from_numpy(np.stack([v] * batch_size)) for k, v in views.items()}
+    for device in ("meta", "cpu"):
+        try:
+            model_d = model.to(device)
+            batch_d = {k: v.to(device) for k, v in batch.items()}
+            with FlopCounterMode(display=False) as counter:
+                loss = method.loss(model_d(batch_d), batch_d)["loss"]
+                if loss.requires_grad:
+                    loss.backward()
+            return counter.get_total_flops() / 1e12
+        except (RuntimeError, NotImplementedError):
+            if device == "cpu":
+                raise
+            model = method.build_model()  # the meta attempt may have left it half-moved
+            method.setup(model, torch.device("cpu"))
+    raise AssertionError("unreachable")
+
+
 def _tree_cpu_seconds() -> dict[int, float]:
     """CPU seconds (user + system) of this process and its descendants: the simulated nodes' raylets
     and every Ray worker are children of this process, other users' processes are not."""
@@ -106,6 +133,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=32, help="rows before the timer starts")
     parser.add_argument("--quick", action="store_true", help="smoke check: n = 1, 2 and fewer samples")
     parser.add_argument("--in-process-only", action="store_true", help="only the one-core reference (no cluster)")
+    parser.add_argument("--step-flops", action="store_true",
+                        help="also count the FLOPs of one training step at train.batch_size (for docs/scaling.md)")
     parser.add_argument("--json", default=None, help="results file (default benchmarks/_work/actor_scaling[_quick].json)")
     args = parser.parse_args()
     if args.quick:
@@ -130,6 +159,15 @@ def main() -> int:
     print(f"  in-process, 1 core: {base['samples_per_s']:.2f} samples/s, {base['crops_per_s']:.1f} crops/s "
           f"({base['crops_per_sample']:.0f} crops/sample, {base['cpu_seconds_per_sample'] * 1e3:.0f} ms CPU/sample)")
 
+    if args.step_flops:
+        from rayssl.data.pipeline import ViewBuilder
+        from rayssl.data.plan import Planner, decode_requests
+
+        _, _, encoded, views_seed = Planner(volumes, method.plan, seed=cfg.seed).plan(0)
+        views = ViewBuilder(volumes, method.plan, method.views).build(decode_requests(encoded), views_seed)
+        results["train_step_tflop"] = train_step_tflop(method, views, cfg.train.batch_size)
+        results["batch_size"] = cfg.train.batch_size
+        print(f"  one training step at batch {cfg.train.batch_size}: {results['train_step_tflop']:.2f} TFLOP")
     if args.in_process_only:
         write_json(args.json or WORK / f"actor_scaling_{cfg.method}_{cfg.profile}_in_process.json", results)
         return 0

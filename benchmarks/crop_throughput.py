@@ -300,6 +300,8 @@ def main(argv=None) -> dict:
                         help="iter_batches batch size (-1: = samples-per-call; 0: None = blocks as the actors made them)")
     parser.add_argument("--prefetch", type=int, default=2, help="iter_batches prefetch_batches")
     parser.add_argument("--object-store-mib", type=int, default=256)
+    parser.add_argument("--tasks-in-flight", type=int, default=0,
+                        help="DataContext.max_tasks_in_flight_per_actor (0: Ray's default, 4)")
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds of the Ray phase")
     parser.add_argument("--monai-seconds", type=float, default=None)
     parser.add_argument("--decode-seconds", type=float, default=None)
@@ -348,7 +350,7 @@ def main(argv=None) -> dict:
     print(f"[4/5] rayssl pipeline on Ray Data ({args.pipeline})")
     import ray
 
-    ray_init(args.object_store_mib)
+    ray_init(args.object_store_mib, tasks_in_flight=args.tasks_in_flight)
     results["ray"] = []
     try:
         if do_startup:

@@ -239,6 +239,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples-per-call", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2, help="iter_batches batch size (the cpu profile's train batch)")
     parser.add_argument("--object-store-mib", type=int, default=512)
+    parser.add_argument("--tasks-in-flight", type=int, default=0,
+                        help="DataContext.max_tasks_in_flight_per_actor (0: Ray's default, 4)")
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds of each rayssl phase")
     parser.add_argument("--official-seconds", type=float, default=None)
     parser.add_argument("--official-cache", action="store_true", help="also time the official path with its PersistentDataset cache")
@@ -282,7 +284,7 @@ def main(argv=None) -> dict:
 
     import ray
 
-    ray_init(args.object_store_mib)
+    ray_init(args.object_store_mib, tasks_in_flight=args.tasks_in_flight)
     try:
         for p, method in methods.items():
             print(f"[rayssl] profile {p}")

@@ -213,10 +213,16 @@ def test_ray_job_submit_pretrain_on_a_running_head(ray_head, demo_store_path, tm
     entrypoint = [sys.executable, "-m", "rayssl.cli", "pretrain", "--address", "auto",
                   "--data", str(demo_store_path), "--out", str(out), "--name", "jobrun", "--steps", "2",
                   *[arg for item in [*TINY, "train.checkpoint_every=1"] for arg in ("--set", item)]]
-    submit = subprocess.run(
-        [ray_head["ray_cli"], "job", "submit", "--address", ray_head["address"], "--working-dir", REPO,
-         "--no-wait", "--", *entrypoint],
-        env=ray_head["env"], capture_output=True, text=True, timeout=120)
+    deadline = time.monotonic() + 120
+    while True:
+        submit = subprocess.run(
+            [ray_head["ray_cli"], "job", "submit", "--address", ray_head["address"], "--working-dir", REPO,
+             "--no-wait", "--", *entrypoint],
+            env=ray_head["env"], capture_output=True, text=True, timeout=120)
+        # The job API answers before the head's job agent has registered (slow on a loaded machine).
+        if "No available agent" not in submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
 

@@ -184,6 +184,7 @@ def test_two_trial_sweep_stops_one_and_runs_the_next(demo_store_path, tmp_path):
     for name in ("trials.csv", "scores.png", "sweep.json", "best/backbone.pt", "best/model_card.json", "best/config.yaml"):
         assert os.path.exists(os.path.join(sweep_dir, name)), name
     assert json.load(open(os.path.join(sweep_dir, "best", "trial.json")))["trial"] == second["trial"]
+    assert 0.0 <= json.load(open(os.path.join(sweep_dir, "sweep.json")))["extra"]["untrained_probe_score"] <= 1.0
     card = json.load(open(os.path.join(sweep_dir, "best", "model_card.json")))
     net = BasicUNet(**card["network_kwargs"])
     missing, unexpected = net.load_state_dict(torch.load(os.path.join(sweep_dir, "best", "backbone.pt"),

@@ -83,15 +83,24 @@ def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def export_folder(run_dir: str) -> str:
+    """Where a run's export lives: `run_dir/export`, or `run_dir` itself when it is an export folder
+    (backbone.pt + model_card.json, e.g. a sweep's `best/`)."""
+    if os.path.exists(os.path.join(run_dir, "model_card.json")) and os.path.exists(os.path.join(run_dir, "backbone.pt")):
+        return run_dir
+    return os.path.join(run_dir, "export")
+
+
 def load_run_weights(run_dir: str, source: str = "auto", checkpoint: str | None = None) -> RunWeights:
     """The backbone of a run folder: `export/` (source="export"), a checkpoint (source="checkpoint",
     the latest unless `checkpoint` names one), or "auto" (export when present, else the latest checkpoint).
+    `run_dir` may also be an export folder itself (a sweep's `best/`).
 
     A checkpoint is turned into the exported layout by the method's own `build_model` + `export`,
     so probing a checkpoint and probing the export of the same step give the same features.
     """
     run_dir = os.path.abspath(run_dir)
-    export_dir = os.path.join(run_dir, "export")
+    export_dir = export_folder(run_dir)
     has_export = os.path.exists(os.path.join(export_dir, "backbone.pt"))
     if source not in ("auto", "export", "checkpoint"):
         raise ValueError(f"source={source!r}: use auto, export or checkpoint")
@@ -127,6 +136,17 @@ def load_run_weights(run_dir: str, source: str = "auto", checkpoint: str | None 
                       state_dict={k: v.detach().cpu() for k, v in exported.state_dict.items()},
                       key_groups=exported.key_groups, source=os.path.basename(checkpoint), step=int(state["step"]),
                       run_config=cfg, card=card)
+
+
+def initial_weights(cfg: RunConfig, seed: int = 0) -> RunWeights:
+    """The exported backbone of `cfg`'s method at a seeded random init (a reference point before any training)."""
+    method = get_method_class(cfg.method)(cfg.method_cfg())
+    torch.manual_seed(seed)
+    exported = method.export(method.build_model())
+    card = {**method.card(), "method": cfg.method, "network": exported.network, "steps": 0}
+    return RunWeights(method=cfg.method, network=exported.network, network_kwargs=dict(exported.network_kwargs),
+                      state_dict=exported.state_dict, key_groups=exported.key_groups, source="random init",
+                      step=0, run_config=cfg, card=card)
 
 
 def _import_network(path: str) -> Callable[..., nn.Module]:

@@ -643,7 +643,9 @@ def _json_default(value: Any) -> Any:
 
 
 def _annotate_card(run_dir: str, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
-    card_path = os.path.join(run_dir, "export", "model_card.json")
+    from rayssl.eval.features import export_folder
+
+    card_path = os.path.join(export_folder(run_dir), "model_card.json")
     if info["source"] != "export" or not os.path.exists(card_path):
         return
     with open(card_path) as f:

@@ -182,7 +182,8 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
     from ray.tune.search import BasicVariantGenerator
 
     from rayssl.data.volumes import load_volumes
-    from rayssl.eval.probe import ProbeConfig, default_probe_store
+    from rayssl.eval.features import initial_weights
+    from rayssl.eval.probe import ProbeConfig, default_probe_store, probe_score
     from rayssl.train.trainer import resolve_store
 
     t0 = time.perf_counter()
@@ -198,7 +199,7 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
     # Tune's probe scores the eval crops rather than whole volumes: same ranking signal, a fraction of the time.
     probe_settings = {"threads": max(1, math.floor(trial_cpus(cfg))), "eval_on": "crops", "crops_per_volume": 8,
                       **(probe or {})}
-    ProbeConfig(**probe_settings)  # validate before any worker starts
+    probe_cfg = ProbeConfig(**probe_settings)  # validated before any worker starts
     print(f"[rayssl] tune {method}: {search.describe()} ({checked} extreme configurations validated); "
           f"{num_samples} trials x {cfg.train.steps} steps, probed at steps {points}", flush=True)
 
@@ -215,6 +216,12 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
         raise FileExistsError(f"sweep folder {sweep_dir} already exists; choose another --name")
     runs_dir = os.path.join(sweep_dir, "runs")
     os.makedirs(runs_dir)
+
+    # Reference: the same probe on the untrained network (the trials' common starting point when the
+    # sampled values do not change the architecture), so the sweep's scores can be read against it.
+    baseline = probe_score(initial_weights(cfg, seed=cfg.seed),
+                           _probe_data(probe_store, probe_cfg.fit_fraction, probe_cfg.seed), probe_cfg)[METRIC]
+    print(f"[rayssl] probe score of the untrained network (reference): {baseline:.4f}", flush=True)
 
     start_ray(address, ray_init)
     if max_concurrent is None:
@@ -248,9 +255,11 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
     wall = time.perf_counter() - t0
     result = SweepResult(sweep_dir=sweep_dir, trials=trials, best=best, best_dir=best_dir, wall_time_s=wall,
                          extra={"method": method, "space": search.source, "points": points, "steps": cfg.train.steps,
+                                "untrained_probe_score": baseline,
                                 "max_concurrent": max_concurrent, "probe_store": probe_store, "store": store})
     write_results(result, search)
     print(format_trials(trials, search.paths))
+    print(f"[rayssl] untrained network (reference): probe_score {baseline:.4f}")
     if best:
         print(f"[rayssl] winner: trial {best['trial']} ({', '.join(f'{p}={best[p]}' for p in search.paths)}) "
               f"probe_score {best['probe_score']:.3f}; weights in {best_dir}")
@@ -273,8 +282,9 @@ def collect_trials(grid: Any, search: SearchSpace, steps: int, runs_dir: str) ->
         probed = frame[frame[METRIC].notna()] if frame is not None and METRIC in frame else None
         if probed is not None and len(probed):
             last = probed.iloc[-1]
+            dice = float(last["probe_dice"]) if "probe_dice" in last else math.nan
             row.update(probe_score=float(last[METRIC]), best_probe_score=float(probed[METRIC].max()),
-                       probe_dice=float(last["probe_dice"]) if "probe_dice" in last and last["probe_dice"] == last["probe_dice"] else None,
+                       probe_dice=None if math.isnan(dice) else dice,
                        loss=float(last["loss"]), steps=int(last["step"]), probes=int(len(probed)))
         else:
             row.update(probe_score=None, best_probe_score=None, probe_dice=None, loss=None, steps=0, probes=0)
@@ -336,11 +346,12 @@ def write_results(result: SweepResult, search: SearchSpace) -> None:
     summary = {**asdict(result), "space": search.describe()}
     with open(os.path.join(result.sweep_dir, "sweep.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
-    plot_scores(result.trials, search, os.path.join(result.sweep_dir, "scores.png"))
+    plot_scores(result.trials, search, os.path.join(result.sweep_dir, "scores.png"),
+                reference=result.extra.get("untrained_probe_score"))
 
 
-def plot_scores(trials: list[dict[str, Any]], search: SearchSpace, path: str) -> str:
-    """One panel per hyperparameter: each trial's last probe score against its value."""
+def plot_scores(trials: list[dict[str, Any]], search: SearchSpace, path: str, reference: float | None = None) -> str:
+    """One panel per hyperparameter: each trial's last probe score against its value (dashed: untrained network)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,6 +371,8 @@ def plot_scores(trials: list[dict[str, Any]], search: SearchSpace, path: str) ->
             ax.set_xticks(range(len(labels)), labels)
         elif param.kind == "loguniform":
             ax.set_xscale("log")
+        if reference is not None:
+            ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="untrained")
         ax.set_xlabel(param.path)
         ax.set_ylabel(METRIC)
         ax.legend(fontsize=7)
