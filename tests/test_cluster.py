@@ -134,10 +134,16 @@ TINY = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random
         "train.batch_size=1", "data.split=all", "data.actors_max=1", "train.report_every=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free right now (all bound at once, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _stop_head(leader: subprocess.Popen) -> None:
@@ -172,17 +178,22 @@ def ray_head():
     machine (the session's `ray_local` included) attaches to it by accident.
     """
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    # Every port of its own: Ray's defaults (agent 52365, client server 10001, ...) may already be
+    # held by another Ray instance on this machine, e.g. the session's `ray_local`.
+    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client = _free_ports(7)
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=temp_dir)
     env.pop("RAY_ADDRESS", None)
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     log = open(os.path.join(temp_dir, "ray_start.log"), "w")
     leader = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
+         f"--ray-client-server-port={client}",
          "--num-cpus=2", "--object-store-memory=314572800", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard_port}"
+    address = f"http://127.0.0.1:{dashboard}"
     try:
         from ray.job_submission import JobSubmissionClient
 
