@@ -334,3 +334,62 @@ class TestExport:
 
     def test_model_type(self):
         assert isinstance(make_method().build_model(), MLSSCLModel)
+
+
+def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks: a real DDP step on a rank-specific batch, then after_step's enqueue."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        method = make_method()
+        model = method.build_model()
+        method.setup(model, torch.device("cpu"))
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        batch = make_batch(method, batch_size=2, seed=100 * (rank + 1))  # different samples per rank
+        outputs = ddp(batch)
+        method.loss(outputs, batch)["loss"].backward()
+        optimizer.step()
+        method.after_step(model, outputs, 1, 10)
+        torch.save({"queues": method.state_dict(), "keys": {k: v.detach() for k, v in outputs.items()
+                                                             if k.startswith("target_")}},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_queues_stay_identical_across_two_ddp_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+    def flat(state):
+        out = {}
+        for key, value in state.items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+            else:
+                out[key] = value
+        return out
+
+    q0, q1 = flat(r0["queues"]), flat(r1["queues"])
+    assert q0.keys() == q1.keys() and q0
+    for key in q0:
+        torch.testing.assert_close(torch.as_tensor(q0[key]), torch.as_tensor(q1[key]))
+    # Each view's queue received both ranks' keys (2 per rank), in rank order.
+    for view_key, keys0 in r0["keys"].items():
+        view = view_key.removeprefix("target_")
+        buffers = [v for k, v in q0.items() if view in k and torch.as_tensor(v).dim() == 2]
+        assert buffers, f"no queue buffer for view {view} in {list(q0)}"
+        gathered = torch.nn.functional.normalize(torch.cat([keys0, r1["keys"][view_key]]), dim=1)
+        assert any(torch.allclose(torch.as_tensor(b)[:4], gathered, atol=1e-5) for b in buffers), view
