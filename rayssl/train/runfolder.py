@@ -119,7 +119,7 @@ _NON_LOSS = {"step", "epoch", "lr", "grad_norm", "samples_per_s", "crops_per_s",
 def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_memory_mb: float,
                       skipped: dict[str, Any], error: BaseException | None = None) -> RunResult:
     metrics = read_metrics(run_dir)
-    loss_keys = [k for k in (metrics[-1] if metrics else {}) if k not in _NON_LOSS and not k.startswith("momentum")]
+    loss_keys = [k for k in (metrics[-1] if metrics else {}) if k not in _NON_LOSS and "momentum" not in k and "fill" not in k]
     plot_losses(run_dir, metrics, loss_keys)
     last = metrics[-1] if metrics else {}
     status = "failed" if error else ("finished" if last.get("step", 0) >= cfg.train.steps else "stopped")
