@@ -179,7 +179,8 @@ def main() -> int:
     # A private temp dir: the cluster's address file must not redirect other users' ray.init().
     temp_dir = tempfile.mkdtemp(prefix="ra", dir="/tmp")
     os.environ["RAY_TMPDIR"] = temp_dir
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, object_store_memory=256 * 2**20))
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, object_store_memory=256 * 2**20,
+                                                                include_dashboard=False))
     results["ray"] = []
     try:
         for _ in range(max(args.actors)):

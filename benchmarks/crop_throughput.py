@@ -244,8 +244,15 @@ def startup_check(volumes, args, num_samples: int = 256) -> list[dict]:
     return out
 
 
-def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, seconds: float) -> dict:
-    """Random crops/s through the pipeline on the actor pool, with memory sampled over all Ray processes."""
+def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, tasks_in_flight: int, seconds: float) -> dict:
+    """Random crops/s through the pipeline on the actor pool, with memory sampled over all Ray processes.
+
+    batch_size 0 iterates the blocks as the actors made them (no re-batching copy in the consumer);
+    tasks_in_flight sets DataContext.max_tasks_in_flight_per_actor (0: Ray's default, 4).
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().max_tasks_in_flight_per_actor = tasks_in_flight or None
     crop_bytes = CROP ** 3 * 4  # float32 rows
     num_samples = int((seconds + 120) * 500)  # never runs out during the measurement
     ds = build_views_dataset(volumes, plan_random_crop, views_crop, pipeline=args.pipeline, num_samples=num_samples,
@@ -271,7 +278,8 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, seconds:
     # Ten evenly spaced PSS readings over the steady window: flat means no growth with data streamed.
     picks = [pss[int(i * (len(pss) - 1) / 9)] for i in range(10)] if len(pss) > 1 else pss
     return {
-        "pipeline": args.pipeline, "samples_per_call": samples_per_call, "batch_size": batch_size, **meter.summary(),
+        "pipeline": args.pipeline, "samples_per_call": samples_per_call, "batch_size": batch_size,
+        "tasks_in_flight": tasks_in_flight, **meter.summary(),
         "GiB_streamed_total": meter.items * crop_bytes / 2**30,
         "GiB_streamed_measured": meter.measured_items * crop_bytes / 2**30,
         "steady_pss_mb": {"start": pss[0], "peak": max(pss), "end": pss[-1], "series": [round(p) for p in picks]},
@@ -293,15 +301,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--pipeline", choices=PIPELINES, default="plan-in-actor",
                         help="rayssl: build_dataset as is (one 0-CPU planning task per plan block, see README); "
                              "plan-in-actor: build_dataset with planning moved into the actors (the recommended change)")
-    parser.add_argument("--samples-per-call", default=None, help="rows per actor call; a comma list runs each (default 1,4,16; quick 4)")
+    parser.add_argument("--configs", default=None,
+                        help="comma list of SPC:BATCH:INFLIGHT Ray settings to run, each = samples_per_call (rows per "
+                             "actor call) : iter_batches batch size (0 = whole blocks) : max tasks in flight per actor "
+                             "(0 = Ray's default 4). Default 1:1:0,4:4:0,4:0:2,16:0:2 (quick: 4:0:2)")
     parser.add_argument("--startup-check", action=argparse.BooleanOptionalAction, default=None,
                         help="compare time to first crop / processes of both pipelines on 256 samples (default: on, off in --quick)")
-    parser.add_argument("--batch-size", type=int, default=-1,
-                        help="iter_batches batch size (-1: = samples-per-call; 0: None = blocks as the actors made them)")
     parser.add_argument("--prefetch", type=int, default=2, help="iter_batches prefetch_batches")
     parser.add_argument("--object-store-mib", type=int, default=256)
-    parser.add_argument("--tasks-in-flight", type=int, default=0,
-                        help="DataContext.max_tasks_in_flight_per_actor (0: Ray's default, 4)")
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds of the Ray phase")
     parser.add_argument("--monai-seconds", type=float, default=None)
     parser.add_argument("--decode-seconds", type=float, default=None)
@@ -317,7 +324,7 @@ def main(argv=None) -> dict:
     monai_seconds = args.monai_seconds or (4.0 if quick else 40.0)
     decode_seconds = args.decode_seconds or (1.5 if quick else 5.0)
     n_plans = 48 if quick else 160
-    spcs = [int(v) for v in str(args.samples_per_call or ("4" if quick else "1,4,16")).split(",")]
+    configs = [tuple(int(v) for v in c.split(":")) for c in (args.configs or ("4:0:2" if quick else "1:1:0,4:4:0,4:0:2,16:0:2")).split(",")]
     do_startup = (not quick) if args.startup_check is None else args.startup_check
 
     t_run = time.perf_counter()
@@ -350,14 +357,15 @@ def main(argv=None) -> dict:
     print(f"[4/5] rayssl pipeline on Ray Data ({args.pipeline})")
     import ray
 
-    ray_init(args.object_store_mib, tasks_in_flight=args.tasks_in_flight)
+    ray_init(args.object_store_mib)
     results["ray"] = []
     try:
         if do_startup:
             results["startup"] = startup_check(volumes, args)
-        for spc in spcs:
-            run = ray_pipeline(volumes, args, spc, spc if args.batch_size < 0 else args.batch_size, seconds)
-            print(f"  samples_per_call={spc}: {run['rate']:.1f} crops/s")
+        for spc, batch, inflight in configs:
+            run = ray_pipeline(volumes, args, spc, batch, inflight, seconds)
+            print(f"  samples_per_call={spc} batch={batch or 'blocks'} tasks_in_flight={inflight or 'default'}: "
+                  f"{run['rate']:.1f} crops/s, {run['cpu_ms_per_crop']['total']:.1f} CPU ms/crop")
             results["ray"].append(run)
     finally:
         ray.shutdown()
@@ -389,7 +397,8 @@ def main(argv=None) -> dict:
         "targets": {"vs_monai>=30x": bool(base == base and best["rate"] / base >= 30),
                     "decode_fraction>=0.6": bool(best["rate"] / limit >= 0.6),
                     "decode_fraction>=0.6_cpu_normalised": bool(best["cpu_normalised_fraction"] >= 0.6)},
-        "best": {"pipeline": best["pipeline"], "samples_per_call": best["samples_per_call"], "batch_size": best["batch_size"]},
+        "best": {"pipeline": best["pipeline"], "samples_per_call": best["samples_per_call"], "batch_size": best["batch_size"],
+                 "tasks_in_flight": best["tasks_in_flight"]},
         "wall_seconds": time.perf_counter() - t_run,
     }
     def load_of(phase):
@@ -402,7 +411,8 @@ def main(argv=None) -> dict:
                      f"{base:.2f}", "1.0x", "-", "-", f"{m['cpu_ms_per_crop']['total']:.0f}",
                      f"{m['phase']['pss_mb']['peak']:.0f}", load_of(m["phase"])])
     for r in results["ray"]:
-        rows.append([f"rayssl {r['pipeline']}, {args.actors} actors, samples_per_call={r['samples_per_call']}, batch {r['batch_size'] or 'None'}",
+        rows.append([f"rayssl {r['pipeline']}, {args.actors} actors, samples_per_call={r['samples_per_call']}, "
+                     f"batch {r['batch_size'] or 'blocks'}, in flight {r['tasks_in_flight'] or 4}",
                      f"{r['rate']:.1f}", f"{r['rate'] / base:.1f}x" if base == base else "-",
                      f"{r['fraction_of_decode_limit']:.0%}", f"{r['cpu_normalised_fraction']:.0%}",
                      f"{r['cpu_ms_per_crop']['total']:.1f}", f"{r['steady_pss_mb']['peak']:.0f}", load_of(r["phase"])])
@@ -422,7 +432,7 @@ def main(argv=None) -> dict:
           f"{diag['fetched_MB_per_crop']:.2f} MB fetched per crop; compression {diag['compression_ratio']:.2f}x)")
     for r in results["ray"]:
         cpu = r["cpu_ms_per_crop"]
-        print(f"CPU ms/crop spc={r['samples_per_call']} batch={r['batch_size'] or 'None'}: "
+        print(f"CPU ms/crop spc={r['samples_per_call']} batch={r['batch_size'] or 'blocks'} in-flight={r['tasks_in_flight'] or 4}: "
               + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
               + f"; PSS start/peak/end {r['steady_pss_mb']['start']:.0f}/{r['steady_pss_mb']['peak']:.0f}/{r['steady_pss_mb']['end']:.0f} MB "
               f"while {r['GiB_streamed_total']:.1f} GiB streamed; series {r['steady_pss_mb']['series']}")

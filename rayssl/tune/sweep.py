@@ -203,25 +203,25 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
     print(f"[rayssl] tune {method}: {search.describe()} ({checked} extreme configurations validated); "
           f"{num_samples} trials x {cfg.train.steps} steps, probed at steps {points}", flush=True)
 
+    sweep_name = name or f"tune-{method}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    out_abs = os.path.abspath(out)
+    sweep_dir = os.path.join(out_abs, sweep_name)
+    if os.path.exists(sweep_dir):
+        raise FileExistsError(f"sweep folder {sweep_dir} already exists; choose another --name")
     # Build the (cached) demo stores here once, so trials do not race to build them.
     store = resolve_store(cfg)
     probe_store = probe_store or default_probe_store()
     labelled = [v for v in load_volumes(probe_store, split="all") if v.has_label]
     if len(labelled) < 2:
         raise ValueError(f"probe store {probe_store} has {len(labelled)} labelled volume(s); the probe needs at least 2")
-    sweep_name = name or f"tune-{method}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    out_abs = os.path.abspath(out)
-    sweep_dir = os.path.join(out_abs, sweep_name)
-    if os.path.exists(sweep_dir):
-        raise FileExistsError(f"sweep folder {sweep_dir} already exists; choose another --name")
-    runs_dir = os.path.join(sweep_dir, "runs")
-    os.makedirs(runs_dir)
-
     # Reference: the same probe on the untrained network (the trials' common starting point when the
     # sampled values do not change the architecture), so the sweep's scores can be read against it.
     baseline = probe_score(initial_weights(cfg, seed=cfg.seed),
                            _probe_data(probe_store, probe_cfg.fit_fraction, probe_cfg.seed), probe_cfg)[METRIC]
     print(f"[rayssl] probe score of the untrained network (reference): {baseline:.4f}", flush=True)
+
+    runs_dir = os.path.join(sweep_dir, "runs")
+    os.makedirs(runs_dir)
 
     start_ray(address, ray_init)
     if max_concurrent is None:
