@@ -374,6 +374,18 @@ def fmt_table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def close_iterator(batches) -> None:
+    """Stop a Ray Data iteration left early, and let its prefetch threads end before Ray shuts down
+    (a thread still talking to a stopped raylet aborts the driver)."""
+    import gc
+
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+    gc.collect()
+    time.sleep(1.0)
+
+
 def ray_init(object_store_mib: int, num_cpus: int = 2, tasks_in_flight: int = 0) -> None:
     """A fresh local Ray instance (address="local": never attach to another user's cluster), quiet."""
     import ray

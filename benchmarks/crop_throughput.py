@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (CT_SHAPES, PIPELINES, QUICK_SHAPES, WORK, RateMeter, Sampler,  # noqa: E402
-                     actors_settled, build_views_dataset, cpu_by_role, dir_bytes, ensure_volumes, fmt_table,
-                     machine_info, ray_init, tree_cpu, wait_for_quiet, write_json)
+                     actors_settled, build_views_dataset, close_iterator, cpu_by_role, dir_bytes,
+                     ensure_volumes, fmt_table, machine_info, ray_init, tree_cpu, wait_for_quiet, write_json)
 
 CROP = 96
 
@@ -226,11 +226,13 @@ def startup_check(volumes, args, num_samples: int = 256) -> list[dict]:
         first = None
         rows = 0
         with Sampler(interval=0.25) as sampler:
-            for batch in ds.iter_batches(batch_size=4, batch_format="numpy", prefetch_batches=args.prefetch):
+            batches = ds.iter_batches(batch_size=4, batch_format="numpy", prefetch_batches=args.prefetch)
+            for batch in batches:
                 rows += len(batch["sample"])
                 if first is None:
                     first = time.perf_counter() - t0
         total = time.perf_counter() - t0
+        close_iterator(batches)
         del ds
         time.sleep(3.0)  # let idle workers exit before the next variant
         out.append({"pipeline": pipeline, "num_samples": num_samples, "plan_blocks": max(1, min(num_samples // 16, 64)),
@@ -263,7 +265,8 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, tasks_in
     timeline = []
     cpu_start = None
     with Sampler(interval=0.5) as sampler:
-        for batch in ds.iter_batches(batch_size=batch_size or None, batch_format="numpy", prefetch_batches=args.prefetch):
+        batches = ds.iter_batches(batch_size=batch_size or None, batch_format="numpy", prefetch_batches=args.prefetch)
+        for batch in batches:
             meter.add(len(batch["sample"]))
             if meter.t_first is not None and not timeline:
                 timeline.append(len(sampler.stats.samples))  # index of the first steady-state sample
@@ -271,6 +274,7 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, tasks_in
             if meter.measured_seconds >= seconds:
                 break
         cpu = cpu_by_role(cpu_start, tree_cpu())
+        close_iterator(batches)
         del ds
     steady = sampler.stats.samples[timeline[0]:] if timeline else sampler.stats.samples
     pss = [s.pss_mb for s in steady] or [0.0]

@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (CT_SHAPES, PIPELINES, QUICK_SHAPES, WORK, RateMeter, Sampler,  # noqa: E402
-                     actors_settled, build_views_dataset, cpu_by_role, ensure_volumes, fmt_table, machine_info,
-                     ray_init, tree_cpu, wait_for_quiet, write_json)
+                     actors_settled, build_views_dataset, close_iterator, cpu_by_role, ensure_volumes,
+                     fmt_table, machine_info, ray_init, tree_cpu, wait_for_quiet, write_json)
 
 # rayssl VoCo profiles measured: name -> (method profile, overrides).
 PROFILES = {
@@ -189,7 +189,8 @@ def rayssl_rate(volumes, method, args, seconds: float, warmup_items: int) -> dic
                       ready=actors_settled(args.actors))
     cpu_start = None
     with Sampler() as sampler:
-        for batch in ds.iter_batches(batch_size=args.batch_size, batch_format="numpy", prefetch_batches=2):
+        batches = ds.iter_batches(batch_size=args.batch_size, batch_format="numpy", prefetch_batches=2)
+        for batch in batches:
             assert batch["bases"].shape[1] == method.config.num_bases
             meter.add(len(batch["sample"]))
             if meter.t_first is not None and cpu_start is None:
@@ -197,6 +198,7 @@ def rayssl_rate(volumes, method, args, seconds: float, warmup_items: int) -> dic
             if meter.measured_seconds >= seconds:
                 break
         cpu = cpu_by_role(cpu_start or {}, tree_cpu())
+        close_iterator(batches)
         del ds
     return {**meter.summary(), "cpu_s_per_sample": {k: v / max(meter.measured_items, 1) for k, v in cpu.items()},
             "phase": sampler.stats.summary()}
