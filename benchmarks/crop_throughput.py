@@ -196,7 +196,7 @@ def monai_baseline(niftis, workers: int, seconds: float, warmup_items: int) -> d
     files = [{"image": str(p)} for p in niftis] * 1000
     loader = DataLoader(Dataset(files, transform=transform), batch_size=1, shuffle=True, num_workers=workers)
     meter = RateMeter(warmup_items=warmup_items)
-    cpu_start = None
+    cpu_start = cpu_end = None
     with Sampler() as sampler:
         for batch in loader:
             assert batch["image"].shape[-3:] == (CROP, CROP, CROP)
@@ -204,8 +204,9 @@ def monai_baseline(niftis, workers: int, seconds: float, warmup_items: int) -> d
             if meter.t_first is not None and cpu_start is None:
                 cpu_start = tree_cpu()
             if meter.measured_seconds >= seconds:
+                cpu_end = tree_cpu()  # before leaving the loop: that stops DataLoader workers
                 break
-        cpu = cpu_by_role(cpu_start, tree_cpu())
+        cpu = cpu_by_role(cpu_start or {}, cpu_end or tree_cpu())
         del loader
     return {**meter.summary(), "cpu_ms_per_crop": {k: 1e3 * v / max(meter.measured_items, 1) for k, v in cpu.items()},
             "phase": sampler.stats.summary()}
@@ -263,7 +264,7 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, tasks_in
     meter = RateMeter(warmup_items=max(4 * samples_per_call * args.actors, 2 * (batch_size or samples_per_call)),
                       warmup_seconds=2.0, ready=actors_settled(args.actors))
     timeline = []
-    cpu_start = None
+    cpu_start = cpu_end = None
     with Sampler(interval=0.5) as sampler:
         batches = ds.iter_batches(batch_size=batch_size or None, batch_format="numpy", prefetch_batches=args.prefetch)
         for batch in batches:
@@ -272,8 +273,9 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, tasks_in
                 timeline.append(len(sampler.stats.samples))  # index of the first steady-state sample
                 cpu_start = tree_cpu()
             if meter.measured_seconds >= seconds:
+                cpu_end = tree_cpu()  # before leaving the loop: that stops DataLoader workers
                 break
-        cpu = cpu_by_role(cpu_start, tree_cpu())
+        cpu = cpu_by_role(cpu_start or {}, cpu_end or tree_cpu())
         close_iterator(batches)
         del ds
     steady = sampler.stats.samples[timeline[0]:] if timeline else sampler.stats.samples

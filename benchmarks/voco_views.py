@@ -161,7 +161,7 @@ def official_rate(niftis, method, workers: int, seconds: float, warmup_items: in
     loader = DataLoader(dataset, batch_size=1, shuffle=True, num_workers=workers)
     meter = RateMeter(warmup_items=warmup_items)
     n_crops = c.num_bases + c.num_random_crops
-    cpu_start = None
+    cpu_start = cpu_end = None
     with Sampler() as sampler:
         for batch in loader:
             assert batch["bases"].shape[1] + batch["randoms"].shape[1] == n_crops
@@ -169,8 +169,9 @@ def official_rate(niftis, method, workers: int, seconds: float, warmup_items: in
             if meter.t_first is not None and cpu_start is None:
                 cpu_start = tree_cpu()
             if meter.measured_seconds >= seconds:
+                cpu_end = tree_cpu()  # before leaving the loop: that stops DataLoader workers
                 break
-        cpu = cpu_by_role(cpu_start or {}, tree_cpu())
+        cpu = cpu_by_role(cpu_start or {}, cpu_end or tree_cpu())
         del loader
     return {**meter.summary(), "cpu_s_per_sample": {k: v / max(meter.measured_items, 1) for k, v in cpu.items()},
             "phase": sampler.stats.summary()}
@@ -187,7 +188,7 @@ def rayssl_rate(volumes, method, args, seconds: float, warmup_items: int) -> dic
                              samples_per_call=args.samples_per_call)
     meter = RateMeter(warmup_items=max(warmup_items, 2 * args.actors * args.samples_per_call), warmup_seconds=2.0,
                       ready=actors_settled(args.actors))
-    cpu_start = None
+    cpu_start = cpu_end = None
     with Sampler() as sampler:
         batches = ds.iter_batches(batch_size=args.batch_size, batch_format="numpy", prefetch_batches=2)
         for batch in batches:
@@ -196,8 +197,9 @@ def rayssl_rate(volumes, method, args, seconds: float, warmup_items: int) -> dic
             if meter.t_first is not None and cpu_start is None:
                 cpu_start = tree_cpu()
             if meter.measured_seconds >= seconds:
+                cpu_end = tree_cpu()  # before leaving the loop: that stops DataLoader workers
                 break
-        cpu = cpu_by_role(cpu_start or {}, tree_cpu())
+        cpu = cpu_by_role(cpu_start or {}, cpu_end or tree_cpu())
         close_iterator(batches)
         del ds
     return {**meter.summary(), "cpu_s_per_sample": {k: v / max(meter.measured_items, 1) for k, v in cpu.items()},
