@@ -406,44 +406,12 @@ def ray_init(object_store_mib: int, num_cpus: int = 2, tasks_in_flight: int = 0)
 # ---------------------------------------------------------------------------------------------
 # Pipelines under test
 # ---------------------------------------------------------------------------------------------
-PIPELINES = ("rayssl", "plan-in-actor")
-
-
-def _planning_view_builder_cls():
-    """ViewBuilder that plans its own samples (the change recommended for rayssl.data.pipeline)."""
-    from rayssl.data.pipeline import ViewBuilder
-    from rayssl.data.plan import Planner
-
-    class PlanningViewBuilder(ViewBuilder):
-        """rayssl's ViewBuilder fed sample indices: it runs the (microsecond-cheap) Planner itself,
-        so the dataset has no separate 0-CPU planning stage (whose tasks each start a worker process)."""
-
-        def __init__(self, volumes, plan_fn, views_fn, seed: int, samples_per_volume: int = 1, **kwargs) -> None:
-            super().__init__(volumes, plan_fn, views_fn, **kwargs)
-            self.planner = Planner(volumes, plan_fn, seed=seed, samples_per_volume=samples_per_volume)
-
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return super().__call__(self.planner({"data": batch["data"]}))
-
-    return PlanningViewBuilder
-
-
-def build_views_dataset(volumes, plan_fn, views_fn, *, pipeline: str, num_samples: int, seed: int = 0,
-                        actors: int = 2, actor_cpus: float = 1.0, samples_per_call: int = 1):
-    """The Ray Dataset of views: rayssl's `build_dataset` as is, or with planning moved into the actors."""
-    import ray
+def build_views_dataset(volumes, plan_fn, views_fn, *, num_samples: int, seed: int = 0,
+                        actors: int = 2, actor_cpus: float = 1.0, samples_per_call: int = 1,
+                        read_dtype: str | None = "float32"):
+    """rayssl's own `build_dataset` with a fixed-size pool of `actors` actors."""
     from rayssl.data.pipeline import build_dataset
 
-    if pipeline == "rayssl":
-        return build_dataset(volumes, plan_fn, views_fn, num_samples=num_samples, seed=seed,
-                             actors=(actors, actors), actor_cpus=actor_cpus, samples_per_call=samples_per_call)
-    if pipeline != "plan-in-actor":
-        raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
-    ids = np.arange(num_samples, dtype=np.int64)
-    ds = ray.data.from_numpy(np.array_split(ids, max(1, min(num_samples // 16, 64))))  # column "data"
-    return ds.map_batches(
-        _planning_view_builder_cls(),
-        fn_constructor_kwargs=dict(volumes=list(volumes), plan_fn=plan_fn, views_fn=views_fn, seed=seed),
-        compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
-        num_cpus=actor_cpus, batch_size=samples_per_call, batch_format="numpy",
-    )
+    return build_dataset(volumes, plan_fn, views_fn, num_samples=num_samples, seed=seed,
+                         actors=(actors, actors), actor_cpus=actor_cpus, samples_per_call=samples_per_call,
+                         read_dtype=read_dtype)

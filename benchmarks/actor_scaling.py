@@ -51,7 +51,7 @@ def in_process_rate(volumes, method, samples: int, seed: int) -> dict:
 
     torch.set_num_threads(1)
     planner = Planner(volumes, method.plan, seed=seed)
-    builder = ViewBuilder(volumes, method.plan, method.views)
+    builder = ViewBuilder(volumes, method.plan, method.views, read_dtype=method.read_dtype)
     crops, t0 = 0, 0.0
     for i in range(samples + 2):
         if i == 2:  # the first samples open stores and warm caches
@@ -164,7 +164,7 @@ def main() -> int:
         from rayssl.data.plan import Planner, decode_requests
 
         _, _, encoded, views_seed = Planner(volumes, method.plan, seed=cfg.seed).plan(0)
-        views = ViewBuilder(volumes, method.plan, method.views).build(decode_requests(encoded), views_seed)
+        views = ViewBuilder(volumes, method.plan, method.views, read_dtype=method.read_dtype).build(decode_requests(encoded), views_seed)
         results["train_step_tflop"] = train_step_tflop(method, views, cfg.train.batch_size)
         results["batch_size"] = cfg.train.batch_size
         print(f"  one training step at batch {cfg.train.batch_size}: {results['train_step_tflop']:.2f} TFLOP")
@@ -190,7 +190,7 @@ def main() -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False
         for n in args.actors:
             ds = build_dataset(volumes, method.plan, method.views, num_samples=args.samples + args.warmup,
-                               seed=cfg.seed, actors=(n, n), actor_cpus=1)
+                               seed=cfg.seed, actors=(n, n), actor_cpus=1, read_dtype=method.read_dtype)
             row = {"actors": n, **measure(ds, args.warmup), "load": os.getloadavg()[0]}
             results["ray"].append(row)
             print(f"  {n} actor(s): {row['samples_per_s']:.2f} samples/s, {row['crops_per_s']:.1f} crops/s, "

@@ -6,8 +6,10 @@ One run, on the same CT-sized volumes (512x512x~300 int16, see _common.synth_ct)
   actors): a region read from the Zarr store, split into n base crops, k random crops, every crop
   resized and augmented. Profiles: "paper" (foreground box resized to 384x384x96, 4x4 bases of
   96^3, 2 random crops, 64^3 inputs), "paper-crop" (the paper sizes with the method's default
-  region_mode=crop: a 384x384x96 region read at native spacing), "cpu" (96x96x32 region, 24x24x32
-  bases, 32^3 inputs).
+  region_mode=crop: a 384x384x96 region read at native spacing), "paper-prepared" (the paper
+  sizes read from a store holding each foreground box already resized to 384x384x96: what the
+  official PersistentDataset caches, and what a `Method.prepare` step could write), "cpu"
+  (96x96x32 region, 24x24x32 bases, 32^3 inputs).
 * official: the data path of Luffy03/VoCo (`utils/data_utils.py`, `get_loader`), re-created here
   with MONAI transforms: LoadImaged(.nii.gz, int16) -> EnsureChannelFirstd -> Orientationd(RAS) ->
   ScaleIntensityRanged(-175..250 -> 0..1, clip) -> CropForegroundd(value > 0.3) ->
@@ -18,14 +20,13 @@ One run, on the same CT-sized volumes (512x512x~300 int16, see _common.synth_ct)
   With `--official-cache` also the official training setting: a PersistentDataset caching
   everything before the views (the official get_loader's default).
 
-    python benchmarks/voco_views.py             # full run
-    python benchmarks/voco_views.py --quick     # smoke check, < 1 min
+    python benchmarks/voco_views.py --official-cache   # full run (~7 min + one-off volume build)
+    python benchmarks/voco_views.py --quick            # smoke check, < 1 min
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (CT_SHAPES, PIPELINES, QUICK_SHAPES, WORK, RateMeter, Sampler,  # noqa: E402
+from _common import (CT_SHAPES, QUICK_SHAPES, WORK, RateMeter, Sampler,  # noqa: E402
                      actors_settled, build_views_dataset, close_iterator, cpu_by_role, ensure_volumes,
                      fmt_table, machine_info, ray_init, tree_cpu, wait_for_quiet, write_json)
 
@@ -41,8 +42,45 @@ from _common import (CT_SHAPES, PIPELINES, QUICK_SHAPES, WORK, RateMeter, Sample
 PROFILES = {
     "paper": ("paper", {}),
     "paper-crop": ("paper", {"region_mode": "crop"}),
+    # The paper sizes read from a store in which each volume's foreground box was resized to the
+    # region size once (what the official PersistentDataset caches; what a `Method.prepare` step
+    # could write), so a sample reads one region-sized array and resizes nothing but its crops.
+    "paper-prepared": ("paper", {"region_mode": "crop"}),
     "cpu": ("cpu", {}),
 }
+PREPARED = {"paper-prepared"}
+
+
+def ensure_prepared_store(vols, volumes, region_size) -> Path:
+    """A store holding each volume's foreground box resized to `region_size` (int16 HU, 64^3 chunks), built once.
+
+    Same steps as the paper profile's views (trilinear, align_corners), rounded to int16 HU like
+    any stored CT, written with datasets_zarr's writer.
+    """
+    import torch
+    import torch.nn.functional as F
+    from datasets_zarr.demo import phantom_affine
+    from datasets_zarr.manifest import write_manifest
+    from datasets_zarr.store import write_volume
+    from rayssl.data.read import StoreReader
+
+    region_size = tuple(int(v) for v in region_size)
+    root = vols.root / f"voco_prepared_{'x'.join(map(str, region_size))}.zarr"
+    if (root / "manifest.parquet").exists():
+        return root
+    reader = StoreReader(str(vols.store))
+    for v in volumes:
+        lo, hi = v.bbox[:3], v.bbox[3:]
+        box = reader.read(v.extra["group"], lo, [b - a for a, b in zip(lo, hi)], pad_value=v.background)
+        with torch.no_grad():
+            region = F.interpolate(torch.from_numpy(box)[None, None], size=region_size, mode="trilinear",
+                                   align_corners=True)[0, 0]
+        image = region.round_().clamp_(-1024, 3071).numpy().astype(np.int16)
+        spacing = [(b - a) * sp / r for a, b, sp, r in zip(lo, hi, v.spacing, region_size)]
+        write_volume(root, v.id, image, phantom_affine(region_size, spacing), modality="CT", chunks=64,
+                     bbox=[0, 0, 0, *region_size], background=v.background, source=f"{vols.store}#{v.id}")
+    write_manifest(root, splits={v.id: "train" for v in volumes})
+    return root
 
 
 def voco_method(profile: str, quick: bool):
@@ -66,7 +104,7 @@ def _above_threshold(x):
 
 def official_deterministic(region_size, a_min: float = -175.0, a_max: float = 250.0):
     """Load + orientation + intensity window + foreground crop + resize to the region size."""
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd, Resized,
+    from monai.transforms import (CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd, Resized,
                                   ScaleIntensityRanged)
 
     return [
@@ -183,9 +221,8 @@ def official_rate(niftis, method, workers: int, seconds: float, warmup_items: in
 def rayssl_rate(volumes, method, args, seconds: float, warmup_items: int) -> dict:
     """Samples/s of VoCo views built by the actor pool (Ray Data), memory sampled over all Ray processes."""
     method.check_volumes(volumes)
-    ds = build_views_dataset(volumes, method.plan, method.views, pipeline=args.pipeline,
-                             num_samples=int((seconds + 120) * 100), seed=0, actors=args.actors,
-                             samples_per_call=args.samples_per_call)
+    ds = build_views_dataset(volumes, method.plan, method.views, num_samples=int((seconds + 120) * 100), seed=0, actors=args.actors,
+                             samples_per_call=args.samples_per_call, read_dtype=method.read_dtype)
     meter = RateMeter(warmup_items=max(warmup_items, 2 * args.actors * args.samples_per_call), warmup_seconds=2.0,
                       ready=actors_settled(args.actors))
     cpu_start = cpu_end = None
@@ -212,7 +249,7 @@ def views_in_process(volumes, method, n: int) -> dict:
     from rayssl.data.pipeline import ViewBuilder
 
     torch.set_num_threads(1)
-    builder = ViewBuilder(volumes, method.plan, method.views)
+    builder = ViewBuilder(volumes, method.plan, method.views, read_dtype=method.read_dtype)
     rng = np.random.default_rng(0)
     read_s = views_s = 0.0
     for i in range(n + 1):
@@ -238,8 +275,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--profiles", default=None, help=f"comma list of {sorted(PROFILES)} (default: all; quick: cpu,paper)")
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the official path")
-    parser.add_argument("--pipeline", choices=PIPELINES, default="plan-in-actor",
-                        help="rayssl: build_dataset as is; plan-in-actor: with the recommended change (see README)")
     parser.add_argument("--samples-per-call", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2, help="iter_batches batch size (the cpu profile's train batch)")
     parser.add_argument("--object-store-mib", type=int, default=512)
@@ -254,7 +289,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     quick = args.quick
-    profiles = (args.profiles or ("cpu,paper" if quick else "paper,paper-crop,cpu")).split(",")
+    profiles = (args.profiles or ("cpu,paper" if quick else "paper,paper-crop,paper-prepared,cpu")).split(",")
     seconds = args.seconds or (5.0 if quick else 30.0)
     official_seconds = args.official_seconds or (4.0 if quick else 45.0)
     shapes = QUICK_SHAPES if quick else CT_SHAPES
@@ -267,8 +302,15 @@ def main(argv=None) -> dict:
     if args.wait_quiet:
         wait_for_quiet(args.max_load, args.wait_quiet)
     results: dict = {"mode": "quick" if quick else "full", "argv": sys.argv[1:], "machine": machine_info(),
-                     "volumes": {"shapes": vols.shapes}, "pipeline": args.pipeline, "profiles": {}}
+                     "volumes": {"shapes": vols.shapes}, "profiles": {}}
     methods = {p: voco_method(p, quick) for p in profiles}
+    volumes_of = {}
+    for p, method in methods.items():
+        if p in PREPARED:
+            prepared = ensure_prepared_store(vols, volumes, method.config.region_size)
+            volumes_of[p] = load_volumes(str(prepared), split="train")
+        else:
+            volumes_of[p] = volumes
 
     # Official path first (no Ray running), one per distinct size set.
     official: dict = {}
@@ -284,7 +326,7 @@ def main(argv=None) -> dict:
         results["profiles"][p] = {"official": official[key]}
 
     for p, method in methods.items():
-        results["profiles"][p]["in_process"] = views_in_process(volumes, method, 2 if quick else 6)
+        results["profiles"][p]["in_process"] = views_in_process(volumes_of[p], method, 2 if quick else 6)
 
     import ray
 
@@ -292,7 +334,7 @@ def main(argv=None) -> dict:
     try:
         for p, method in methods.items():
             print(f"[rayssl] profile {p}")
-            results["profiles"][p]["rayssl"] = rayssl_rate(volumes, method, args, seconds, 2 if quick else 4)
+            results["profiles"][p]["rayssl"] = rayssl_rate(volumes_of[p], method, args, seconds, 2 if quick else 4)
     finally:
         ray.shutdown()
 
@@ -305,7 +347,8 @@ def main(argv=None) -> dict:
         # Load-independent ratio: CPU seconds the official path spends per sample (all its processes)
         # over what rayssl spends (driver, actors, Ray's own processes).
         r["cpu_ratio"] = r["official"]["nifti"]["cpu_s_per_sample"]["total"] / r["rayssl"]["cpu_s_per_sample"]["total"]
-        sizes = (f"region {'x'.join(map(str, c.region_size))} ({c.region_mode}), "
+        mode = "prepared store" if p in PREPARED else c.region_mode
+        sizes = (f"region {'x'.join(map(str, c.region_size))} ({mode}), "
                  f"{c.num_bases}+{c.num_random_crops} crops -> {c.input_size}^3")
         rows.append([p, sizes, f"{ours:.2f}", f"{off:.3f}", f"{r['ratio']:.1f}x",
                      f"{r['rayssl']['cpu_s_per_sample']['total'] * 1e3:.0f} / {r['official']['nifti']['cpu_s_per_sample']['total'] * 1e3:.0f}",

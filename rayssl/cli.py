@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="SSL method (voco, mlsscl, gvsl, drasclr); default voco")
     p.add_argument("--data", help="Zarr store made by `rayssl convert` (default: embedded demo phantoms)")
-    p.add_argument("--profile", choices=["cpu", "paper"], help="settings profile (default: paper with a GPU, else cpu)")
+    p.add_argument("--profile", choices=["cpu", "paper"], help="settings profile (default: paper when this machine has a GPU or --use-gpu is given, else cpu)")
     p.add_argument("--config", help="YAML config file (e.g. a run folder's config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field (dotted paths, e.g. --set voco.lambda_reg=0.5 --set train.lr=3e-4)")
@@ -23,7 +23,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _resolve(args: argparse.Namespace, extra: list[str]):
     from rayssl.config import resolve_config
 
-    return resolve_config(method=args.method, profile=args.profile, file=args.config, overrides=extra + args.overrides)
+    profile = args.profile
+    if profile is None and getattr(args, "use_gpu", False):
+        # A driver on a CPU head sees no GPU; asking for GPU workers means the GPU-sized settings.
+        profile = "paper"
+    return resolve_config(method=args.method, profile=profile, file=args.config, overrides=extra + args.overrides)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

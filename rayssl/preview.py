@@ -72,7 +72,7 @@ def preview(cfg: RunConfig, samples: int = 4, out: str = "preview.png", address:
     method.check_volumes(volumes)
     ds = build_dataset(volumes, method.plan, method.views, num_samples=samples, seed=cfg.seed,
                        actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
-                       on_error=cfg.data.on_error)
+                       on_error=cfg.data.on_error, read_dtype=method.read_dtype)
     t0 = time.perf_counter()
     rows = ds.take(samples)
     print(f"[rayssl] {len(rows)} {cfg.method} samples streamed from {store} in {time.perf_counter() - t0:.1f} s "

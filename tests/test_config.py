@@ -55,3 +55,16 @@ def test_unknown_field_lists_choices():
 def test_run_config_rejects_unknown_keys():
     with pytest.raises(Exception):
         RunConfig.model_validate({"method": "voco", "trian": {}})
+
+
+def test_use_gpu_selects_the_paper_profile_unless_a_profile_is_given():
+    """A driver on a CPU head sees no GPU: `--use-gpu` must still get the GPU-sized settings."""
+    import argparse
+
+    from rayssl.cli import _resolve
+
+    base = dict(method="voco", config=None, overrides=[])
+    cfg = _resolve(argparse.Namespace(**base, profile=None, use_gpu=True), ["train.use_gpu=true"])
+    assert cfg.profile == "paper" and cfg.train.use_gpu is True
+    cfg = _resolve(argparse.Namespace(**base, profile="cpu", use_gpu=True), [])
+    assert cfg.profile == "cpu"

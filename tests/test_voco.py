@@ -222,6 +222,33 @@ class TestViews:
         views = method.views([region], [ReadRequest(0, (0, 0, 0), (64, 64, 32))], rng)
         assert views["bases"].min() >= 0.0 and views["bases"].max() <= 1.0
 
+    def test_percentile_scaling_matches_monai_on_the_region(self):
+        from monai.transforms import ScaleIntensityRangePercentiles
+
+        cfg = tiny_config(intensity="percentile", percentiles=(2.0, 98.0), flip_prob=0.0, rot90_prob=0.0,
+                          shift_intensity_prob=0.0)
+        region = np.random.default_rng(1).gamma(2.0, 200.0, size=(64, 64, 32)).astype(np.float32)
+        views = VoCo(cfg).views([region], [ReadRequest(0, (0, 0, 0), (64, 64, 32))], np.random.default_rng(0))
+        expected = np.asarray(ScaleIntensityRangePercentiles(lower=2.0, upper=98.0, b_min=0.0, b_max=1.0,
+                                                             clip=True)(region[None]))[0]
+        np.testing.assert_allclose(views["bases"][0, 0], expected[0:32, 0:32, 0:32], atol=1e-5)
+
+    @pytest.mark.parametrize("mode,intensity", [("crop", "ct_window"), ("crop", "percentile"),
+                                                ("foreground_resize", "ct_window")])
+    def test_store_dtype_region_gives_the_float_views(self, mode, intensity):
+        """Regions arrive as int16 HU (read_dtype None): the views equal those of the float32 region."""
+        assert VoCo.read_dtype is None
+        method = VoCo(tiny_config(region_mode=mode, intensity=intensity, region_size=(48, 48, 16)))
+        region = np.random.default_rng(2).integers(-1024, 1500, size=(52, 44, 20)).astype(np.int16)
+        if mode == "crop":
+            region = region[:48, :44, :16]
+            region = np.concatenate([region, region[:, :4]], axis=1)  # 48 x 48 x 16
+        request = ReadRequest(0, (0, 0, 0), region.shape)
+        a = method.views([region], [request], np.random.default_rng(9))
+        b = method.views([region.astype(np.float32)], [request], np.random.default_rng(9))
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-6)
+
 
 # ---------------------------------------------------------------------------------------------
 class TestLosses:

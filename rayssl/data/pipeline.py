@@ -31,18 +31,25 @@ class SkipLedger:
 
 
 class ViewBuilder:
-    """Ray Data actor: opens each store once, reads the plan's boxes, builds the method's views.
+    """Ray Data actor: plans its samples, opens each store once, reads the boxes, builds the views.
+
+    Input rows are global sample indices; planning them here (microseconds per sample) rather than
+    in a separate map stage saves a worker process per planning task: on 2 cores that separate stage
+    delayed the first crop by ~25 s and added a dozen processes (benchmarks/README.md).
 
     With on_error="skip", a sample whose volume fails (corrupt chunk, missing array, a views error)
     is re-planned on the next volume in order, so batches keep their size (DDP shards stay equal);
     the failing volume is recorded in the SkipLedger and never used again by this actor.
     """
 
-    def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, views_fn: ViewsFn,
-                 on_error: str = "raise", ledger: Any = None) -> None:
+    def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, views_fn: ViewsFn, seed: int = 0,
+                 samples_per_volume: int = 1, on_error: str = "raise", ledger: Any = None,
+                 read_dtype: str | None = "float32") -> None:
         self.volumes = list(volumes)
+        self.read_dtype = read_dtype
         self.plan_fn = plan_fn
         self.views_fn = views_fn
+        self.planner = Planner(self.volumes, plan_fn, seed=seed, samples_per_volume=samples_per_volume)
         self.on_error = on_error
         self.ledger = ledger
         self.readers: dict[str, StoreReader] = {}
@@ -63,7 +70,8 @@ class ViewBuilder:
             info = self.volumes[volume]
             pad = info.background if array == "image" else 0
             boxes = [(requests[i].start, requests[i].size) for i in idx]
-            out = self.reader(info.extra["store"]).read_boxes(info.extra["group"], boxes, array=array, pad_value=pad)
+            out = self.reader(info.extra["store"]).read_boxes(info.extra["group"], boxes, array=array, pad_value=pad,
+                                                               dtype=self.read_dtype)
             for i, crop in zip(idx, out):
                 crops[i] = crop
         return crops  # type: ignore[return-value]
@@ -72,15 +80,17 @@ class ViewBuilder:
         crops = self.read(requests)
         return self.views_fn(crops, requests, np.random.default_rng(seed))
 
+    def build_sample(self, sample: int) -> dict[str, np.ndarray]:
+        """Views of global sample index `sample` (planned here, deterministically)."""
+        _, volume, encoded, seed = self.planner.plan(sample)
+        views = self._build_or_skip(decode_requests(encoded), seed, volume)
+        views["sample"] = np.int64(sample)
+        return views
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        samples: list[dict[str, np.ndarray]] = []
-        for row in range(len(batch["sample"])):
-            requests = decode_requests(batch["requests"][row])
-            seed = int(batch["seed"][row])
-            volume = int(batch["volume"][row])
-            views = self._build_or_skip(requests, seed, volume)
-            views["sample"] = np.int64(batch["sample"][row])
-            samples.append(views)
+        samples = [self.build_sample(int(s)) for s in batch["data"]]
+        if len(samples) == 1:  # a view, not a copy: fresh memory is slow to touch on VMs
+            return {k: np.asarray(v)[None] for k, v in samples[0].items()}
         return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
     def _build_or_skip(self, requests: list[ReadRequest], seed: int, volume: int) -> dict[str, np.ndarray]:
@@ -118,30 +128,32 @@ def build_dataset(
     samples_per_call: int = 1,
     on_error: str = "raise",
     ledger: Any = None,
+    read_dtype: str | None = "float32",
 ) -> "ray.data.Dataset":
     """Ray Dataset of views for samples [start_sample, start_sample + num_samples).
 
-    Plans are cheap rows computed in map tasks; reading and view building run on an autoscaling
-    actor pool (`ActorPoolStrategy(min_size, max_size)`), so a cluster grows the pool with CPU nodes.
+    Rows are sample indices; planning, reading and view building run on an autoscaling actor pool
+    (`ActorPoolStrategy(min_size, max_size)`), so a cluster grows the pool with CPU nodes.
     """
     if num_samples <= 0:
         raise ValueError(f"num_samples must be > 0, got {num_samples}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    planner = Planner(volumes, plan_fn, seed=seed, samples_per_volume=samples_per_volume)
-    # Sample indices live in the driver's object store (no read tasks); planning is so cheap that it
-    # takes no CPU reservation, so it can never wait behind the training workers for a core.
+    if not volumes:
+        raise ValueError("no volumes to sample from: the manifest (or the chosen split) is empty")
+    # Sample indices live in the driver's object store (no read tasks, which would each want a CPU
+    # next to the training workers); the actors plan them.
     ids = np.arange(start_sample, start_sample + num_samples, dtype=np.int64)
     # Blocks of ~16 samples, at most 4 per actor of the largest pool (and at least 64): an actor
     # task builds a whole input block, so the block count bounds how many actors work at once
     # (a flat cap of 64 idled larger pools); each block costs the driver one put (~4 ms).
     n_blocks = max(1, min(num_samples // 16, max(64, 4 * actors[1])))
     ds = ray.data.from_numpy(np.array_split(ids, n_blocks))  # column "data"
-    ds = ds.map_batches(planner, batch_format="numpy", batch_size=16, num_cpus=0)
     ds = ds.map_batches(
         ViewBuilder,
-        fn_constructor_kwargs=dict(volumes=list(volumes), plan_fn=plan_fn, views_fn=views_fn,
-                                   on_error=on_error, ledger=ledger),
+        fn_constructor_kwargs=dict(volumes=list(volumes), plan_fn=plan_fn, views_fn=views_fn, seed=seed,
+                                   samples_per_volume=samples_per_volume, on_error=on_error, ledger=ledger,
+                                   read_dtype=read_dtype),
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_cpus=actor_cpus,
         batch_size=samples_per_call,

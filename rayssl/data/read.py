@@ -103,19 +103,23 @@ class StoreReader:
         return self._arrays[key]
 
     def read(self, group: str, start: Sequence[int], size: Sequence[int], array: str = "image",
-             pad_value: float = 0.0, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """One box [start, start+size); voxels outside the array are `pad_value`."""
+             pad_value: float = 0.0, dtype: np.dtype | type | str | None = np.float32) -> np.ndarray:
+        """One box [start, start+size); voxels outside the array are `pad_value`; dtype None = the array's."""
         return self.read_boxes(group, [(start, size)], array=array, pad_value=pad_value, dtype=dtype)[0]
 
     def read_boxes(self, group: str, boxes: Iterable[tuple[Sequence[int], Sequence[int]]], array: str = "image",
-                   pad_value: float = 0.0, dtype: np.dtype | type = np.float32) -> list[np.ndarray]:
+                   pad_value: float = 0.0, dtype: np.dtype | type | str | None = np.float32) -> list[np.ndarray]:
         """Several boxes of one array; every chunk they touch is fetched and decoded once."""
         info = self.array_info(group, array)
+        dtype = info.dtype if dtype is None else np.dtype(dtype)
         boxes = [(tuple(int(v) for v in s), tuple(int(v) for v in z)) for s, z in boxes]
         for start, size in boxes:
             if len(start) != len(info.shape) or len(size) != len(info.shape) or min(size) <= 0:
                 raise ValueError(f"volume {group!r}: bad box start={start} size={size} for array of shape {info.shape}")
-        outputs = [np.full(size, pad_value, dtype=dtype) for _, size in boxes]
+        # Boxes inside the array are overwritten completely by the chunks they touch: skip the fill.
+        outputs = [np.empty(size, dtype=dtype) if _inside(start, size, info.shape)
+                   else np.full(size, pad_value, dtype=dtype)
+                   for start, size in boxes]
         self.stats.boxes += len(boxes)
         self.stats.bytes_returned += sum(o.size * info.dtype.itemsize for o in outputs)
         if info.fast:
@@ -142,31 +146,38 @@ class StoreReader:
                  for k in keys]
         blobs = self._fetch(paths)
         chunk_nbytes = int(np.prod(info.chunks)) * info.dtype.itemsize
+        buffer = None
         for key, path in zip(keys, paths):
             blob = blobs.get(path)
             if blob is None:  # never-written chunk: all fill value
                 chunk = np.full(info.chunks, info.fill_value, dtype=info.dtype)
             else:
                 self.stats.bytes_fetched += len(blob)
+                if len(blob) < 16:
+                    raise self._corrupt(group, path, f"{len(blob)} bytes, shorter than a blosc header")
+                nbytes = int.from_bytes(blob[4:8], "little")  # blosc header: uncompressed size at bytes 4-7
+                if nbytes != chunk_nbytes:
+                    raise self._corrupt(group, path, f"decodes to {nbytes} bytes, expected {chunk_nbytes}")
+                # Decoded into one reused buffer (pasted out right away): fresh pages cost more than
+                # the decode on VMs that hand freed memory back to the host.
+                if buffer is None:
+                    buffer = np.empty(chunk_nbytes, dtype=np.uint8)
                 try:
-                    raw = numcodecs.blosc.decompress(blob)
+                    numcodecs.blosc.decompress(blob, buffer)
                 except Exception as err:  # numcodecs raises RuntimeError on corrupt input
-                    raise ChunkReadError(
-                        f"volume {group!r} in store {self.uri}: chunk {posixpath.relpath(path, self.root)} is corrupt "
-                        f"(blosc decode failed: {err}); re-convert this volume (`rayssl convert ...`) or stream "
-                        f"with on_error=skip to leave it out"
-                    ) from err
-                if len(raw) != chunk_nbytes:
-                    raise ChunkReadError(
-                        f"volume {group!r} in store {self.uri}: chunk {posixpath.relpath(path, self.root)} decodes to "
-                        f"{len(raw)} bytes, expected {chunk_nbytes}; the store is damaged, re-convert this volume"
-                    )
-                chunk = np.frombuffer(raw, dtype=info.dtype).reshape(info.chunks)
+                    raise self._corrupt(group, path, f"blosc decode failed: {err}") from err
+                chunk = buffer.view(info.dtype).reshape(info.chunks)
                 self.stats.chunks_decoded += 1
                 self.stats.bytes_decoded += chunk_nbytes
             origin = tuple(k * c for k, c in zip(key, info.chunks))
             for (start, size), out in zip(boxes, outputs):
                 _paste(chunk, origin, start, size, info.shape, out)
+
+    def _corrupt(self, group: str, path: str, what: str) -> ChunkReadError:
+        return ChunkReadError(
+            f"volume {group!r} in store {self.uri}: chunk {posixpath.relpath(path, self.root)} is corrupt ({what}); "
+            f"re-convert this volume (`rayssl convert ...`) or stream with on_error=skip to leave it out"
+        )
 
     def _fetch(self, paths: list[str]) -> dict[str, bytes]:
         if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
@@ -207,6 +218,10 @@ class StoreReader:
                 ) from err
             self.stats.bytes_decoded += data.nbytes
             out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = data
+
+
+def _inside(start, size, shape) -> bool:
+    return all(s >= 0 and s + z <= n for s, z, n in zip(start, size, shape))
 
 
 def _clip(start, size, shape):

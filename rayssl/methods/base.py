@@ -80,6 +80,9 @@ class Method(ABC):
     profiles: ClassVar[dict[str, dict[str, Any]]] = {"cpu": {}, "paper": {}}
     # DDP flag for models whose forward leaves some parameters unused in a step.
     find_unused_parameters: ClassVar[bool] = False
+    # dtype of the crops `views` receives: "float32", or None for the store's own dtype (e.g. int16
+    # HU), for methods that convert per piece and would otherwise copy a whole region twice.
+    read_dtype: ClassVar[str | None] = "float32"
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -91,7 +94,7 @@ class Method(ABC):
 
     @abstractmethod
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Build the sample's views from the crops read for `requests` (float32, same order)."""
+        """Build the sample's views from the crops read for `requests` (in `read_dtype`, same order)."""
 
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
         """Raise ValueError naming a volume this method cannot use (before any worker starts)."""

@@ -76,7 +76,6 @@ from monai.transforms import (
     RandFlip,
     RandRotate90,
     RandShiftIntensity,
-    ScaleIntensityRangePercentiles,
 )
 from pydantic import Field, model_validator
 from torch import nn
@@ -454,6 +453,9 @@ class VoCo(Method):
         },
     }
     find_unused_parameters: ClassVar[bool] = False
+    # Regions arrive in the store's dtype (int16 HU): each piece is converted and scaled on its own,
+    # so no region-sized float copy is made (~25% of a paper-size sample's CPU, benchmarks/README.md).
+    read_dtype: ClassVar[str | None] = None
 
     config: VoCoConfig
 
@@ -494,19 +496,23 @@ class VoCo(Method):
             ])
         return self._augment
 
-    def _scale_intensity(self, region: torch.Tensor) -> torch.Tensor:
-        """Intensities to [0, 1] on the whole region, before cropping, so every crop shares one scaling."""
+    def _intensity_scaler(self, region: torch.Tensor):
+        """In-place map of a float piece to [0, 1], with bounds taken from the whole region, so every
+        crop of the region shares one scaling (as when the official code scales the volume first)."""
         c = self.config
         if c.intensity == "ct_window":
-            # MONAI ScaleIntensityRange(a_min, a_max, 0, 1, clip=True) (the official transform), computed
-            # on the plain tensor: ~5x faster than the MetaTensor path on a whole region. The clamp
-            # makes a copy (the caller's crop is left untouched); the rest is in place on it.
-            low, high = c.ct_window
-            return region.clamp(low, high).sub_(low).div_(high - low)
-        if c.intensity == "percentile":
-            scale = ScaleIntensityRangePercentiles(lower=c.percentiles[0], upper=c.percentiles[1], b_min=0.0, b_max=1.0, clip=True)
-            return torch.as_tensor(scale(region[None]))[0]
-        return region
+            low, high = (float(v) for v in c.ct_window)
+        elif c.intensity == "percentile":
+            # MONAI ScaleIntensityRangePercentiles(lower, upper, 0, 1, clip=True) on the region.
+            values = region.numpy() if region.dtype == torch.float32 else region.numpy().astype(np.float32)
+            low, high = (float(v) for v in np.percentile(values, c.percentiles))
+        else:
+            return lambda piece: piece
+        if high == low:  # flat region: MONAI's ScaleIntensityRange returns img - a_min
+            return lambda piece: piece.sub_(low)
+        # MONAI ScaleIntensityRange(a_min, a_max, 0, 1, clip=True), the official transform, on a plain
+        # tensor (~5x faster than the MetaTensor path).
+        return lambda piece: piece.clamp_(low, high).sub_(low).div_(high - low)
 
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Base crops, random crops and their position labels from one region.
@@ -518,14 +524,15 @@ class VoCo(Method):
         """
         c = self.config
         region_size = tuple(c.region_size)
-        region = torch.from_numpy(np.ascontiguousarray(crops[0], dtype=np.float32))
+        region = torch.from_numpy(np.ascontiguousarray(crops[0]))  # store dtype (int16 HU) or float32
         if tuple(region.shape) != region_size:
             if c.region_mode == "crop":
                 raise ValueError(f"VoCo views: got a crop of shape {tuple(region.shape)} for a region of {region_size}; "
                                  f"the reader must return exactly the planned box")
             # foreground_resize: the official pipeline resizes the foreground box to the region size.
-            region = F.interpolate(region[None, None], size=region_size, mode="trilinear", align_corners=True)[0, 0]
-        region = self._scale_intensity(region)
+            region = F.interpolate(region.to(torch.float32)[None, None], size=region_size, mode="trilinear",
+                                   align_corners=True)[0, 0]
+        scale = self._intensity_scaler(region)
 
         crop_size = c.base_size
         starts = np.stack([rng.integers(0, r - s + 1, size=c.num_random_crops) for r, s in zip(region_size, crop_size)], axis=1)
@@ -533,7 +540,7 @@ class VoCo(Method):
 
         boxes = base_boxes(region_size, c.grid) + [(tuple(int(v) for v in s), crop_size) for s in starts]
         pieces = [region[s[0]:s[0] + z[0], s[1]:s[1] + z[1], s[2]:s[2] + z[2]] for s, z in boxes]
-        resized = _resize_all(pieces, c.input_size)  # [n + k, 1, D, D, D]
+        resized = _scaled_and_resized(pieces, scale, c.input_size)  # [n + k, 1, D, D, D]
 
         # As the official code, every crop (base and random) draws its own flips / rotation / shift.
         # One seed per sample keeps views a function of `rng`; the crops then consume the stream in order.
@@ -614,22 +621,20 @@ class VoCo(Method):
         }
 
 
-def _resize_all(pieces: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Resize 3D tensors to size^3 with trilinear interpolation (align_corners, as the official Resized).
+def _scaled_and_resized(pieces: list[torch.Tensor], scale, size: int) -> torch.Tensor:
+    """Each piece as a float32 copy, intensity-scaled in place by `scale`, resized to size^3 with
+    trilinear interpolation (align_corners, as the official Resized).
 
-    Pieces of equal shape go through one `interpolate` call on their stack; pieces already at the
-    target size are copied.
+    One piece at a time: a stack of all pieces would be a fresh region-sized allocation per sample.
+    Scaling before resizing equals scaling the region first (the map is elementwise).
     """
     target = (size, size, size)
     out = torch.empty((len(pieces), 1, *target), dtype=torch.float32)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(pieces):
-        groups.setdefault(tuple(p.shape), []).append(i)
-    for shape, idx in groups.items():
-        stack = torch.stack([pieces[i] for i in idx])[:, None]
-        if shape != target:
-            stack = F.interpolate(stack, size=target, mode="trilinear", align_corners=True)
-        out[idx] = stack
+    for i, piece in enumerate(pieces):
+        piece = scale(piece.to(torch.float32, copy=True))
+        if tuple(piece.shape) != target:
+            piece = F.interpolate(piece[None, None], size=target, mode="trilinear", align_corners=True)[0, 0]
+        out[i, 0] = piece
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import posixpath
 import secrets
@@ -15,7 +14,6 @@ import fsspec
 import psutil
 import ray
 import ray.train
-import yaml
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -154,6 +152,9 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
               f"(raise train.steps with --set train.steps=N to continue training)")
         return finish_run_folder(run_dir, cfg, wall_time_s=0.0, peak_memory_mb=0.0, skipped={})
 
+    # On a cluster, nodes come and go (spot preemption, node loss): restart from the last checkpoint
+    # by default. Locally a failure is a bug or bad input, and retrying it only repeats the error.
+    max_failures = tc.max_failures if tc.max_failures is not None else (3 if address else 0)
     global_batch = tc.batch_size * tc.num_workers
     # Progress is the loop's per-step line (step, loss terms, crops/s, ETA); Ray Data's operator
     # bars would interleave with it on every refresh.
@@ -169,7 +170,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         start_sample=start_step * global_batch,
         seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
         actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
-        on_error=cfg.data.on_error, ledger=ledger,
+        on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype,
     )
     card = {
         "data": {"store": store, "manifest_sha256": manifest_digest(store), "volumes": len(volumes),
@@ -187,7 +188,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures,
                                                    controller_failure_limit=tc.controller_failure_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             callbacks=callbacks or None,
