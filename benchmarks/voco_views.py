@@ -277,7 +277,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the official path")
     parser.add_argument("--samples-per-call", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2, help="iter_batches batch size (the cpu profile's train batch)")
-    parser.add_argument("--object-store-mib", type=int, default=512)
+    parser.add_argument("--object-store-mib", type=int, default=2048,
+                        help="Ray object store; a paper-size sample is 19 MB of float32 views, and below ~2 GiB Ray "
+                             "Data spills them (a local `rayssl pretrain` gets Ray's default, 30%% of RAM)")
     parser.add_argument("--tasks-in-flight", type=int, default=0,
                         help="DataContext.max_tasks_in_flight_per_actor (0: Ray's default, 4)")
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds of each rayssl phase")
