@@ -4,12 +4,13 @@ One run, on the same CT-sized volumes (512x512x~300 int16, see _common.synth_ct)
 
 * rayssl: `rayssl.methods.voco` plan + views through the Ray Data pipeline (`--actors` CPU
   actors): a region read from the Zarr store, split into n base crops, k random crops, every crop
-  resized and augmented. Profiles: "paper" (foreground box resized to 384x384x96, 4x4 bases of
-  96^3, 2 random crops, 64^3 inputs), "paper-crop" (the paper sizes with the method's default
-  region_mode=crop: a 384x384x96 region read at native spacing), "paper-prepared" (the paper
-  sizes read from a store holding each foreground box already resized to 384x384x96: what the
-  official PersistentDataset caches, and what a `Method.prepare` step could write), "cpu"
-  (96x96x32 region, 24x24x32 bases, 32^3 inputs).
+  resized and augmented. Profiles: "paper" (the official semantics resized per sample:
+  foreground box read and resized to 384x384x96, 4x4 bases of 96^3, 2 random crops, 64^3 inputs;
+  prepare_regions=false), "paper-prepared" (the paper profile as `rayssl pretrain --profile paper`
+  runs it: `VoCo.prepare` resizes every foreground box once, then samples read a 384x384x96 region;
+  what the official PersistentDataset caches), "paper-crop" (the paper sizes with
+  region_mode=crop: a 384x384x96 region read at native spacing), "cpu" (96x96x32 region,
+  24x24x32 bases, 32^3 inputs).
 * official: the data path of Luffy03/VoCo (`utils/data_utils.py`, `get_loader`), re-created here
   with MONAI transforms: LoadImaged(.nii.gz, int16) -> EnsureChannelFirstd -> Orientationd(RAS) ->
   ScaleIntensityRanged(-175..250 -> 0..1, clip) -> CropForegroundd(value > 0.3) ->
@@ -40,47 +41,14 @@ from _common import (CT_SHAPES, QUICK_SHAPES, WORK, RateMeter, Sampler,  # noqa:
 
 # rayssl VoCo profiles measured: name -> (method profile, overrides).
 PROFILES = {
-    "paper": ("paper", {}),
+    # The official semantics, resized per sample (what VoCo does with prepare_regions=false).
+    "paper": ("paper", {"prepare_regions": False}),
     "paper-crop": ("paper", {"region_mode": "crop"}),
-    # The paper sizes read from a store in which each volume's foreground box was resized to the
-    # region size once (what the official PersistentDataset caches; what a `Method.prepare` step
-    # could write), so a sample reads one region-sized array and resizes nothing but its crops.
-    "paper-prepared": ("paper", {"region_mode": "crop"}),
+    # The paper profile as `rayssl pretrain --profile paper` runs it: VoCo.prepare resizes every
+    # foreground box to 384x384x96 once (what the official PersistentDataset caches).
+    "paper-prepared": ("paper", {}),
     "cpu": ("cpu", {}),
 }
-PREPARED = {"paper-prepared"}
-
-
-def ensure_prepared_store(vols, volumes, region_size) -> Path:
-    """A store holding each volume's foreground box resized to `region_size` (int16 HU, 64^3 chunks), built once.
-
-    Same steps as the paper profile's views (trilinear, align_corners), rounded to int16 HU like
-    any stored CT, written with datasets_zarr's writer.
-    """
-    import torch
-    import torch.nn.functional as F
-    from datasets_zarr.demo import phantom_affine
-    from datasets_zarr.manifest import write_manifest
-    from datasets_zarr.store import write_volume
-    from rayssl.data.read import StoreReader
-
-    region_size = tuple(int(v) for v in region_size)
-    root = vols.root / f"voco_prepared_{'x'.join(map(str, region_size))}.zarr"
-    if (root / "manifest.parquet").exists():
-        return root
-    reader = StoreReader(str(vols.store))
-    for v in volumes:
-        lo, hi = v.bbox[:3], v.bbox[3:]
-        box = reader.read(v.extra["group"], lo, [b - a for a, b in zip(lo, hi)], pad_value=v.background)
-        with torch.no_grad():
-            region = F.interpolate(torch.from_numpy(box)[None, None], size=region_size, mode="trilinear",
-                                   align_corners=True)[0, 0]
-        image = region.round_().clamp_(-1024, 3071).numpy().astype(np.int16)
-        spacing = [(b - a) * sp / r for a, b, sp, r in zip(lo, hi, v.spacing, region_size)]
-        write_volume(root, v.id, image, phantom_affine(region_size, spacing), modality="CT", chunks=64,
-                     bbox=[0, 0, 0, *region_size], background=v.background, source=f"{vols.store}#{v.id}")
-    write_manifest(root, splits={v.id: "train" for v in volumes})
-    return root
 
 
 def voco_method(profile: str, quick: bool):
@@ -308,11 +276,8 @@ def main(argv=None) -> dict:
     methods = {p: voco_method(p, quick) for p in profiles}
     volumes_of = {}
     for p, method in methods.items():
-        if p in PREPARED:
-            prepared = ensure_prepared_store(vols, volumes, method.config.region_size)
-            volumes_of[p] = load_volumes(str(prepared), split="train")
-        else:
-            volumes_of[p] = volumes
+        method.prepare_with_ray = False  # Ray is not running yet; the resize is written once and reused
+        volumes_of[p] = method.prepare(str(vols.store), volumes)
 
     # Official path first (no Ray running), one per distinct size set.
     official: dict = {}
@@ -349,7 +314,7 @@ def main(argv=None) -> dict:
         # Load-independent ratio: CPU seconds the official path spends per sample (all its processes)
         # over what rayssl spends (driver, actors, Ray's own processes).
         r["cpu_ratio"] = r["official"]["nifti"]["cpu_s_per_sample"]["total"] / r["rayssl"]["cpu_s_per_sample"]["total"]
-        mode = "prepared store" if p in PREPARED else c.region_mode
+        mode = c.region_mode + (", prepared once" if c.region_mode == "foreground_resize" and c.prepare_regions else "")
         sizes = (f"region {'x'.join(map(str, c.region_size))} ({mode}), "
                  f"{c.num_bases}+{c.num_random_crops} crops -> {c.input_size}^3")
         rows.append([p, sizes, f"{ours:.2f}", f"{off:.3f}", f"{r['ratio']:.1f}x",

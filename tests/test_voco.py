@@ -462,3 +462,63 @@ class TestExport:
         assert card["pretraining_patch_size"] == [64, 64, 64]
         assert card["recommended_downstream_patch_size"] == [96, 96, 96]
         assert card["base_crop_size"] == [96, 96, 96] and card["base_grid"] == [4, 4, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+class TestPreparedRegions:
+    """foreground_resize + prepare_regions: boxes resized once into a derived store, reused, same views."""
+
+    def _setup(self, demo_store_path, tmp_path, **overrides):
+        from rayssl.data.volumes import load_volumes
+
+        cfg = tiny_config(region_mode="foreground_resize", prepared_store=str(tmp_path / "regions.zarr"), **overrides)
+        method = VoCo(cfg)
+        method.prepare_with_ray = False
+        return method, load_volumes(demo_store_path, split="all")
+
+    def test_prepared_views_match_per_sample_resize(self, demo_store_path, tmp_path):
+        from rayssl.data.pipeline import ViewBuilder
+
+        method, volumes = self._setup(demo_store_path, tmp_path, flip_prob=0.0, rot90_prob=0.0,
+                                      shift_intensity_prob=0.0)
+        prepared = method.prepare(str(demo_store_path), volumes)
+        assert [v.id for v in prepared] == [v.id for v in volumes]
+        assert [v.index for v in prepared] == [v.index for v in volumes]
+        for v, p in zip(volumes, prepared):
+            assert p.shape == (64, 64, 32) and p.bbox == (0, 0, 0, 64, 64, 32)
+            assert p.extra["store"] == str(tmp_path / "regions.zarr") and p.extra["group"] == v.id
+            (x0, y0, z0, x1, y1, z1) = v.bbox
+            np.testing.assert_allclose(p.spacing, [(x1 - x0) * v.spacing[0] / 64, (y1 - y0) * v.spacing[1] / 64,
+                                                   (z1 - z0) * v.spacing[2] / 32])
+        per_sample = VoCo(method.config.model_copy(update={"prepare_regions": False}))
+        assert per_sample.prepare(str(demo_store_path), volumes) == volumes
+        a_builder = ViewBuilder(prepared, method.plan, method.views, seed=3, read_dtype=method.read_dtype)
+        b_builder = ViewBuilder(volumes, per_sample.plan, per_sample.views, seed=3, read_dtype=per_sample.read_dtype)
+        for sample in range(len(volumes)):
+            a, b = a_builder.build_sample(sample), b_builder.build_sample(sample)
+            np.testing.assert_array_equal(a["random_starts"], b["random_starts"])
+            np.testing.assert_allclose(a["labels"], b["labels"])
+            # Same resize, stored as int16 HU: +-0.5 HU = +-0.0012 after the [-175, 250] window.
+            np.testing.assert_allclose(a["bases"], b["bases"], atol=1.5e-3)
+            np.testing.assert_allclose(a["randoms"], b["randoms"], atol=1.5e-3)
+
+    def test_regions_are_reused_and_rebuilt_when_the_source_changes(self, demo_store_path, tmp_path):
+        from dataclasses import replace
+
+        method, volumes = self._setup(demo_store_path, tmp_path)
+        method.prepare(str(demo_store_path), volumes)
+        arrays = {v.id: tmp_path / "regions.zarr" / v.id / "image" / "zarr.json" for v in volumes}
+        stamps = {k: p.stat().st_mtime_ns for k, p in arrays.items()}
+        method.prepare(str(demo_store_path), volumes)  # unchanged: nothing rewritten
+        assert {k: p.stat().st_mtime_ns for k, p in arrays.items()} == stamps
+        changed = [replace(volumes[0], bbox=(0, 0, 0, *volumes[0].shape))] + volumes[1:]
+        method.prepare(str(demo_store_path), changed)  # a new box for the first volume: only it is rebuilt
+        assert arrays[volumes[0].id].stat().st_mtime_ns != stamps[volumes[0].id]
+        assert all(arrays[v.id].stat().st_mtime_ns == stamps[v.id] for v in volumes[1:])
+
+    def test_remote_store_needs_an_explicit_prepared_store(self):
+        from datasets_zarr.resized import default_resized_store
+
+        with pytest.raises(ValueError, match="prepared_store"):
+            default_resized_store("s3://bucket/ct.zarr", (384, 384, 96))
+        assert default_resized_store("/data/ct.zarr/", (384, 384, 96)) == "/data/ct.zarr.fg-384x384x96.zarr"

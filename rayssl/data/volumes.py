@@ -52,8 +52,9 @@ def volumes_from_table(table: pd.DataFrame) -> list[VolumeInfo]:
 
 def load_volumes(stores: str | Sequence[str], split: str | None = "train") -> list[VolumeInfo]:
     """VolumeInfo of every volume of `stores` in `split` (None or "all" = every split)."""
-    if isinstance(stores, str):
+    if isinstance(stores, (str, os.PathLike)):
         stores = [stores]
+    stores = [os.fspath(s) for s in stores]
     tables = [read_manifest_table(s) for s in stores]
     # Read each store where it is now (the path given), not where the manifest says it was written:
     # stores move (converted locally, then copied to s3:// or to a cluster's shared filesystem).
