@@ -374,6 +374,47 @@ def fmt_table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class StreamRun:
+    """What `measure_stream` saw: the rate summary, CPU seconds per process role over the measured
+    window, the memory/CPU sampler, and the sampler indices bounding the measured window."""
+
+    summary: dict[str, Any]
+    cpu: dict[str, float]
+    sampler: "Sampler"
+    window: slice
+
+    def cpu_per_item(self, scale: float = 1.0) -> dict[str, float]:
+        """CPU per measured item by role (scale 1e3: milliseconds): independent of other users' load."""
+        return {k: scale * v / max(self.summary["items_measured"], 1) for k, v in self.cpu.items()}
+
+
+def measure_stream(batches, meter: "RateMeter", seconds: float, count=len, check=None,
+                   interval: float = 0.5, close=None) -> StreamRun:
+    """Consume `batches` until `meter` has measured `seconds` after its warm-up, sampling memory and
+    CPU throughout. `count(batch)` is the batch's item count; `check(batch)` may assert its shape;
+    `close()` runs before the sampler stops (stop DataLoader workers, close a Ray iterator)."""
+    marks: list[int] = []
+    cpu_start = cpu_end = None
+    with Sampler(interval=interval) as sampler:
+        for batch in batches:
+            if check is not None:
+                check(batch)
+            meter.add(count(batch))
+            if meter.t_first is not None and cpu_start is None:
+                marks.append(len(sampler.stats.samples))  # first steady-state memory sample
+                cpu_start = tree_cpu()
+            if meter.measured_seconds >= seconds:
+                cpu_end = tree_cpu()  # before leaving the loop: that stops DataLoader workers
+                marks.append(len(sampler.stats.samples))  # end of the measured window
+                break
+        cpu = cpu_by_role(cpu_start or {}, cpu_end or tree_cpu())
+        if close is not None:
+            close()
+    window = slice(marks[0], marks[1] if len(marks) > 1 else None) if marks else slice(None)
+    return StreamRun(summary=meter.summary(), cpu=cpu, sampler=sampler, window=window)
+
+
 def close_iterator(batches) -> None:
     """Stop a Ray Data iteration left early, and let its prefetch threads end before Ray shuts down
     (a thread still talking to a stopped raylet aborts the driver)."""

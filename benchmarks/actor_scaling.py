@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import WORK, fmt_table, machine_info, write_json  # noqa: E402
+from _common import WORK, cpu_by_role, fmt_table, machine_info, tree_cpu, write_json  # noqa: E402
 
 
 def crops_per_sample(views: dict[str, np.ndarray]) -> int:
@@ -91,20 +91,6 @@ def train_step_tflop(method, views: dict[str, np.ndarray], batch_size: int) -> f
     raise AssertionError("unreachable")
 
 
-def _tree_cpu_seconds() -> dict[int, float]:
-    """CPU seconds (user + system) of this process and its descendants: the simulated nodes' raylets
-    and every Ray worker are children of this process, other users' processes are not."""
-    out = {}
-    me = psutil.Process()
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            out[proc.pid] = t.user + t.system
-        except psutil.Error:
-            pass
-    return out
-
-
 def measure(ds, warmup_rows: int) -> dict:
     """Rows/s of iterating `ds` after the first `warmup_rows` rows, and the cores this benchmark's
     processes used meanwhile (the machine is shared: other users' load is excluded)."""
@@ -112,12 +98,12 @@ def measure(ds, warmup_rows: int) -> dict:
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=4):
         rows += 1
         if rows == warmup_rows:
-            t0, cpu0 = time.perf_counter(), _tree_cpu_seconds()
+            t0, cpu0 = time.perf_counter(), tree_cpu()
         elif t0 is not None:
             crops += crops_per_sample({k: v[0] for k, v in batch.items()})
     wall = time.perf_counter() - t0
-    cpu1 = _tree_cpu_seconds()
-    used = sum(max(0.0, c - cpu0.get(pid, 0.0)) for pid, c in cpu1.items())
+    # This process tree: the simulated nodes' raylets and every Ray worker are its children.
+    used = cpu_by_role(cpu0, tree_cpu())["total"]
     timed = rows - warmup_rows
     return {"rows": timed, "seconds": wall, "samples_per_s": timed / wall, "crops_per_s": crops / wall,
             "cores_used": used / wall}

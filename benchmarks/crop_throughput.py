@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (CT_SHAPES, QUICK_SHAPES, WORK, RateMeter, Sampler,  # noqa: E402
-                     actors_settled, build_views_dataset, close_iterator, cpu_by_role, dir_bytes,
-                     ensure_volumes, fmt_table, machine_info, ray_init, tree_cpu, wait_for_quiet, write_json)
+                     actors_settled, build_views_dataset, close_iterator, dir_bytes, ensure_volumes,
+                     fmt_table, machine_info, measure_stream, ray_init, wait_for_quiet, write_json)
 
 CROP = 96
 
@@ -197,21 +197,14 @@ def monai_baseline(niftis, workers: int, seconds: float, warmup_items: int) -> d
     ])
     files = [{"image": str(p)} for p in niftis] * 1000
     loader = DataLoader(Dataset(files, transform=transform), batch_size=1, shuffle=True, num_workers=workers)
-    meter = RateMeter(warmup_items=warmup_items)
-    cpu_start = cpu_end = None
-    with Sampler() as sampler:
-        for batch in loader:
-            assert batch["image"].shape[-3:] == (CROP, CROP, CROP)
-            meter.add(batch["image"].shape[0])
-            if meter.t_first is not None and cpu_start is None:
-                cpu_start = tree_cpu()
-            if meter.measured_seconds >= seconds:
-                cpu_end = tree_cpu()  # before leaving the loop: that stops DataLoader workers
-                break
-        cpu = cpu_by_role(cpu_start or {}, cpu_end or tree_cpu())
-        del loader
-    return {**meter.summary(), "cpu_ms_per_crop": {k: 1e3 * v / max(meter.measured_items, 1) for k, v in cpu.items()},
-            "phase": sampler.stats.summary()}
+
+    def check(batch):
+        assert batch["image"].shape[-3:] == (CROP, CROP, CROP)
+
+    run = measure_stream(loader, RateMeter(warmup_items=warmup_items), seconds, count=lambda b: b["image"].shape[0],
+                         check=check)
+    del loader
+    return {**run.summary, "cpu_ms_per_crop": run.cpu_per_item(1e3), "phase": run.sampler.stats.summary()}
 
 
 def startup_check(volumes, args, num_samples: int = 256) -> dict:
@@ -259,32 +252,18 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, tasks_in
     # Warm-up: actor start-up (imports) and the first blocks; the rate counts what follows.
     meter = RateMeter(warmup_items=max(4 * samples_per_call * args.actors, 2 * (batch_size or samples_per_call)),
                       warmup_seconds=2.0, ready=actors_settled(args.actors))
-    timeline = []
-    cpu_start = cpu_end = None
-    with Sampler(interval=0.5) as sampler:
-        batches = ds.iter_batches(batch_size=batch_size or None, batch_format="numpy", prefetch_batches=args.prefetch)
-        for batch in batches:
-            meter.add(len(batch["sample"]))
-            if meter.t_first is not None and not timeline:
-                timeline.append(len(sampler.stats.samples))  # index of the first steady-state sample
-                cpu_start = tree_cpu()
-            if meter.measured_seconds >= seconds:
-                cpu_end = tree_cpu()
-                timeline.append(len(sampler.stats.samples))  # end of the measured window
-                break
-        cpu = cpu_by_role(cpu_start or {}, cpu_end or tree_cpu())
-        close_iterator(batches)
-        del ds
+    batches = ds.iter_batches(batch_size=batch_size or None, batch_format="numpy", prefetch_batches=args.prefetch)
+    run = measure_stream(batches, meter, seconds, count=lambda b: len(b["sample"]), close=lambda: close_iterator(batches))
+    del ds
     # Memory over the measured window only (not the start-up before it nor the teardown after it).
-    window = slice(timeline[0], timeline[1] if len(timeline) > 1 else None) if timeline else slice(None)
-    steady = sampler.stats.samples[window]
+    steady = run.sampler.stats.samples[run.window]
     pss = [s.pss_mb for s in steady] or [0.0]
     rss = [s.rss_mb for s in steady] or [0.0]
     # Ten evenly spaced PSS readings over the steady window: flat means no growth with data streamed.
     picks = [pss[int(i * (len(pss) - 1) / 9)] for i in range(10)] if len(pss) > 1 else pss
     return {
         "samples_per_call": samples_per_call, "batch_size": batch_size, "dtype": dtype,
-        "tasks_in_flight": tasks_in_flight, **meter.summary(),
+        "tasks_in_flight": tasks_in_flight, **run.summary,
         "GiB_streamed_total": meter.items * crop_bytes / 2**30,
         "GiB_streamed_measured": meter.measured_items * crop_bytes / 2**30,
         "steady_pss_mb": {"start": pss[0], "peak": max(pss), "end": pss[-1], "series": [round(p) for p in picks]},
@@ -292,8 +271,8 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, tasks_in
         "processes": steady[-1].processes if steady else 0,
         # CPU milliseconds per crop by process role over the measured window: what the pipeline costs
         # independently of how much of the machine other users took.
-        "cpu_ms_per_crop": {k: 1e3 * v / max(meter.measured_items, 1) for k, v in cpu.items()},
-        "phase": sampler.stats.summary(),
+        "cpu_ms_per_crop": run.cpu_per_item(1e3),
+        "phase": run.sampler.stats.summary(),
     }
 
 

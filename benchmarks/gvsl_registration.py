@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rayssl.methods.base import ReadRequest, VolumeInfo
+from rayssl.data.read import read_box
+from rayssl.methods.base import VolumeInfo
 from rayssl.methods.gvsl import GVSL, GVSLConfig, elastic_settings
 from rayssl.nn.spatial import local_ncc
 
@@ -53,20 +54,6 @@ def volume_infos(volumes: list[np.ndarray]) -> list[VolumeInfo]:
     return infos
 
 
-def read_box(volume: np.ndarray, request: ReadRequest, background: float) -> np.ndarray:
-    """The box of `request`, padded with `background` outside the volume (as rayssl.data reads)."""
-    out = np.full(request.size, background, dtype=np.float32)
-    src, dst = [], []
-    for start, size, n in zip(request.start, request.size, volume.shape):
-        lo, hi = max(start, 0), min(start + size, n)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - start, hi - start))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
-
-
 def sampler(method: GVSL, volumes: list[np.ndarray],
             rng: np.random.Generator) -> Callable[[int], dict[str, torch.Tensor]]:
     """A function returning a batch of `size` GVSL views of random pairs of `volumes`."""
@@ -77,7 +64,7 @@ def sampler(method: GVSL, volumes: list[np.ndarray],
         for _ in range(size):
             index = int(rng.integers(len(infos)))
             requests = method.plan(infos, index, rng)
-            crops = [read_box(volumes[r.volume], r, infos[r.volume].background) for r in requests]
+            crops = [read_box(volumes[r.volume], r.start, r.size, infos[r.volume].background, np.float32) for r in requests]
             samples.append(method.views(crops, requests, rng))
         return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
 

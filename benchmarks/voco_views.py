@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (CT_SHAPES, QUICK_SHAPES, WORK, RateMeter, Sampler,  # noqa: E402
-                     actors_settled, build_views_dataset, close_iterator, cpu_by_role, ensure_volumes,
-                     fmt_table, machine_info, ray_init, tree_cpu, wait_for_quiet, write_json)
+from _common import (CT_SHAPES, QUICK_SHAPES, WORK, RateMeter, actors_settled,  # noqa: E402
+                     build_views_dataset, close_iterator, ensure_volumes, fmt_table, machine_info,
+                     measure_stream, ray_init, wait_for_quiet, write_json)
 
 # rayssl VoCo profiles measured: name -> (method profile, overrides).
 PROFILES = {
@@ -165,22 +165,15 @@ def official_rate(niftis, method, workers: int, seconds: float, warmup_items: in
     else:
         dataset = Dataset(files * 200, transform=transform)
     loader = DataLoader(dataset, batch_size=1, shuffle=True, num_workers=workers)
-    meter = RateMeter(warmup_items=warmup_items)
     n_crops = c.num_bases + c.num_random_crops
-    cpu_start = cpu_end = None
-    with Sampler() as sampler:
-        for batch in loader:
-            assert batch["bases"].shape[1] + batch["randoms"].shape[1] == n_crops
-            meter.add(batch["bases"].shape[0])
-            if meter.t_first is not None and cpu_start is None:
-                cpu_start = tree_cpu()
-            if meter.measured_seconds >= seconds:
-                cpu_end = tree_cpu()  # before leaving the loop: that stops DataLoader workers
-                break
-        cpu = cpu_by_role(cpu_start or {}, cpu_end or tree_cpu())
-        del loader
-    return {**meter.summary(), "cpu_s_per_sample": {k: v / max(meter.measured_items, 1) for k, v in cpu.items()},
-            "phase": sampler.stats.summary()}
+
+    def check(batch):
+        assert batch["bases"].shape[1] + batch["randoms"].shape[1] == n_crops
+
+    run = measure_stream(loader, RateMeter(warmup_items=warmup_items), seconds, count=lambda b: b["bases"].shape[0],
+                         check=check)
+    del loader
+    return {**run.summary, "cpu_s_per_sample": run.cpu_per_item(), "phase": run.sampler.stats.summary()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,22 +186,15 @@ def rayssl_rate(volumes, method, args, seconds: float, warmup_items: int) -> dic
                              samples_per_call=args.samples_per_call, read_dtype=method.read_dtype)
     meter = RateMeter(warmup_items=max(warmup_items, 2 * args.actors * args.samples_per_call), warmup_seconds=2.0,
                       ready=actors_settled(args.actors))
-    cpu_start = cpu_end = None
-    with Sampler() as sampler:
-        batches = ds.iter_batches(batch_size=args.batch_size, batch_format="numpy", prefetch_batches=2)
-        for batch in batches:
-            assert batch["bases"].shape[1] == method.config.num_bases
-            meter.add(len(batch["sample"]))
-            if meter.t_first is not None and cpu_start is None:
-                cpu_start = tree_cpu()
-            if meter.measured_seconds >= seconds:
-                cpu_end = tree_cpu()  # before leaving the loop: that stops DataLoader workers
-                break
-        cpu = cpu_by_role(cpu_start or {}, cpu_end or tree_cpu())
-        close_iterator(batches)
-        del ds
-    return {**meter.summary(), "cpu_s_per_sample": {k: v / max(meter.measured_items, 1) for k, v in cpu.items()},
-            "phase": sampler.stats.summary()}
+
+    def check(batch):
+        assert batch["bases"].shape[1] == method.config.num_bases
+
+    batches = ds.iter_batches(batch_size=args.batch_size, batch_format="numpy", prefetch_batches=2)
+    run = measure_stream(batches, meter, seconds, count=lambda b: len(b["sample"]), check=check,
+                         close=lambda: close_iterator(batches))
+    del ds
+    return {**run.summary, "cpu_s_per_sample": run.cpu_per_item(), "phase": run.sampler.stats.summary()}
 
 
 def views_in_process(volumes, method, n: int) -> dict:

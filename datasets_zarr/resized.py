@@ -60,7 +60,7 @@ def _existing_key(out: str, volume_id: str) -> dict | None:
     return attrs.get("rayssl", {}).get("resized_from")  # write_volume keeps its attributes under "rayssl"
 
 
-def _resize_one(volume, size: tuple[int, int, int], out: str, key: dict) -> tuple[float, float, float]:
+def _resize_one(volume, size: tuple[int, int, int], out: str, key: dict) -> None:
     """Read `volume`'s foreground box, resize it to `size` (trilinear, align_corners), write it to `out`."""
     import torch
     import torch.nn.functional as F
@@ -85,7 +85,6 @@ def _resize_one(volume, size: tuple[int, int, int], out: str, key: dict) -> tupl
                  source_sha256=key["source_sha256"],
                  preprocessing=[{"step": "resize_foreground_box", "bbox": key["bbox"], "size": list(size)}],
                  extra_attrs={"resized_from": key})
-    return spacing
 
 
 def resize_foreground_boxes(volumes: Sequence, size: Sequence[int], out: str, *, use_ray: bool = True,

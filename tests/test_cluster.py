@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,8 @@ import time
 import psutil
 import pytest
 import yaml
+
+from helpers import free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_YAML = os.path.join(REPO, "cluster.yaml")
@@ -134,18 +135,6 @@ TINY = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random
         "train.batch_size=1", "data.split=all", "data.actors_max=1", "train.report_every=1"]
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (all bound at once, so none repeats)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _stop_head(leader: subprocess.Popen) -> None:
     """Stop every process of this head (the `ray start --block` process and its descendants), by pid.
 
@@ -180,7 +169,7 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # Every port of its own: Ray's defaults (agent 52365, client server 10001, ...) may already be
     # held by another Ray instance on this machine, e.g. the session's `ray_local`.
-    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client = _free_ports(7)
+    gcs, dashboard, agent_http, agent_grpc, runtime_env_agent, metrics, client = free_ports(7)
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=temp_dir)
     env.pop("RAY_ADDRESS", None)
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import load_export
 from rayssl.config import resolve_config
 from rayssl.methods import get_method_class
 from rayssl.methods.base import VolumeInfo
@@ -221,9 +222,8 @@ class TestModel:
         model = method.build_model()
         exported = method.export(model)
         assert exported.network == "rayssl.methods.drasclr.DrasCLREncoder"
-        fresh = DrasCLREncoder(**exported.network_kwargs)
-        result = fresh.load_state_dict(exported.state_dict, strict=False)
-        assert result.unexpected_keys == [] and result.missing_keys == []
+        fresh, result = load_export(exported, DrasCLREncoder)
+        assert result.missing_keys == []
         assert set(exported.state_dict) == set(fresh.state_dict())
         routers = [k for k in exported.state_dict if ".router." in k]
         assert len(routers) == 2 * 13 and all(
@@ -331,49 +331,38 @@ def test_replace_keeps_volume_info_frozen_contract():
     assert replace(volume, has_mask=True).extra is volume.extra
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    """One rank of the 2-process check of shuffle BN and cross-rank key gathering."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        method = _method()
-        model = method.build_model()
-        batch = _batch(b=2, landmarks=(rank, 2), n_landmarks=3)
-        batch["view_k"] = batch["view_k"] + rank  # different keys on each rank
-        model.eval()  # BN on running statistics: a key no longer depends on its batch companions
-        shuffled = model._keys(batch["view_k"], batch["loc"])
-        model.shuffle_bn = False
-        local = model._keys(batch["view_k"], batch["loc"])
-        model.shuffle_bn = True
-        outputs = model(batch)
-        method.loss(outputs, batch)
-        method.after_step(model, outputs, 1, 1)
-        torch.save(
-            {
-                "shuffled": shuffled,
-                "local": local,
-                "bank": method._bank.buffer,
-                "pointers": method._bank.pointers,
-                "keys": outputs["key"],
-            },
-            f"{out_dir}/rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    """One rank (of helpers.run_gloo_ranks) of the 2-process check of shuffle BN and cross-rank key gathering."""
+    torch.manual_seed(0)
+    method = _method()
+    model = method.build_model()
+    batch = _batch(b=2, landmarks=(rank, 2), n_landmarks=3)
+    batch["view_k"] = batch["view_k"] + rank  # different keys on each rank
+    model.eval()  # BN on running statistics: a key no longer depends on its batch companions
+    shuffled = model._keys(batch["view_k"], batch["loc"])
+    model.shuffle_bn = False
+    local = model._keys(batch["view_k"], batch["loc"])
+    model.shuffle_bn = True
+    outputs = model(batch)
+    method.loss(outputs, batch)
+    method.after_step(model, outputs, 1, 1)
+    torch.save(
+        {
+            "shuffled": shuffled,
+            "local": local,
+            "bank": method._bank.buffer,
+            "pointers": method._bank.pointers,
+            "keys": outputs["key"],
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
 
 
 @pytest.mark.slow
 def test_shuffle_bn_and_key_gathering_across_two_ranks(tmp_path):
-    import socket
+    from helpers import run_gloo_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_gloo_ranks(_ddp_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for r in (r0, r1):
         torch.testing.assert_close(r["shuffled"], r["local"], atol=1e-5, rtol=1e-5)  # each rank gets its own keys back

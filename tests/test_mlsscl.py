@@ -11,6 +11,8 @@ import torch
 from monai.networks.nets import BasicUNet, resnet18
 from pydantic import ValidationError
 
+from helpers import load_export
+from rayssl.data.read import read_box
 from rayssl.methods import get_method_class
 from rayssl.methods.base import ReadRequest, VolumeInfo
 from rayssl.methods.mlsscl import MLSSCL, MLSSCLConfig, MLSSCLModel
@@ -39,19 +41,10 @@ def volume_info(volume: np.ndarray, modality: str = "MR", background: float = 0.
                       bbox=(0, 0, 0, *volume.shape), background=background, modality=modality)
 
 
-def read_box(volume: np.ndarray, request: ReadRequest, background: float) -> np.ndarray:
-    """What the data layer does: read [start, start+size), outside voxels = background."""
-    out = np.full(request.size, background, dtype=np.float32)
-    src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(request.start, request.size, volume.shape))
-    dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, request.start))
-    out[dst] = volume[src]
-    return out
-
-
 def sample_views(method: MLSSCL, volume: np.ndarray, info: VolumeInfo, seed: int):
     rng = np.random.default_rng(seed)
     requests = method.plan([info], 0, rng)
-    crops = [read_box(volume, r, info.background) for r in requests]
+    crops = [read_box(volume, r.start, r.size, info.background, np.float32) for r in requests]
     return method.views(crops, requests, rng), requests
 
 
@@ -194,7 +187,8 @@ class TestViews:
         requests = make_method(intensity="auto").plan([info], 0, np.random.default_rng(0))
         method.prepare("store", [info])
         views_fn = pickle.loads(pickle.dumps(method.views))
-        views = views_fn([read_box(volume, r, -1024.0) for r in requests], requests, np.random.default_rng(0))
+        crops = [read_box(volume, r.start, r.size, -1024.0, np.float32) for r in requests]
+        views = views_fn(crops, requests, np.random.default_rng(0))
         assert np.allclose(views["axial"], (40.0 + 1000.0) / 2000.0)
 
     def test_augmented_views_are_seeded_and_fixed_shape(self):
@@ -311,11 +305,8 @@ class TestExport:
         model = method.build_model()
         exported = method.export(model)
         assert exported.network == "monai.networks.nets.resnet18"
-        net = resnet18(**exported.network_kwargs)
-        result = net.load_state_dict(exported.state_dict, strict=False)
-        assert result.unexpected_keys == [] and result.missing_keys == []
-        for key, value in exported.state_dict.items():
-            torch.testing.assert_close(net.state_dict()[key], value)
+        net, result = load_export(exported, resnet18)
+        assert result.missing_keys == []
         net.eval()(torch.zeros(1, 1, 8, 16, 16))  # the standard (2, 2, 2)-stride network runs
 
     def test_unet_export_loads_into_basic_unet(self):
@@ -323,54 +314,39 @@ class TestExport:
         model = method.build_model()
         exported = method.export(model)
         assert exported.network == "monai.networks.nets.BasicUNet"
-        net = BasicUNet(**exported.network_kwargs)
-        result = net.load_state_dict(exported.state_dict, strict=False)
-        assert result.unexpected_keys == []
-        assert set(exported.state_dict) <= set(net.state_dict())
+        _, result = load_export(exported, BasicUNet)
         assert all(k.startswith(("upcat_", "final_conv")) for k in result.missing_keys)
-        for key, value in exported.state_dict.items():
-            torch.testing.assert_close(net.state_dict()[key], value)
         assert "C=4" in exported.notes and method.card()["pretraining_patch_size"] == [4, 12, 12]
 
     def test_model_type(self):
         assert isinstance(make_method().build_model(), MLSSCLModel)
 
 
-def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
-    """One of two gloo ranks: a real DDP step on a rank-specific batch, then after_step's enqueue."""
-    import torch.distributed as dist
+def _ddp_rank(rank: int, out_dir: str) -> None:
+    """One of two gloo ranks (helpers.run_gloo_ranks): a real DDP step on a rank-specific batch, then after_step's enqueue."""
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        method = make_method()
-        model = method.build_model()
-        method.setup(model, torch.device("cpu"))
-        ddp = DistributedDataParallel(model)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        batch = make_batch(method, batch_size=2, seed=100 * (rank + 1))  # different samples per rank
-        outputs = ddp(batch)
-        method.loss(outputs, batch)["loss"].backward()
-        optimizer.step()
-        method.after_step(model, outputs, 1, 10)
-        torch.save({"queues": method.state_dict(), "keys": {k: v.detach() for k, v in outputs.items()
-                                                             if k.startswith("target_")}},
-                   f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    method = make_method()
+    model = method.build_model()
+    method.setup(model, torch.device("cpu"))
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    batch = make_batch(method, batch_size=2, seed=100 * (rank + 1))  # different samples per rank
+    outputs = ddp(batch)
+    method.loss(outputs, batch)["loss"].backward()
+    optimizer.step()
+    method.after_step(model, outputs, 1, 10)
+    torch.save({"queues": method.state_dict(), "keys": {k: v.detach() for k, v in outputs.items()
+                                                     if k.startswith("target_")}},
+               f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_queues_stay_identical_across_two_ddp_ranks(tmp_path):
-    import socket
+    from helpers import run_gloo_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_gloo_ranks(_ddp_rank, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
     def flat(state):

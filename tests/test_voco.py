@@ -10,6 +10,8 @@ import pytest
 import torch
 from monai.networks.nets import BasicUNet, SwinUNETR
 
+from helpers import load_export
+from rayssl.data.read import read_box
 from rayssl.methods import get_method_class
 from rayssl.methods.base import ReadRequest, VolumeInfo
 from rayssl.methods.voco import (
@@ -39,20 +41,6 @@ def volume(shape=(80, 80, 40), bbox=None, modality="CT", background=-1024.0) -> 
     bbox = bbox or (0, 0, 0, *shape)
     return VolumeInfo(index=0, id="vol0", shape=shape, spacing=(1.0, 1.0, 1.0), bbox=bbox,
                       background=background, modality=modality)
-
-
-def read_box(image: np.ndarray, request: ReadRequest, background: float) -> np.ndarray:
-    """What the data layer returns for a box: voxels inside the volume, background outside."""
-    out = np.full(request.size, background, dtype=np.float32)
-    src, dst = [], []
-    for s, z, n in zip(request.start, request.size, image.shape):
-        lo, hi = max(s, 0), min(s + z, n)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    out[tuple(dst)] = image[tuple(src)]
-    return out
 
 
 def brute_force_labels(starts: np.ndarray, crop_size, region_size, grid) -> np.ndarray:
@@ -146,7 +134,8 @@ class TestViews:
         image = rng.normal(0, 300, size=vol.shape).astype(np.float32)
         requests = method.plan([vol], 0, rng)
         assert len(requests) == 1 and requests[0].size == (48, 48, 16)
-        views = method.views([read_box(image, requests[0], vol.background)], requests, rng)
+        region = read_box(image, requests[0].start, requests[0].size, vol.background, np.float32)
+        views = method.views([region], requests, rng)
         assert views["bases"].shape == (4, 1, 32, 32, 32) and views["bases"].dtype == np.float32
         assert views["randoms"].shape == (2, 1, 32, 32, 32) and views["randoms"].dtype == np.float32
         assert views["labels"].shape == (2, 4) and views["labels"].dtype == np.float32
@@ -183,7 +172,8 @@ class TestViews:
             assert request.size == (64, 64, 32)
             for axis in range(3):  # the region covers the whole foreground box
                 assert request.start[axis] <= 2 and request.start[axis] + request.size[axis] >= 14
-            views = method.views([read_box(image, request, vol.background)], [request], rng)
+            region = read_box(image, request.start, request.size, vol.background, np.float32)
+            views = method.views([region], [request], rng)
             assert views["bases"].shape == (4, 1, 32, 32, 32)
             values = np.unique(np.concatenate([views["bases"].ravel(), views["randoms"].ravel()]))
             assert values.min() == 0.0  # background -1024 HU -> 0
@@ -208,7 +198,8 @@ class TestViews:
         for _ in range(2):
             rng = np.random.default_rng(42)
             requests = method.plan([vol], 0, rng)
-            outs.append(method.views([read_box(image, requests[0], vol.background)], requests, rng))
+            region = read_box(image, requests[0].start, requests[0].size, vol.background, np.float32)
+            outs.append(method.views([region], requests, rng))
         for key in outs[0]:
             np.testing.assert_array_equal(outs[0][key], outs[1][key])
 
@@ -345,7 +336,8 @@ def make_batch(method: VoCo, batch_size: int, spatial=None, seed: int = 0) -> di
     for _ in range(batch_size):
         image = rng.normal(0, 300, size=vol.shape).astype(np.float32)
         requests = method.plan([vol], 0, rng)
-        samples.append(method.views([read_box(image, requests[0], vol.background)], requests, rng))
+        region = read_box(image, requests[0].start, requests[0].size, vol.background, np.float32)
+        samples.append(method.views([region], requests, rng))
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
     if spatial is not None:  # smaller, non-cubic crops to keep the Swin test fast
         for key in ("bases", "randoms"):
@@ -423,19 +415,6 @@ class TestModel:
 
 # ---------------------------------------------------------------------------------------------
 class TestExport:
-    def _check_loads(self, exported, network_cls):
-        net = network_cls(**exported.network_kwargs)
-        result = net.load_state_dict(exported.state_dict, strict=False)
-        assert result.unexpected_keys == []
-        loaded = set(exported.state_dict)
-        assert not loaded & set(result.missing_keys)
-        assert loaded <= set(net.state_dict())
-        for key, value in exported.state_dict.items():
-            torch.testing.assert_close(net.state_dict()[key], value, msg=key)
-        for prefixes in exported.key_groups.values():
-            for prefix in prefixes:
-                assert any(k.startswith(prefix) for k in loaded), prefix
-
     def test_swin_multiscale_export_loads_into_swinunetr(self):
         method = VoCo(tiny_config(backbone="swin", feature_size=12, input_size=64, loss_form="official"))
         model = method.build_model()
@@ -443,7 +422,7 @@ class TestExport:
         assert exported.network == "monai.networks.nets.SwinUNETR"
         assert any(k.startswith("swinViT.") for k in exported.state_dict)
         assert any(k.startswith("encoder10.") for k in exported.state_dict)
-        self._check_loads(exported, SwinUNETR)
+        load_export(exported, SwinUNETR)
 
     def test_unet_export_loads_into_basicunet_and_teacher_export(self):
         method = VoCo(tiny_config(export_weights="teacher"))
@@ -455,7 +434,7 @@ class TestExport:
         assert exported.network == "monai.networks.nets.BasicUNet"
         assert all(k.split(".")[0] in ("conv_0", "down_1", "down_2", "down_3", "down_4") for k in exported.state_dict)
         assert all((v == 0.5).all() for k, v in exported.state_dict.items() if v.is_floating_point())
-        self._check_loads(exported, BasicUNet)
+        load_export(exported, BasicUNet)
 
     def test_card(self):
         card = VoCo(VoCoConfig(**VoCo.profiles["paper"])).card()

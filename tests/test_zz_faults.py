@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -22,6 +21,8 @@ import torch
 from rayssl.config import resolve_config
 from rayssl.train.checkpoint import latest_checkpoint_step, load_checkpoint_dir
 from rayssl.train.trainer import PlacementError, pretrain
+
+from helpers import free_ports
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -97,9 +98,7 @@ def cluster():
     os.environ["RAY_TMPDIR"] = temp_dir
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(PLACEMENT_TIMEOUT_S)  # inherited by every node
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    with socket.socket() as free:  # Ray's default agent port (52365) may be taken by another Ray instance
-        free.bind(("127.0.0.1", 0))
-        agent_port = free.getsockname()[1]
+    agent_port = free_ports(1)[0]  # Ray's default agent port (52365) may be taken by another Ray instance
     c = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=0, object_store_memory=256 * 2**20, include_dashboard=False, dashboard_agent_listen_port=agent_port))
     try:

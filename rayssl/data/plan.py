@@ -33,7 +33,7 @@ def sample_rng(seed: int, epoch: int, volume_id: str, position: int) -> np.rando
 
 
 def encode_requests(requests: Sequence[ReadRequest]) -> np.ndarray:
-    """[R, 8] int64 rows: volume, start xyz, size xyz, array code (flat numeric rows for Ray Data)."""
+    """[R, 8] int64 rows: volume, start xyz, size xyz, array code (a plan as one comparable array)."""
     rows = np.empty((len(requests), 8), dtype=np.int64)
     for i, r in enumerate(requests):
         if r.array not in ARRAY_CODES:
@@ -51,7 +51,7 @@ def decode_requests(rows: np.ndarray) -> list[ReadRequest]:
 
 
 class Planner:
-    """Turns global sample indices into plans; pure and cheap, runs in Ray Data map tasks.
+    """Turns global sample indices into plans; pure and cheap, runs inside the data actors.
 
     Sample i belongs to epoch i // samples_per_epoch; its primary volume comes from that epoch's
     shuffled order; the method's `plan` picks its boxes with an RNG seeded by (seed, epoch, volume
@@ -79,15 +79,3 @@ class Planner:
         requests = self.plan_fn(self.volumes, volume, rng)
         views_seed = int(rng.integers(0, 2**62))
         return epoch, volume, encode_requests(requests), views_seed
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data batch function: {"data": global sample indices} -> plan columns."""
-        samples = np.asarray(batch["data"], dtype=np.int64)
-        plans = [self.plan(s) for s in samples]
-        return {
-            "sample": samples,
-            "epoch": np.array([p[0] for p in plans], dtype=np.int64),
-            "volume": np.array([p[1] for p in plans], dtype=np.int64),
-            "requests": np.stack([p[2] for p in plans]),
-            "seed": np.array([p[3] for p in plans], dtype=np.int64),
-        }

@@ -220,6 +220,19 @@ class StoreReader:
             out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = data
 
 
+def read_box(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float,
+             dtype: np.dtype | type | None = None) -> np.ndarray:
+    """Box [start, start + size) of an in-memory 3D array, voxels outside it `fill`: what
+    `StoreReader.read` returns for a store, for arrays already in memory. dtype None = the array's."""
+    out = np.full(tuple(int(s) for s in size), fill, dtype=array.dtype if dtype is None else dtype)
+    src = tuple(slice(max(int(s), 0), min(int(s) + int(z), n)) for s, z, n in zip(start, size, array.shape))
+    if any(sl.start >= sl.stop for sl in src):
+        return out
+    dst = tuple(slice(sl.start - int(s), sl.stop - int(s)) for sl, s in zip(src, start))
+    out[dst] = array[src]
+    return out
+
+
 def _inside(start, size, shape) -> bool:
     return all(s >= 0 and s + z <= n for s, z, n in zip(start, size, shape))
 

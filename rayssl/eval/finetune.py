@@ -83,7 +83,7 @@ def segmentation_network(weights: RunWeights, num_classes: int, pretrained: bool
 
 
 def _crops(setup: "ProbeSetup", indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    from rayssl.eval.probe import read_box
+    from rayssl.data.read import read_box
 
     pool, size = setup.fit_pool, (setup.patch,) * 3
     images = [read_box(setup.scaled[pool.volume[i]], pool.starts[i], size, float(setup.scaled[pool.volume[i]].min()))

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayssl.data.read import read_box
 from rayssl.eval.features import FeatureNet, IntensityFn, RunWeights, intensity_scaler, round_up, sample_levels
 from rayssl.methods import VolumeInfo
 
@@ -178,17 +179,6 @@ def load_probe_data(store: str | None = None, fit_fraction: float = 0.5, seed: i
 # ---------------------------------------------------------------------------------------------
 # Crop pools
 # ---------------------------------------------------------------------------------------------
-def read_box(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
-    """Box [start, start + size) of a 3D array; voxels outside the array are `fill`."""
-    out = np.full(tuple(int(s) for s in size), fill, dtype=array.dtype)
-    src = tuple(slice(max(int(s), 0), min(int(s) + int(z), n)) for s, z, n in zip(start, size, array.shape))
-    if any(sl.start >= sl.stop for sl in src):
-        return out
-    dst = tuple(slice(sl.start - int(s), sl.stop - int(s)) for sl, s in zip(src, start))
-    out[dst] = array[src]
-    return out
-
-
 @dataclass
 class CropPool:
     """Fixed crops of some volumes: where they are, their centre class, and voxels for the voxel probe."""

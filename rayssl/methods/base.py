@@ -52,6 +52,11 @@ class ReadRequest:
     array: str = "image"
 
 
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of `module`'s state dict (what an export holds, independent of training)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
 @dataclass
 class ExportedBackbone:
     """Backbone weights in the state_dict layout of a MONAI network, plus how to rebuild it."""

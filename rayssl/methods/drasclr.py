@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo
+from rayssl.data.read import read_box
+from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo, cpu_state_dict
 from rayssl.nn.condconv import LocCondConv3d
 from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat, is_distributed
@@ -609,7 +610,7 @@ class DrasCLR(Method):
 
     def export(self, model: nn.Module) -> ExportedBackbone:
         encoder = self.backbone(model)
-        state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+        state = cpu_state_dict(encoder)
         return ExportedBackbone(
             state_dict=state,
             network="rayssl.methods.drasclr.DrasCLREncoder",
@@ -654,17 +655,6 @@ class DrasCLR(Method):
 # ---------------------------------------------------------------------------------------------
 
 
-def read_box(image: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
-    """Box [start, start+size) of a 3D array; voxels outside the array are `fill`."""
-    out = np.full(tuple(size), fill, dtype=np.float32)
-    src = tuple(slice(max(s, 0), min(s + z, n)) for s, z, n in zip(start, size, image.shape))
-    if any(sl.start >= sl.stop for sl in src):
-        return out
-    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
-    out[dst] = image[src]
-    return out
-
-
 @torch.no_grad()
 def _encode_patches(
     encoder: DrasCLREncoder,
@@ -682,7 +672,7 @@ def _encode_patches(
     starts = landmark_starts(centres, patch_size)
     features = []
     for i in range(0, len(starts), batch_size):
-        patches = [read_box(image, s, (patch_size,) * 3, background) for s in starts[i : i + batch_size]]
+        patches = [read_box(image, s, (patch_size,) * 3, background, np.float32) for s in starts[i : i + batch_size]]
         patches = [scale_intensity(p, window or _robust_window(p)) for p in patches]
         x = torch.from_numpy(np.stack(patches)[:, None]).to(device)
         loc = torch.from_numpy(np.asarray(coords[i : i + batch_size], dtype=np.float32)).to(device)

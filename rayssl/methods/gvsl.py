@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from rayssl.data.genesis import genesis_corrupt
-from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo
+from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo, cpu_state_dict
 from rayssl.nn.backbones import global_pool
 from rayssl.nn.spatial import (
     N_AFFINE_PARAMS,
@@ -468,7 +468,7 @@ class GVSL(Method):
         encoder = ["conv_0.", "down_1.", "down_2.", "down_3.", "down_4."]
         decoder = ["upcat_4.", "upcat_3.", "upcat_2.", "upcat_1."]
         return ExportedBackbone(
-            state_dict={k: v.detach().cpu().clone() for k, v in unet.state_dict().items()},
+            state_dict=cpu_state_dict(unet),
             network="monai.networks.nets.BasicUNet",
             network_kwargs=dict(unet.network_kwargs),
             key_groups={"encoder": encoder, "decoder": decoder, "stem": ["conv_0."],

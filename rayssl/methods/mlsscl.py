@@ -72,7 +72,7 @@ from monai.transforms import (
 from pydantic import Field, model_validator
 from torch import nn
 
-from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo
+from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo, cpu_state_dict
 from rayssl.nn.backbones import ResNetEncoder, UNetEncoder, global_pool
 from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat
@@ -453,7 +453,7 @@ class MLSSCL(Method):
 
     def export(self, model: nn.Module) -> ExportedBackbone:
         encoder = self.backbone(model)
-        state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+        state = cpu_state_dict(encoder)
         if isinstance(encoder, ResNetEncoder):
             state = {k.removeprefix("resnet."): v for k, v in state.items()}
         cfg = self.config

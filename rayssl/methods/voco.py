@@ -80,7 +80,7 @@ from monai.transforms import (
 from pydantic import Field, model_validator
 from torch import nn
 
-from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo
+from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo, cpu_state_dict
 from rayssl.nn.backbones import SwinViTEncoder, UNetEncoder, global_pool
 from rayssl.nn.momentum import make_momentum_copy, momentum_update
 
@@ -527,8 +527,7 @@ class VoCo(Method):
             low, high = (float(v) for v in c.ct_window)
         elif c.intensity == "percentile":
             # MONAI ScaleIntensityRangePercentiles(lower, upper, 0, 1, clip=True) on the region.
-            values = region.numpy() if region.dtype == torch.float32 else region.numpy().astype(np.float32)
-            low, high = (float(v) for v in np.percentile(values, c.percentiles))
+            low, high = (float(v) for v in np.percentile(region.numpy(), c.percentiles))
         else:
             return lambda piece: piece
         if high == low:  # flat region: MONAI's ScaleIntensityRange returns img - a_min
@@ -613,7 +612,7 @@ class VoCo(Method):
 
     def export(self, model: nn.Module) -> ExportedBackbone:
         encoder = self.backbone(model)
-        state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+        state = cpu_state_dict(encoder)
         return ExportedBackbone(
             state_dict=state,
             network=encoder.network(),
