@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import typing
 from typing import Any, Literal
 
 import yaml
@@ -91,6 +92,15 @@ def default_profile() -> str:
         return "cpu"
 
 
+def _is_text_field(model: type[BaseModel], name: str) -> bool:
+    """True for a `str` or `str | None` field of `model` (not Literal choices, not other types)."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return False
+    args = [a for a in (typing.get_args(field.annotation) or (field.annotation,)) if a is not type(None)]
+    return args == [str]
+
+
 def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
@@ -168,7 +178,12 @@ def resolve_config(
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected field=value")
         key, value = item.split("=", 1)
-        _set_path(merged, _route(key.strip(), method, fields), _parse_value(value.strip()))
+        path = _route(key.strip(), method, fields)
+        # Text fields take the text as written: YAML would read a run name such as 20942_00000
+        # (a Tune trial id) as the integer 2094200000.
+        section = {"data": DataSection, "train": TrainSection, "method_config": method_cls.config_cls}.get(path[0], RunConfig)
+        text_field = _is_text_field(section, path[-1]) if len(path) <= 2 else False
+        _set_path(merged, path, value.strip() if text_field else _parse_value(value.strip()))
     try:
         cfg = RunConfig.model_validate(merged)
     except ValidationError as err:

@@ -68,3 +68,11 @@ def test_use_gpu_selects_the_paper_profile_unless_a_profile_is_given():
     assert cfg.profile == "paper" and cfg.train.use_gpu is True
     cfg = _resolve(argparse.Namespace(**base, profile="cpu", use_gpu=True), [])
     assert cfg.profile == "cpu"
+
+
+def test_text_fields_keep_the_text_as_written():
+    """A Tune trial id such as 20942_00000 is valid YAML for an integer; a run name must stay text."""
+    cfg = resolve_config(method="voco", profile="cpu",
+                         overrides=["name=20942_00000", "data.store=007.zarr", "voco.lambda_reg=0.5"])
+    assert cfg.name == "20942_00000" and cfg.data.store == "007.zarr"
+    assert cfg.method_cfg().lambda_reg == 0.5
