@@ -498,6 +498,9 @@ def convert(inputs: Sequence[str | os.PathLike | ScanRef] | str | os.PathLike,
             rewrite_manifest()
             last_write = time.monotonic()
     manifest = rewrite_manifest()
+    # Again at the end: a task whose worker died during this run (Ray retried it elsewhere)
+    # left its temporary behind, and a writer killed just before we started may only now be dead.
+    clean_incoming(store)
 
     converted = [r.volume_id for r in results if r.status == "converted"]
     skipped = [r.volume_id for r in results if r.status == "skipped"]

@@ -20,6 +20,7 @@ import datasets_zarr as dz
 from datasets_zarr.demo import phantom_affine, write_dicom_series
 from datasets_zarr.manifest import MANIFEST_COLUMNS, hash_split, manifest_schema
 from datasets_zarr.preprocess import reorient_to_ras
+from datasets_zarr.store import _pid_alive
 
 SHAPE, SPACING = (40, 36, 24), (3.0, 2.5, 4.0)
 
@@ -348,6 +349,12 @@ def test_killed_conversion_leaves_nothing_visible(ray_local, tmp_path):
             driver.kill()
         driver.wait(30)
     assert killed_worker is not None, "the conversion finished before it could be interrupted"
+    # SIGKILL is delivered when the writer leaves uninterruptible disk I/O; until then it counts
+    # as a live writer whose entry must be kept, so wait for it to be gone (or a zombie).
+    deadline = time.monotonic() + 60
+    while _pid_alive(killed_worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(killed_worker), f"writer {killed_worker} survived SIGKILL for 60 s"
 
     assert not (store / "big").exists()  # nothing half-written is visible
     assert any(p.is_dir() for p in incoming.iterdir())  # the interrupted write is still there
