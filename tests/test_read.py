@@ -66,6 +66,41 @@ def test_only_touched_chunks_are_decoded(tmp_path, volume):
     assert reader.stats.chunks_decoded == 10
 
 
+def test_only_needed_blosc_blocks_are_decoded(tmp_path):
+    """64^3 int16 chunks hold four 128 KiB blosc blocks of 16 first-axis slices each: a box needing
+    slices 40-47 of a chunk decodes one of them, and every box still equals zarr's own read."""
+    rng = np.random.default_rng(1)
+    data = (np.cumsum(rng.normal(0, 5, (128, 64, 64)), axis=0) - 500).astype(np.int16)
+    store = str(tmp_path / "s.zarr")
+    arr = _write(store, "v", data, chunks=(64, 64, 64))
+    reader = StoreReader(store)
+    got = reader.read("v", (40, 0, 0), (8, 64, 64), dtype=None)
+    np.testing.assert_array_equal(got, data[40:48])
+    assert reader.stats.bytes_decoded == 128 * 1024  # one block, not the 512 KiB chunk
+    # Several boxes in one call share a chunk: the decoded rows cover all of them.
+    boxes = [((40, 5, 7), (30, 20, 20)), ((3, 0, 0), (10, 64, 64)), ((60, 60, 60), (40, 8, 8)),
+             ((-5, -5, -5), (140, 70, 70)), ((100, 10, 10), (12, 12, 12))]
+    for start, size in boxes:  # one box per call, then all in one call
+        np.testing.assert_array_equal(reader.read("v", start, size, pad_value=-7),
+                                      _reference(data, start, size, -7))
+    for (start, size), got in zip(boxes, reader.read_boxes("v", boxes, pad_value=-7)):
+        np.testing.assert_array_equal(got, _reference(data, start, size, -7))
+    np.testing.assert_array_equal(reader.read("v", (0, 0, 0), (128, 64, 64), dtype=None), arr[:])
+
+
+def test_corrupt_block_offset_fails_a_partial_decode_cleanly(tmp_path):
+    """A block offset pointing past the object is reported by blosc_getitem, not read beyond it."""
+    data = np.zeros((64, 64, 64), dtype=np.int16) + np.arange(64, dtype=np.int16)[:, None, None]
+    store = str(tmp_path / "s.zarr")
+    _write(store, "v", data, chunks=(64, 64, 64))
+    chunk = os.path.join(store, "v", "image", "c", "0", "0", "0")
+    with open(chunk, "r+b") as f:
+        f.seek(16 + 4 * 2)  # the third block's start offset in the blosc header
+        f.write((2**31 - 1).to_bytes(4, "little"))
+    with pytest.raises(ChunkReadError, match="image/c/0/0/0 is corrupt"):
+        StoreReader(store).read("v", (36, 0, 0), (8, 64, 64))
+
+
 def test_sharded_arrays_use_zarr_and_agree(tmp_path, volume):
     store = str(tmp_path / "s.zarr")
     _write(store, "plain", volume)

@@ -1,13 +1,15 @@
 """Read 3D boxes from Zarr v3 volume stores, decoding only the chunks each box touches.
 
 The fast path reads the chunk objects of unsharded `bytes + blosc` arrays (our stores' default)
-and decodes them with numcodecs directly, skipping the zarr API's per-chunk overhead (about half
-of a crop's time in our measurements). Any other layout (sharding, other codecs) goes through
+and decodes them with c-blosc directly, skipping the zarr API's per-chunk overhead (about half
+of a crop's time in our measurements), and decodes only the blosc blocks (slabs along the first
+axis) that a box needs. Any other layout (sharding, other codecs) goes through
 `zarr` itself. Both paths return identical arrays (tested).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import posixpath
 from dataclasses import dataclass
@@ -20,6 +22,26 @@ import zarr
 
 # Ray gives each data actor its own core; blosc's internal threads would oversubscribe it.
 numcodecs.blosc.use_threads = False
+
+
+def _load_blosc_getitem():
+    """c-blosc's `blosc_getitem` from the library numcodecs bundles, or None where it is absent.
+
+    It decodes only the blosc blocks that hold the requested items. A 64^3 int16 chunk is four
+    128 KiB blocks of 16 slices along the first axis, and a 96^3 crop needs on average 111 of the
+    159 first-axis slices of the chunks it touches: about 30 % less decoding per crop.
+    numcodecs does not wrap this function, so it is reached through ctypes.
+    """
+    try:
+        function = ctypes.CDLL(numcodecs.blosc.__file__).blosc_getitem
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    return function
+
+
+_blosc_getitem = _load_blosc_getitem()
 
 
 class ChunkReadError(RuntimeError):
@@ -130,48 +152,82 @@ class StoreReader:
 
     # -- fast path: chunk objects decoded with numcodecs ------------------------------------------
     def _read_fast(self, group: str, info: _ArrayInfo, boxes, outputs) -> None:
-        needed: dict[tuple[int, ...], None] = {}
+        # Every chunk the boxes touch, with the first-axis rows [first, stop) they need from it.
+        needed: dict[tuple[int, ...], tuple[int, int]] = {}
         for start, size in boxes:
             lo, hi = _clip(start, size, info.shape)
             if lo is None:
                 continue
             ranges = [range(l // c, (h - 1) // c + 1) for l, h, c in zip(lo, hi, info.chunks)]
             for idx in np.ndindex(*[len(r) for r in ranges]):
-                needed[tuple(r[i] for r, i in zip(ranges, idx))] = None
+                key = tuple(r[i] for r, i in zip(ranges, idx))
+                origin = key[0] * info.chunks[0]
+                first = max(lo[0] - origin, 0)
+                stop = min(hi[0] - origin, info.chunks[0])
+                if key in needed:
+                    first, stop = min(first, needed[key][0]), max(stop, needed[key][1])
+                needed[key] = (first, stop)
         if not needed:
             return
         keys = list(needed)
         paths = [posixpath.join(info.path, "c", *map(str, k)) if info.separator == "/"
                  else posixpath.join(info.path, "c" + info.separator + info.separator.join(map(str, k)))
                  for k in keys]
-        blobs = self._fetch(paths)
         chunk_nbytes = int(np.prod(info.chunks)) * info.dtype.itemsize
+        row_items = int(np.prod(info.chunks[1:]))
         buffer = None
+        blobs = self._fetch(paths)
         for key, path in zip(keys, paths):
             blob = blobs.get(path)
             if blob is None:  # never-written chunk: all fill value
                 chunk = np.full(info.chunks, info.fill_value, dtype=info.dtype)
             else:
                 self.stats.bytes_fetched += len(blob)
+                # blosc header: uncompressed size at bytes 4-7, block size 8-11, compressed size
+                # 12-15. Checked before decoding, as blosc_cbuffer_validate does: c-blosc reads
+                # block offsets from the header and trusts it.
                 if len(blob) < 16:
                     raise self._corrupt(group, path, f"{len(blob)} bytes, shorter than a blosc header")
-                nbytes = int.from_bytes(blob[4:8], "little")  # blosc header: uncompressed size at bytes 4-7
+                nbytes = int.from_bytes(blob[4:8], "little")
                 if nbytes != chunk_nbytes:
                     raise self._corrupt(group, path, f"decodes to {nbytes} bytes, expected {chunk_nbytes}")
+                if int.from_bytes(blob[12:16], "little") != len(blob):
+                    raise self._corrupt(group, path, f"header says {int.from_bytes(blob[12:16], 'little')} "
+                                                     f"compressed bytes, the object has {len(blob)}")
                 # Decoded into one reused buffer (pasted out right away): fresh pages cost more than
                 # the decode on VMs that hand freed memory back to the host.
                 if buffer is None:
                     buffer = np.empty(chunk_nbytes, dtype=np.uint8)
-                try:
-                    numcodecs.blosc.decompress(blob, buffer)
-                except Exception as err:  # numcodecs raises RuntimeError on corrupt input
-                    raise self._corrupt(group, path, f"blosc decode failed: {err}") from err
+                first, stop = needed[key]
+                self.stats.bytes_decoded += self._decode(group, path, blob, buffer, info,
+                                                         first * row_items, (stop - first) * row_items)
                 chunk = buffer.view(info.dtype).reshape(info.chunks)
                 self.stats.chunks_decoded += 1
-                self.stats.bytes_decoded += chunk_nbytes
             origin = tuple(k * c for k, c in zip(key, info.chunks))
             for (start, size), out in zip(boxes, outputs):
                 _paste(chunk, origin, start, size, info.shape, out)
+
+    def _decode(self, group: str, path: str, blob: bytes, buffer: np.ndarray, info: _ArrayInfo,
+                first_item: int, n_items: int) -> int:
+        """Decode items [first_item, first_item + n_items) of a chunk into their place in `buffer`
+        (the whole chunk when partial decoding does not apply); return the bytes blosc decoded."""
+        itemsize = info.dtype.itemsize
+        blocksize = int.from_bytes(blob[8:12], "little")
+        partial = (_blosc_getitem is not None and isinstance(blob, bytes) and blob[3] == itemsize and blocksize > 0
+                   and n_items * itemsize < len(buffer))
+        try:
+            if not partial:
+                numcodecs.blosc.decompress(blob, buffer)
+                return len(buffer)
+            written = _blosc_getitem(blob, int(first_item), int(n_items),
+                                     buffer.ctypes.data + int(first_item) * itemsize)
+            if written != n_items * itemsize:
+                raise RuntimeError(f"blosc_getitem returned {written}")
+        except Exception as err:  # blosc reports corrupt input as an error code
+            raise self._corrupt(group, path, f"blosc decode failed: {err}") from err
+        first_block = first_item * itemsize // blocksize
+        last_block = ((first_item + n_items) * itemsize - 1) // blocksize
+        return min((last_block - first_block + 1) * blocksize, len(buffer))
 
     def _corrupt(self, group: str, path: str, what: str) -> ChunkReadError:
         return ChunkReadError(
