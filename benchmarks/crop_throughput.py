@@ -227,7 +227,7 @@ def monai_baseline(niftis, workers: int, seconds: float, warmup_items: int) -> d
         assert batch["image"].shape[-3:] == (CROP, CROP, CROP)
 
     run = measure_stream(loader, RateMeter(warmup_items=warmup_items), seconds, count=lambda b: b["image"].shape[0],
-                         check=check)
+                         check=check, interval=1.0)
     del loader
     return {**run.summary, "cpu_ms_per_crop": run.cpu_per_item(1e3), "phase": run.sampler.stats.summary()}
 
@@ -278,7 +278,10 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int, tasks_in
     meter = RateMeter(warmup_items=max(4 * samples_per_call * args.actors, 2 * (batch_size or samples_per_call)),
                       warmup_seconds=2.0, ready=actors_settled(args.actors))
     batches = ds.iter_batches(batch_size=batch_size or None, batch_format="numpy", prefetch_batches=args.prefetch)
-    run = measure_stream(batches, meter, seconds, count=lambda b: len(b["sample"]), close=lambda: close_iterator(batches))
+    # Memory sampled once a second: reading smaps_rollup of every Ray process every 0.5 s took
+    # ~6 % of a core on the driver (py-spy), CPU the pipeline under test then did not get.
+    run = measure_stream(batches, meter, seconds, count=lambda b: len(b["sample"]), close=lambda: close_iterator(batches),
+                         interval=1.0)
     del ds
     # Memory over the measured window only (not the start-up before it nor the teardown after it).
     steady = run.sampler.stats.samples[run.window]
