@@ -76,6 +76,15 @@ class RunConfig(_Strict):
     def method_cfg(self) -> MethodConfig:
         return get_method_class(self.method).config_cls.model_validate(self.method_config)
 
+    def with_method_cfg(self, method_cfg: MethodConfig) -> "RunConfig":
+        """This config with the fields of `method_cfg` that differ from `method_cfg()` written in
+        (e.g. an atlas that `Method.prepare` chose), so the run folder records what was used."""
+        current = self.method_cfg().model_dump(mode="json")
+        changed = {k: v for k, v in method_cfg.model_dump(mode="json").items() if current.get(k) != v}
+        if not changed:
+            return self
+        return self.model_copy(update={"method_config": {**self.method_config, **changed}})
+
     def to_yaml_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json")
         d[self.method] = d.pop("method_config")

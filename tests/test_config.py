@@ -76,3 +76,14 @@ def test_text_fields_keep_the_text_as_written():
                          overrides=["name=20942_00000", "data.store=007.zarr", "voco.lambda_reg=0.5"])
     assert cfg.name == "20942_00000" and cfg.data.store == "007.zarr"
     assert cfg.method_cfg().lambda_reg == 0.5
+
+
+def test_a_choice_made_by_prepare_is_written_into_the_run_config():
+    """DrasCLR.prepare picks the atlas when none is given; the run records it (model card, resume)."""
+    cfg = resolve_config(method="drasclr", profile="cpu", overrides=["drasclr.temperature=0.3"])
+    assert cfg.method_cfg().atlas is None
+    assert cfg.with_method_cfg(cfg.method_cfg()) is cfg  # nothing resolved: the same config
+    resolved = cfg.with_method_cfg(cfg.method_cfg().model_copy(update={"atlas": "demo_003"}))
+    assert resolved.method_cfg().atlas == "demo_003" and resolved.method_cfg().temperature == 0.3
+    assert resolved.to_yaml_dict()["drasclr"]["atlas"] == "demo_003"
+    assert cfg.method_cfg().atlas is None  # the original is unchanged

@@ -284,6 +284,8 @@ def test_end_to_end_on_demo_phantoms(demo_store_path, tmp_path):
     method.prepare_with_ray = False
     volumes = method.prepare(str(store), load_volumes(str(store), "train"))
     assert all(v.has_mask and EXTRA_POSITIONS in v.extra for v in volumes)
+    assert method.config.atlas == volumes[0].extra["atlas"]  # the automatic choice is pinned
+    assert method.card()["landmarks"]["atlas"] == volumes[0].extra["atlas"]
     n_landmarks = len(volumes[0].extra[EXTRA_ATLAS_COORDS])
     reader = StoreReader(str(store))
     rng = np.random.default_rng(0)

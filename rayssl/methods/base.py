@@ -109,6 +109,8 @@ class Method(ABC):
 
         May write derived arrays/attributes into the store and return the volumes with extra
         per-volume facts in `VolumeInfo.extra` (they travel to the data actors with the plans).
+        May also replace `self.config` to pin an automatic choice (DrasCLR's atlas): the run
+        records the resolved config, so its model card and a resumed run use the same choice.
         """
         return list(volumes)
 

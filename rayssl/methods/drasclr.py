@@ -411,6 +411,8 @@ class DrasCLR(Method):
             extra["atlas_to_subject_voxel"] = atlas_to_subject.ravel()
             extra["subject_to_atlas_voxel"] = np.linalg.inv(atlas_to_subject).ravel()
             prepared.append(replace(volume, has_mask=True, extra=extra))
+        if cfg.atlas is None:  # pin the automatic choice (see Method.prepare)
+            self.config = cfg.model_copy(update={"atlas": table.atlas_id})
         self.attach(prepared)
         return prepared
 
@@ -633,6 +635,7 @@ class DrasCLR(Method):
     def card(self) -> dict[str, Any]:
         cfg = self.config
         return {
+            "paper": "Yu et al. DrasCLR: anatomy-aware self-supervised learning for 3D lung CT, MedIA 2024",
             "pretraining_patch_size": [cfg.patch_size] * 3,
             "recommended_downstream_patch_size": [cfg.patch_size] * 3,
             "input_intensity": {"window_hu": list(CT_WINDOW), "scaled_to": [-1, 1]},

@@ -141,6 +141,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     volumes = load_volumes(store, cfg.data.split)
     method.check_volumes(volumes)
     volumes = method.prepare(store, volumes)
+    cfg = cfg.with_method_cfg(method.config)
 
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
