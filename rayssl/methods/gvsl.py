@@ -480,7 +480,7 @@ class GVSL(Method):
     def card(self) -> dict[str, Any]:
         cfg = self.config
         return {
-            "method": "GVSL (He et al., CVPR 2023)",
+            "paper": "He et al. Geometric Visual Similarity Learning (GVSL), CVPR 2023",
             "pretraining_input_size": list(cfg.input_size),
             "recommended_downstream_input_size": list(cfg.input_size),
             "intensity": (f"CT window {list(cfg.ct_window)} HU -> [0, 1]" if cfg.intensity == "ct" else

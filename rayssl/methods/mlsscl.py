@@ -471,7 +471,7 @@ class MLSSCL(Method):
     def card(self) -> dict[str, Any]:
         cfg = self.config
         return {
-            "method": "MLSSCL (Cao et al., ICASSP 2022)",
+            "paper": "Cao et al. Multiview long-short spatial contrastive learning (MLSSCL), ICASSP 2022",
             "backbone": cfg.backbone,
             "pretraining_patch_size": [cfg.clip_length, cfg.image_size, cfg.image_size],
             "pretraining_input_layout": "[1, clip axis, in-plane a, in-plane b]; axial [z,x,y], coronal [y,x,z], sagittal [x,y,z]",

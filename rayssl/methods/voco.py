@@ -626,7 +626,6 @@ class VoCo(Method):
         c = self.config
         d = c.input_size
         return {
-            "method": "voco",
             "paper": "Wu, Zhuang, Chen. VoCo, CVPR 2024",
             "backbone": c.backbone,
             "pretraining_patch_size": [d, d, d],

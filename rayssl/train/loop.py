@@ -306,6 +306,7 @@ def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str,
         "config": cfg.to_yaml_dict(),
         **card_context,
         **method.card(),
+        "method": cfg.method,  # the registry name, which `rayssl probe` and Tune look the method up by
     }
     _write_text(posixpath.join(export_dir, "model_card.json"), json.dumps(card, indent=2, default=str))
     _say(f"[rayssl] exported backbone ({len(state)} tensors) to {export_dir}")
