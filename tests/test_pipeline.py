@@ -139,3 +139,14 @@ def test_preview_draws_streamed_views(ray_local, demo_store_path, tmp_path):
     image = Image.open(path)
     assert image.size[0] > 200 and image.size[1] > 400  # 3 planes x (2 samples x 6 crops) rows
     assert len(set(image.convert("L").getdata())) > 20  # real image content, not a blank canvas
+
+
+def test_data_actors_keep_freed_memory_for_reuse():
+    """glibc's mallopt accepts the settings (data actors call this at start; see keep_freed_memory)."""
+    import platform
+
+    from rayssl.data.pipeline import keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory() is True
