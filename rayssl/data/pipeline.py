@@ -37,7 +37,7 @@ def keep_freed_memory(max_block_mib: int = 32) -> bool:
     Data actors allocate and free the same large arrays (crops, views, output blocks) for every
     sample. By default glibc serves arrays above a threshold with fresh mmap pages and trims the
     heap when a block is freed, so each sample faults its memory in again; on VMs that hand freed
-    pages back to the host that costs as much as a fifth of a crop's read (benchmarks/README.md).
+    pages back to the host that was ~10 % of an actor's CPU per crop (benchmarks/README.md).
     Allocations up to `max_block_mib` now come from the heap, which is never trimmed: the actor's
     memory grows to its working set and stays there. Returns False where the C library has no
     `mallopt` (not glibc) or refuses a setting.
