@@ -47,7 +47,7 @@ def in_process_rate(volumes, method, samples: int, seed: int) -> dict:
     import torch
 
     from rayssl.data.pipeline import ViewBuilder
-    from rayssl.data.plan import Planner, decode_requests
+    from rayssl.data.plan import Planner
 
     torch.set_num_threads(1)
     planner = Planner(volumes, method.plan, seed=seed)
@@ -56,8 +56,8 @@ def in_process_rate(volumes, method, samples: int, seed: int) -> dict:
     for i in range(samples + 2):
         if i == 2:  # the first samples open stores and warm caches
             t0, cpu0 = time.perf_counter(), time.process_time()
-        _, _, encoded, views_seed = planner.plan(i)
-        views = builder.build(decode_requests(encoded), views_seed)
+        _, _, requests, views_seed = planner.plan_requests(i)
+        views = builder.build(requests, views_seed)
         if i >= 2:
             crops += crops_per_sample(views)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -147,10 +147,10 @@ def main() -> int:
 
     if args.step_flops:
         from rayssl.data.pipeline import ViewBuilder
-        from rayssl.data.plan import Planner, decode_requests
+        from rayssl.data.plan import Planner
 
-        _, _, encoded, views_seed = Planner(volumes, method.plan, seed=cfg.seed).plan(0)
-        views = ViewBuilder(volumes, method.plan, method.views, read_dtype=method.read_dtype).build(decode_requests(encoded), views_seed)
+        _, _, requests, views_seed = Planner(volumes, method.plan, seed=cfg.seed).plan_requests(0)
+        views = ViewBuilder(volumes, method.plan, method.views, read_dtype=method.read_dtype).build(requests, views_seed)
         results["train_step_tflop"] = train_step_tflop(method, views, cfg.train.batch_size)
         results["batch_size"] = cfg.train.batch_size
         print(f"  one training step at batch {cfg.train.batch_size}: {results['train_step_tflop']:.2f} TFLOP")

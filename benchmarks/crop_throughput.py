@@ -66,10 +66,10 @@ def views_crop(crops, requests, rng):
 # ---------------------------------------------------------------------------------------------
 def sample_plans(volumes, n: int, seed: int = 0):
     """The first `n` plans of the pipeline's Planner: the exact boxes the Ray run reads first."""
-    from rayssl.data.plan import Planner, decode_requests
+    from rayssl.data.plan import Planner
 
     planner = Planner(volumes, plan_random_crop, seed=seed)
-    return [decode_requests(planner.plan(i)[2])[0] for i in range(n)]
+    return [planner.plan_requests(i)[2][0] for i in range(n)]
 
 
 def chunk_reads_of(volume, start, size, chunks: int) -> list[tuple[str, int, int]]:

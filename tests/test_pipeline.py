@@ -142,11 +142,14 @@ def test_preview_draws_streamed_views(ray_local, demo_store_path, tmp_path):
 
 
 def test_data_actors_keep_freed_memory_for_reuse():
-    """glibc's mallopt accepts the settings (data actors call this at start; see keep_freed_memory)."""
+    """glibc's mallopt accepts the settings (data actors call this at start; see keep_freed_memory).
+    In a child process: the setting lasts for the life of the process that makes it."""
     import platform
-
-    from rayssl.data.pipeline import keep_freed_memory
+    import subprocess
+    import sys
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert keep_freed_memory() is True
+    code = "from rayssl.data.pipeline import keep_freed_memory; print(keep_freed_memory())"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import ray
 
-from rayssl.data.plan import Planner, PlanFn, decode_requests
+from rayssl.data.plan import Planner, PlanFn
 from rayssl.data.read import StoreReader
 from rayssl.methods.base import ReadRequest, VolumeInfo
 
@@ -107,8 +107,8 @@ class ViewBuilder:
 
     def build_sample(self, sample: int) -> dict[str, np.ndarray]:
         """Views of global sample index `sample` (planned here, deterministically)."""
-        _, volume, encoded, seed = self.planner.plan(sample)
-        views = self._build_or_skip(decode_requests(encoded), seed, volume)
+        _, volume, requests, seed = self.planner.plan_requests(sample)
+        views = self._build_or_skip(requests, seed, volume)
         views["sample"] = np.int64(sample)
         return views
 

@@ -70,7 +70,13 @@ class Planner:
         self._orders: dict[int, np.ndarray] = {}
 
     def plan(self, sample: int) -> tuple[int, int, np.ndarray, int]:
-        """(epoch, primary volume, encoded requests, views seed) of global sample index `sample`."""
+        """(epoch, primary volume, encoded requests, views seed) of global sample index `sample`:
+        `plan_requests` with the boxes as one comparable int64 array."""
+        epoch, volume, requests, views_seed = self.plan_requests(sample)
+        return epoch, volume, encode_requests(requests), views_seed
+
+    def plan_requests(self, sample: int) -> tuple[int, int, list[ReadRequest], int]:
+        """(epoch, primary volume, read requests, views seed) of global sample index `sample`."""
         epoch, position = divmod(int(sample), self.samples_per_epoch)
         if epoch not in self._orders:
             self._orders = {epoch: epoch_order(len(self.volumes), self.samples_per_volume, self.seed, epoch)}
@@ -78,4 +84,4 @@ class Planner:
         rng = sample_rng(self.seed, epoch, self.volumes[volume].id, position)
         requests = self.plan_fn(self.volumes, volume, rng)
         views_seed = int(rng.integers(0, 2**62))
-        return epoch, volume, encode_requests(requests), views_seed
+        return epoch, volume, list(requests), views_seed

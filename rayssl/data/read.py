@@ -150,7 +150,7 @@ class StoreReader:
             self._read_zarr(group, info, boxes, outputs)
         return outputs
 
-    # -- fast path: chunk objects decoded with numcodecs ------------------------------------------
+    # -- fast path: chunk objects decoded with c-blosc -------------------------------------------
     def _read_fast(self, group: str, info: _ArrayInfo, boxes, outputs) -> None:
         # Every chunk the boxes touch, with the first-axis rows [first, stop) they need from it.
         needed: dict[tuple[int, ...], tuple[int, int]] = {}

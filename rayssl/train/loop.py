@@ -291,7 +291,6 @@ def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str,
         torch.save(state, f)
     fs.mv(posixpath.join(path, "backbone.pt.tmp"), posixpath.join(path, "backbone.pt"))
     card = {
-        "method": cfg.method,
         "profile": cfg.profile,
         "steps": step,
         "final_loss": last_metrics.get("loss"),

@@ -6,7 +6,7 @@ import io
 import json
 import platform
 import posixpath
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
