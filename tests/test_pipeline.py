@@ -8,7 +8,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec
 
-from rayssl.data.pipeline import SkipLedger, build_dataset
+from rayssl.data.pipeline import SkipLedger, build_dataset, iter_samples
 from rayssl.data.plan import Planner
 from rayssl.data.volumes import load_volumes
 from rayssl.methods.base import ReadRequest
@@ -81,6 +81,46 @@ def test_actor_pool_streams_the_planned_voxels(ray_local, tmp_path):
         expected = np.where(inside, 1000 * volume + 30 * x + y, -1024).astype(np.float32)
         np.testing.assert_array_equal(row["image"][0], expected)
         np.testing.assert_array_equal(row["label"][0], np.where(inside, z % 7, 0))
+
+
+def test_iter_samples_hands_out_views_of_the_blocks(ray_local, tmp_path):
+    """Every sample once, equal to Ray's own rows; without a conversion the arrays are read-only
+    views of the object-store block (no copy); with dtypes they are torch tensors that own their data."""
+    import torch
+
+    volumes = load_volumes(make_store(str(tmp_path / "s.zarr")))
+    ds = build_dataset(volumes, plan_corner, views_identity, num_samples=24, seed=1, actors=(1, 2),
+                       actor_cpus=0.5, samples_per_call=2, read_dtype=None)
+    expected = {int(r["sample"]): r for r in ds.take_all()}
+
+    samples = list(iter_samples(ds))
+    assert sorted(int(s["sample"]) for s in samples) == list(range(24))
+    for sample in samples:
+        for key, value in expected[int(sample["sample"])].items():
+            np.testing.assert_array_equal(sample[key], value)
+        image = sample["image"]
+        assert image.dtype == np.int16 and not image.flags.writeable
+        # A row of the record batch's (rows, 1, 8, 8, 8) array, not an array of its own.
+        assert isinstance(image.base, np.ndarray) and image.base.shape[1:] == image.shape
+        assert image.base.shape[0] >= 2  # samples_per_call=2: two samples per piece of the block
+
+    cast = list(iter_samples(ds, dtypes={"image": torch.float32}))
+    assert sorted(int(s["sample"]) for s in cast) == list(range(24))
+    for sample in cast:
+        want = expected[int(sample["sample"])]
+        assert sample["image"].dtype == torch.float32 and sample["label"].dtype == torch.uint8
+        np.testing.assert_array_equal(sample["image"].numpy(), want["image"].astype(np.float32))
+        np.testing.assert_array_equal(sample["label"].numpy(), want["label"])
+        sample["label"] += 1  # owned memory: writing to it cannot touch the object store
+    again = {int(s["sample"]): s for s in iter_samples(ds, dtypes=torch.float32)}
+    np.testing.assert_array_equal(again[0]["label"].numpy(), expected[0]["label"])  # float32 for every array
+    assert again[0]["start"].dtype == torch.float32 and isinstance(again[0]["sample"], np.integer)
+
+    # Leaving early stops the iteration (no hang, no error at shutdown).
+    stream = iter_samples(build_dataset(volumes, plan_corner, views_identity, num_samples=400, seed=1,
+                                        actors=(1, 1), actor_cpus=0.5))
+    assert next(stream)["image"].dtype == np.float32
+    stream.close()
 
 
 def _corrupt(store, volume):
