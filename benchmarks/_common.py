@@ -415,9 +415,10 @@ def measure_stream(batches, meter: "RateMeter", seconds: float, count=len, check
     return StreamRun(summary=meter.summary(), cpu=cpu, sampler=sampler, window=window)
 
 
-def close_iterator(batches) -> None:
+def close_iterator(batches, threads_before: set | None = None, timeout_s: float = 30.0) -> None:
     """Stop a Ray Data iteration left early, and let its prefetch threads end before Ray shuts down
-    (a thread still talking to a stopped raylet aborts the driver)."""
+    (a thread still talking to a stopped raylet makes the driver exit). With `threads_before` (the
+    threads alive before the iteration started), wait until every thread started since has ended."""
     import gc
 
     close = getattr(batches, "close", None)
@@ -425,6 +426,15 @@ def close_iterator(batches) -> None:
         close()
     gc.collect()
     time.sleep(1.0)
+    deadline = time.time() + timeout_s
+    while threads_before is not None and time.time() < deadline:
+        # Ray Data's "Prefetcher" thread parks on a condition until its iterator is collected and
+        # touches nothing meanwhile; the block-formatting threads are the ones to wait for.
+        new = [t for t in threading.enumerate()
+               if t not in threads_before and t.is_alive() and t.name != "Prefetcher"]
+        if not new:
+            break
+        time.sleep(0.2)
 
 
 def ray_init(object_store_mib: int, num_cpus: int = 2, tasks_in_flight: int = 0) -> None:

@@ -207,7 +207,7 @@ def iter_samples(ds: "ray.data.Dataset", *, dtypes: "torch.dtype | Mapping[str, 
     store's dtype (`build_dataset(read_dtype=None)`) and casting here moves half the bytes through
     Ray: the fastest way to get float32 crops.
     """
-    blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_blocks)
+    blocks = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_blocks))
     try:
         for block in blocks:
             for record_batch in block.to_batches():
@@ -220,7 +220,7 @@ def iter_samples(ds: "ray.data.Dataset", *, dtypes: "torch.dtype | Mapping[str, 
                                   if isinstance(value, np.ndarray) and value.ndim else value
                                   for name, value in sample.items()}
                     yield sample
-    finally:  # left early: stop Ray's prefetch threads now, not at garbage collection
+    finally:  # left early: shut Ray's executor down now, not at garbage collection
         close = getattr(blocks, "close", None)
         if close is not None:
             close()
