@@ -30,6 +30,7 @@ import argparse
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -289,6 +290,7 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int | str, ta
     per_item = batch_size if isinstance(batch_size, int) and batch_size else samples_per_call
     meter = RateMeter(warmup_items=max(4 * samples_per_call * args.actors, 2 * per_item),
                       warmup_seconds=2.0, ready=actors_settled(args.actors))
+    threads_before = set(threading.enumerate())
     if batch_size == "s":
         batches = iter_samples(ds, dtypes=torch.float32 if dtype == "i16f32" else None, prefetch_blocks=args.prefetch)
         count = lambda sample: 1  # noqa: E731
@@ -297,7 +299,8 @@ def ray_pipeline(volumes, args, samples_per_call: int, batch_size: int | str, ta
         count = lambda b: len(b["sample"])  # noqa: E731
     # Memory sampled once a second: reading smaps_rollup of every Ray process every 0.5 s took
     # ~6 % of a core on the driver (py-spy), CPU the pipeline under test then did not get.
-    run = measure_stream(batches, meter, seconds, count=count, close=lambda: close_iterator(batches), interval=1.0)
+    run = measure_stream(batches, meter, seconds, count=count, close=lambda: close_iterator(batches, threads_before),
+                         interval=1.0)
     del ds
     # Memory over the measured window only (not the start-up before it nor the teardown after it).
     steady = run.sampler.stats.samples[run.window]
