@@ -162,6 +162,8 @@ def build_dataset(
 
     Rows are sample indices; planning, reading and view building run on an autoscaling actor pool
     (`ActorPoolStrategy(min_size, max_size)`), so a cluster grows the pool with CPU nodes.
+    Consume it one sample at a time with `iter_samples` (views of the blocks, no copy) or in
+    batches with Ray's `iter_torch_batches` (docs/streaming.md).
     """
     if num_samples <= 0:
         raise ValueError(f"num_samples must be > 0, got {num_samples}")
