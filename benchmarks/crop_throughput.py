@@ -405,9 +405,9 @@ def main(argv=None) -> dict:
 
     results["ray"] = []
     for store_mib in stores:
-        # A fresh Ray per config: within one Ray session each stream started with less of the
-        # object store free than the one before (blocks of the stopped streams still pinned; the
-        # third stream in a row ran at half speed and spilled), which ranked configs by position.
+        # A fresh Ray per config: within one Ray session a stream that followed others could run
+        # at half the speed of the same config run first (cores idle, blocks spilling), which
+        # ranked configs by their position in the list.
         for spc, batch, inflight, dtype in configs:
             ray_init(store_mib)
             try:
