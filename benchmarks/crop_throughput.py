@@ -4,9 +4,10 @@ One run measures, on the same CT-sized volumes (512x512x~300 int16, see _common.
 
 1. rayssl: `rayssl.data.pipeline.build_dataset` (plan = one random 96^3 box, views = the crop)
    on a Ray Data actor pool of `--actors` CPU actors, store written by datasets_zarr at 64^3
-   chunks, blosc-zstd clevel 3 + shuffle. Ray runs with a small object store (default 256 MiB)
-   while more than 1 GiB of crops streams through it; memory (PSS and RSS summed over every Ray
-   process) is sampled throughout.
+   chunks, blosc-zstd clevel 3 + shuffle, consumed by Ray's `iter_batches` or rayssl's
+   `iter_samples` (see --configs). Each config runs in a fresh Ray with each object store size
+   (default 256 MiB and 1 GiB) while many GiB of crops stream through it; memory (PSS and RSS
+   summed over every Ray process) is sampled throughout.
 2. MONAI baseline: `LoadImaged` (.nii.gz) + `EnsureChannelFirstd` + `RandSpatialCropd(96^3)` in a
    torch DataLoader with `--monai-workers` workers (one volume load per crop).
 3. Decode limit: the chunk objects the first crops of the same plan touch, decompressed with
@@ -20,7 +21,7 @@ One run measures, on the same CT-sized volumes (512x512x~300 int16, see _common.
 Plus in-process diagnostics on the same plans: StoreReader (rayssl's reader) on one thread, read
 amplification from `StoreReader.stats`, and the zarr API on one thread.
 
-    python benchmarks/crop_throughput.py            # full run (~3 min + one-off volume build)
+    python benchmarks/crop_throughput.py            # full run (~13 min + one-off volume build)
     python benchmarks/crop_throughput.py --quick    # smoke check, < 1 min
 """
 
@@ -63,7 +64,7 @@ def plan_random_crop(volumes, index, rng):
 
 
 def views_crop(crops, requests, rng):
-    """The crop itself (float32, as every method receives it)."""
+    """The crop itself, in the dtype the actors read it (float32 or the store's int16)."""
     return {"crop": crops[0]}
 
 
