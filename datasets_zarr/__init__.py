@@ -2,7 +2,8 @@
 
 from .convert import (ConversionOptions, VolumeJob, VolumeResult, convert, convert_one,
                       expand_input, plan_jobs)
-from .demo import DEMO_LABELS, demo_store, make_mni_variant, make_phantom, write_dicom_series
+from .demo import (DEMO_LABELS, MNI_TISSUE_LABELS, demo_store, make_mni_tissue_hemisphere, make_mni_variant,
+                   make_phantom, write_dicom_series)
 from .errors import ConversionError, ConversionFailed
 from .io import (ScanRef, ScanVolume, list_dicom_series, read_dicom_series, read_npy, read_nifti,
                  read_scan, read_sitk)
@@ -15,10 +16,10 @@ from .store import clean_incoming, write_volume
 read_mhd = read_sitk
 
 __all__ = [
-    "ConversionError", "ConversionFailed", "ConversionOptions", "DEMO_LABELS", "ScanRef",
+    "ConversionError", "ConversionFailed", "ConversionOptions", "DEMO_LABELS", "MNI_TISSUE_LABELS", "ScanRef",
     "ScanVolume", "VolumeJob", "VolumeMeta", "VolumeResult", "clean_incoming", "convert", "convert_one", "demo_store",
     "expand_input", "foreground_bbox", "hash_split", "iter_volume_meta", "list_dicom_series",
-    "make_mni_variant", "make_phantom", "plan_jobs", "read_dicom_series", "read_manifest",
+    "make_mni_tissue_hemisphere", "make_mni_variant", "make_phantom", "plan_jobs", "read_dicom_series", "read_manifest",
     "read_mhd", "read_nifti", "read_npy", "read_scan", "read_sitk", "reorient_to_ras",
     "volume_meta", "write_dicom_series", "write_manifest", "write_volume",
 ]

@@ -356,6 +356,12 @@ def make_mni_variant(seed: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarr
     offset = center - inverse @ (center + shift_voxels)
     image = ndimage.affine_transform(image, inverse, offset=offset, order=1, mode="constant")
     mask = ndimage.affine_transform(mask, inverse, offset=offset, order=0, mode="constant")
+    return mr_appearance(image, rng), mask.astype(np.uint8), affine
+
+
+def mr_appearance(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A seeded MR scanner appearance on a [0, 1] template: smooth bias field, gamma change,
+    arbitrary intensity scale and Rician-like noise (float32)."""
     grid = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in image.shape],
                        indexing="ij")
     coefficients = rng.normal(0, 0.12, size=3)
@@ -363,7 +369,54 @@ def make_mni_variant(seed: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarr
     image = np.clip(image, 0, None) ** rng.uniform(0.8, 1.25) * bias * rng.uniform(200, 1500)
     sigma = 0.02 * float(np.percentile(image, 99))
     noisy = np.hypot(image + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
-    return noisy.astype(np.float32), mask.astype(np.uint8), affine
+    return noisy.astype(np.float32)
+
+
+# Class ids of the MNI152 tissue label map (`make_mni_tissue_hemisphere`), id -> name.
+MNI_TISSUE_LABELS: dict[int, str] = {0: "background", 1: "csf", 2: "grey_matter", 3: "white_matter"}
+MNI_HEMISPHERES = ("left", "right")
+
+
+def make_mni_tissue_hemisphere(side: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One hemisphere of nilearn's MNI152 (ICBM 2009c sym, 2 mm) T1 template with a tissue label map.
+
+    Labels (`MNI_TISSUE_LABELS`) come from the template's grey- and white-matter probability maps
+    inside its brain mask: each brain voxel takes the most probable of CSF (1 - GM - WM), grey
+    matter and white matter. The right hemisphere is mirrored onto the left's grid, so both
+    volumes share one shape and orientation and a probe can fit on one and score on the other.
+    The template is exactly symmetric, so each hemisphere gets its own seeded MR appearance
+    (`mr_appearance`: bias field, gamma, scale, noise) to keep the two from being copies.
+    Returns (image float32, label uint8, brain mask uint8, RAS affine), cropped to the brain.
+    """
+    from nilearn.datasets import (load_mni152_brain_mask, load_mni152_gm_template,
+                                  load_mni152_template, load_mni152_wm_template)
+
+    if side not in MNI_HEMISPHERES:
+        raise ConversionError(f"side={side!r}: use one of {MNI_HEMISPHERES}.")
+    template = load_mni152_template(resolution=2)
+    affine = np.asarray(template.affine, dtype=float)
+    image = np.asarray(template.get_fdata(), dtype=np.float32)
+    mask = np.asarray(load_mni152_brain_mask(resolution=2).get_fdata()) > 0.5
+    grey = np.asarray(load_mni152_gm_template(resolution=2).get_fdata(), dtype=np.float32)
+    white = np.asarray(load_mni152_wm_template(resolution=2).get_fdata(), dtype=np.float32)
+    csf = np.clip(1.0 - grey - white, 0.0, 1.0)
+    label = np.where(mask, np.stack([csf, grey, white]).argmax(0) + 1, 0).astype(np.uint8)
+    # x = 0 (the mid-sagittal plane) is the voxel column where the affine maps to 0 mm.
+    midline = int(round(-affine[0, 3] / affine[0, 0]))
+    if side == "left":  # RAS+: x < 0 is the subject's left
+        cut = slice(0, midline)
+    else:
+        cut = slice(image.shape[0] - 1, midline, -1)  # x > 0, mirrored onto the left's grid
+    image, label, mask = image[cut], label[cut], mask[cut]
+    # Crop both hemispheres to the same box around the brain (the template is symmetric).
+    nonzero = np.argwhere(mask)
+    lo = np.maximum(nonzero.min(0) - 2, 0)
+    hi = np.minimum(nonzero.max(0) + 3, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    cropped_affine = affine.copy()
+    cropped_affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+    rng = np.random.default_rng([seed, MNI_HEMISPHERES.index(side)])
+    return (mr_appearance(image[box], rng), label[box], mask[box].astype(np.uint8), cropped_affine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,6 +456,9 @@ def demo_store(root: str | os.PathLike | None = None, n: int = 8, *, kind: str =
     as `label` and the lungs as `mask`; int16 HU. kind='mni': `n` MR volumes from nilearn's MNI152
     template (volume 0 the template, then `make_mni_variant` variants), percentile-normalised to
     [0, 1], brain mask as `mask` (`shape`/`spacing` are ignored: 99x117x95 at 2 mm).
+    kind='mni-tissue': the labelled MNI152 probe set, two volumes from
+    `make_mni_tissue_hemisphere` (`mni-left`, `mni-right` mirrored), tissue classes as `label`
+    (`MNI_TISSUE_LABELS`), brain mask as `mask`, percentile-normalised; `n` must be 2.
 
     Volumes go through the same preprocessing and `write_volume` code as `convert`, so the format
     and manifest are identical. `root` defaults to `default_cache_dir()`. The store is built in a
@@ -414,8 +470,12 @@ def demo_store(root: str | os.PathLike | None = None, n: int = 8, *, kind: str =
     from .manifest import MANIFEST_NAME, write_manifest
     from .store import ensure_store
 
-    if kind not in ("ct", "mni"):
-        raise ConversionError(f"kind={kind!r}: use 'ct' (torso phantoms) or 'mni' (brain MR).")
+    if kind not in ("ct", "mni", "mni-tissue"):
+        raise ConversionError(f"kind={kind!r}: use 'ct' (torso phantoms), 'mni' (brain MR) or "
+                              f"'mni-tissue' (two labelled MNI152 hemispheres).")
+    if kind == "mni-tissue" and int(n) != len(MNI_HEMISPHERES):
+        raise ConversionError(f"kind='mni-tissue' has exactly {len(MNI_HEMISPHERES)} volumes "
+                              f"{MNI_HEMISPHERES}, got n={n!r}.")
     if int(n) < 1:
         raise ConversionError(f"n={n!r}: a demo store needs at least one volume.")
     root = Path(root).expanduser() if root is not None else default_cache_dir()
@@ -446,6 +506,11 @@ def demo_store(root: str | os.PathLike | None = None, n: int = 8, *, kind: str =
                 mask = ((label == 1) | (label == 2)).astype(np.uint8)
                 source = (f"demo:phantom?seed={seed + index}&shape={'x'.join(map(str, shape))}"
                           f"&spacing={'x'.join(map(str, spacing))}")
+            elif kind == "mni-tissue":
+                side = MNI_HEMISPHERES[index]
+                volume_id = f"mni-{side}"
+                image, label, mask, affine = make_mni_tissue_hemisphere(side, seed)
+                source = f"demo:mni152-tissue?hemisphere={side}&seed={seed}"
             else:
                 volume_id = f"mni-{index:03d}"
                 image, mask, affine = make_mni_variant(None if index == 0 else seed + index)

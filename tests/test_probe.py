@@ -12,8 +12,9 @@ from torch import nn
 from rayssl.config import resolve_config
 from rayssl.eval.features import FeatureNet, build_network, intensity_scaler, load_run_weights, sample_levels
 from rayssl.eval.finetune import FinetuneConfig, segmentation_network
-from rayssl.eval.probe import (CropPool, ProbeConfig, ProbeData, build_pool, dice_per_class, fraction_subset,
-                               macro_auc, patch_probe, pool_features, train_voxel_head, voxel_probe)
+from rayssl.eval.probe import (CropPool, ProbeConfig, ProbeData, build_pool, dice_per_class, format_table,
+                               fraction_subset, macro_auc, mean_ci95, patch_probe, pool_features, summarise_repeats,
+                               train_voxel_head, voxel_probe)
 from rayssl.methods import VolumeInfo, get_method_class
 
 TINY_VOCO = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random_crops=2",
@@ -238,7 +239,7 @@ def test_rayssl_probe_cli_writes_table_json_png_and_card(run_dir, demo_store_pat
     from rayssl.cli import main
 
     out = main(["probe", run_dir, "--data", str(demo_store_path), "--fractions", "100", "--crops-per-volume", "2",
-                "--finetune", "--finetune-steps", "2", "--threads", "2"])
+                "--finetune", "--finetune-steps", "2", "--threads", "2", "--repeats", "2"])
     assert out == 0
     printed = capsys.readouterr().out
     assert "pretrained" in printed and "voxel" in printed and "gain" in printed
@@ -250,5 +251,77 @@ def test_rayssl_probe_cli_writes_table_json_png_and_card(run_dir, demo_store_pat
     assert kinds == {(p, i, 1.0) for p in ("voxel", "finetune") for i in ("pretrained", "random")}
     for row in report["rows"]:
         assert 0.0 <= row["score"] <= 1.0 and row["dice"]
+        assert len(row["scores"]) == 2 and row["score"] == pytest.approx(np.mean(row["scores"]))
+        assert row["score_ci95"] >= 0
+    assert "±" in printed and "2 repeats" in printed
     card = json.load(open(os.path.join(run_dir, "export", "model_card.json")))
     assert {s["init"] for s in card["probe"]["scores"]} == {"pretrained", "random"}
+    assert all("gain_ci95" in s for s in card["probe"]["scores"] if s["init"] == "pretrained")
+
+
+class TestConfidenceIntervals:
+    def test_mean_ci95_known_answer(self):
+        # mean 3, sample sd sqrt(2.5), t(0.975, 4) = 2.776445: half-width 2.776445 * sqrt(2.5) / sqrt(5)
+        mean, half = mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
+        assert mean == 3.0 and half == pytest.approx(2.776445 * np.sqrt(2.5) / np.sqrt(5), rel=1e-5)
+        assert mean_ci95([0.4, float("nan"), 0.6]) == pytest.approx((0.5, 12.706205 * np.sqrt(0.02) / np.sqrt(2)), rel=1e-5)
+        assert np.isnan(mean_ci95([0.7])[1]) and mean_ci95([0.7])[0] == 0.7
+
+    def test_mean_ci95_covers_the_true_mean_95_percent_of_the_time(self):
+        rng = np.random.default_rng(0)
+        covered = 0
+        for _ in range(4000):
+            mean, half = mean_ci95(rng.normal(1.0, 0.3, size=5))
+            covered += abs(mean - 1.0) <= half
+        assert 0.94 <= covered / 4000 <= 0.96
+
+    def test_gain_interval_is_paired_over_repeats(self):
+        # A shared per-repeat offset (pool / head noise) cancels in the paired gain: the gain's interval is
+        # far narrower than either score's.
+        offsets = [0.0, 0.2, -0.1, 0.15]
+        repeats = [[{"init": "pretrained", "probe": "voxel", "fraction": 0.1, "metric": "mean_dice",
+                     "n_train_crops": 3, "score": 0.5 + o + 0.01 * (i % 2), "dice": {"a": 0.5 + o}},
+                    {"init": "random", "probe": "voxel", "fraction": 0.1, "metric": "mean_dice",
+                     "n_train_crops": 3, "score": 0.4 + o, "dice": {"a": 0.4 + o}}]
+                   for i, o in enumerate(offsets)]
+        rows = {r["init"]: r for r in summarise_repeats(repeats)}
+        pre, rnd = rows["pretrained"], rows["random"]
+        assert pre["repeats"] == 4 and pre["score"] == pytest.approx(0.5 + np.mean(offsets) + 0.005)
+        assert pre["gain"] == pytest.approx(0.105) and pre["gain_scores"] == pytest.approx([0.1, 0.11, 0.1, 0.11])
+        assert pre["gain_ci95"] < 0.02 < pre["score_ci95"] and rnd["score_ci95"] > 0.1
+        assert "gain" not in rnd and pre["dice"]["a"] == pytest.approx(0.5 + np.mean(offsets))
+        table = format_table(list(rows.values()))
+        assert "+0.105 ± 0.009" in table and "4 repeats" in table
+
+
+def test_probes_with_different_seeds_agree_within_their_intervals(run_dir, demo_store_path):
+    """The default repeat count is large enough that the same probe under two seeds gives overlapping
+    intervals for the pretrained score, the random score and the gain."""
+    from rayssl.eval.probe import run_probe
+
+    reports = [run_probe(run_dir, store=str(demo_store_path), write=False,
+                         cfg=ProbeConfig(fractions=(0.3,), crops_per_volume=6, seed=seed, eval_on="crops",
+                                         head_steps=100, threads=2)) for seed in (0, 1)]
+    assert ProbeConfig().repeats == 5 and all(r.info["repeats"] == 5 for r in reports)
+    first, second = ({row["init"]: row for row in report.rows} for report in reports)
+    assert first["pretrained"]["scores"] != second["pretrained"]["scores"]  # really other crops and heads
+    for init, score, half in (("pretrained", "score", "score_ci95"), ("random", "score", "score_ci95"),
+                              ("pretrained", "gain", "gain_ci95")):
+        a, b = first[init], second[init]
+        assert abs(a[score] - b[score]) <= a[half] + b[half], (init, score, a[score], a[half], b[score], b[half])
+
+
+def test_mni152_probe_set_is_a_named_labelled_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYSSL_CACHE", str(tmp_path))
+    from rayssl.eval.probe import load_probe_data
+
+    data = load_probe_data("mni152")
+    assert data.class_names == ["background", "csf", "grey_matter", "white_matter"]
+    assert sorted(v.info.id for v in data.volumes) == ["mni-left", "mni-right"]
+    assert len(data.fit) == 1 and len(data.eval) == 1
+    left, right = (v for v in sorted(data.volumes, key=lambda v: v.info.id))
+    assert left.image.shape == right.image.shape and left.info.modality == "MR"
+    # One template, mirrored: the label maps match exactly, the MR appearance (bias, noise) does not.
+    assert np.array_equal(left.label, right.label) and not np.allclose(left.image, right.image)
+    counts = np.bincount(left.label.ravel(), minlength=4)
+    assert (counts > 1000).all() and counts[2] > counts[1]  # grey matter outweighs CSF

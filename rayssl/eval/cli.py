@@ -20,7 +20,9 @@ def add_probe_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                                    "features (encoders), at several label fractions, against the same network from "
                                    "random init. Writes probe.json and probe.png into the run folder.")
     p.add_argument("run", help="run folder (runs/<name>)")
-    p.add_argument("--data", help="labelled Zarr store (default: held-out demo phantoms with organ labels)")
+    p.add_argument("--data", help="labelled Zarr store, or a named probe set built from packaged data: 'demo' "
+                                  "(default: 8 held-out CT phantoms with organ labels) or 'mni152' (two MNI152 T1 "
+                                  "hemispheres with CSF / grey / white matter labels, from nilearn)")
     p.add_argument("--task", choices=["auto", "voxel", "patch", "both"], default="auto",
                    help="auto: voxel probe for BasicUNet/SwinUNETR backbones, patch probe for encoders")
     p.add_argument("--fractions", type=_fractions, default=(0.1, 0.3, 1.0), metavar="F,F,...",
@@ -33,6 +35,9 @@ def add_probe_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--patch", type=int, help="crop edge in voxels (default: the pretraining patch size)")
     p.add_argument("--crops-per-volume", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of the fit/eval split, crops and heads")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="repeat the probe with other seeds of crops, label subsets, heads and random init; scores "
+                        "are means with 95 %% confidence intervals over the repeats (default 5)")
     p.add_argument("--finetune", action="store_true",
                    help="also fine-tune the network with a segmentation head (pretrained vs random init)")
     p.add_argument("--finetune-steps", type=int, default=40)
@@ -50,7 +55,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from rayssl.eval.probe import ProbeConfig, run_probe
 
     cfg = ProbeConfig(tasks=args.task, fractions=args.fractions, fraction_unit=args.fraction_unit, patch=args.patch,
-                      crops_per_volume=args.crops_per_volume, seed=args.seed, baseline=not args.no_baseline,
+                      crops_per_volume=args.crops_per_volume, seed=args.seed, repeats=args.repeats,
+                      baseline=not args.no_baseline,
                       threads=args.threads)
     finetune = (FinetuneConfig(steps=args.finetune_steps, batch_size=args.finetune_batch, lr=args.finetune_lr,
                                seed=args.seed) if args.finetune else None)

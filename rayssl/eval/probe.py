@@ -17,7 +17,11 @@ volume a fixed, seeded pool of cubic crops is drawn, centred on voxels of classe
   balanced accuracy, with accuracy and macro one-vs-rest AUC.
 
 Both run on the pretrained network and on the same network from a seeded random init (the baseline),
-with identical crops, voxels and head initialisation.
+with identical crops, voxels and head initialisation. The whole probe is repeated `repeats` times
+with different seeds of the crop pools, label subsets, heads and random init (the fit / eval
+volume split stays fixed); every score is the mean over repeats with a 95 % confidence interval
+(Student t over the repeats), and the gain's interval is taken over the paired per-repeat
+differences, so the noise the pools and heads share cancels.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -45,6 +49,8 @@ PROBE_DEMO_VOLUMES = 8
 DEFAULT_FRACTIONS = (0.1, 0.3, 1.0)
 # Probe crop edge when the model card gives no pretraining patch size.
 DEFAULT_PATCH = 32
+# Seed step between probe repeats (kept apart from the eval pool's `seed + 1`).
+REPEAT_SEED_STEP = 101
 
 
 @dataclass
@@ -66,6 +72,7 @@ class ProbeConfig:
     overlap: float = 0.25  # sliding-window overlap on the eval volumes
     batch_size: int = 4
     baseline: bool = True  # also probe the randomly initialised network
+    repeats: int = 5  # whole-probe repeats with other seeds of pools, subsets, heads and random init (for the CI)
     threads: int | None = None  # torch intra-op threads (None = leave as is)
 
     def __post_init__(self) -> None:
@@ -80,7 +87,7 @@ class ProbeConfig:
             raise ValueError(f"fraction_unit={self.fraction_unit!r}: use crops or volumes")
         if not 0 < self.fit_fraction < 1:
             raise ValueError(f"fit_fraction must lie in (0, 1), got {self.fit_fraction}")
-        for name in ("crops_per_volume", "voxels_per_class", "head_steps", "batch_size"):
+        for name in ("crops_per_volume", "voxels_per_class", "head_steps", "batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patch is not None and self.patch < 8:
@@ -150,13 +157,44 @@ def default_probe_store() -> str:
     return str(demo_store(n=PROBE_DEMO_VOLUMES, seed=PROBE_DEMO_SEED))
 
 
+def mni152_probe_store() -> str:
+    """Two MNI152 hemispheres (T1, 2 mm) with CSF / grey / white matter labels, from nilearn's wheel."""
+    from datasets_zarr import demo_store
+
+    return str(demo_store(n=2, kind="mni-tissue"))
+
+
+# `--data NAME`: labelled probe sets built on first use from data shipped inside installed packages.
+PROBE_SETS = {"demo": default_probe_store, "mni152": mni152_probe_store}
+
+
+def resolve_probe_store(store: str | None) -> str:
+    """A store path or URL as given, a named probe set's path (`PROBE_SETS`), or the default demo set."""
+    if store is None:
+        return default_probe_store()
+    if store in PROBE_SETS and not os.path.exists(store):
+        return PROBE_SETS[store]()
+    return store
+
+
+def _class_names(volumes: Sequence[VolumeInfo]) -> dict[int, str] | None:
+    """Class names of the embedded probe sets, recognised by their volumes' source."""
+    from datasets_zarr import DEMO_LABELS, MNI_TISSUE_LABELS
+
+    sources = [str(v.extra.get("source", "")) for v in volumes]
+    for prefix, names in (("demo:phantom", DEMO_LABELS), ("demo:mni152-tissue", MNI_TISSUE_LABELS)):
+        if all(source.startswith(prefix) for source in sources):
+            return dict(names)
+    return None
+
+
 def load_probe_data(store: str | None = None, fit_fraction: float = 0.5, seed: int = 0,
                     max_volumes: int | None = None) -> ProbeData:
     """Read every labelled volume of `store` (image + `label`) into memory and split it fit / eval."""
     from rayssl.data.read import StoreReader
     from rayssl.data.volumes import load_volumes
 
-    store = store or default_probe_store()
+    store = resolve_probe_store(store)
     volumes = [v for v in load_volumes(store, split="all") if v.has_label]
     if not volumes:
         raise ValueError(f"{store}: no volume has a `label` array; the probe needs labelled volumes "
@@ -168,12 +206,7 @@ def load_probe_data(store: str | None = None, fit_fraction: float = 0.5, seed: i
         group = str(v.extra.get("group", v.id))
         images.append(reader.read(group, (0, 0, 0), v.shape, array="image", pad_value=v.background, dtype=np.float32))
         labels.append(reader.read(group, (0, 0, 0), v.shape, array="label", pad_value=0, dtype=np.int64))
-    names = None
-    if all(str(v.extra.get("source", "")).startswith("demo:phantom") for v in volumes):
-        from datasets_zarr import DEMO_LABELS
-
-        names = dict(DEMO_LABELS)
-    return ProbeData._build(store, volumes, images, labels, fit_fraction, seed, names)
+    return ProbeData._build(store, volumes, images, labels, fit_fraction, seed, _class_names(volumes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,24 +623,37 @@ def run_probe(run_dir: str, store: str | None = None, cfg: ProbeConfig | None = 
     t0 = time.perf_counter()
     weights = load_run_weights(run_dir, source=source, checkpoint=checkpoint)
     data = data or load_probe_data(store, fit_fraction=cfg.fit_fraction, seed=cfg.seed)
-    rows: list[dict[str, Any]] = []
+    repeat_rows: list[list[dict[str, Any]]] = []
     with _Threads(cfg.threads):
-        setup = prepare(weights, data, cfg)
-        print(f"[rayssl] probe: {weights.method} backbone ({weights.network.rsplit('.', 1)[-1]}, {weights.source}, "
-              f"step {weights.step}) on {len(data.fit)} fit / {len(data.eval)} eval volumes of {data.store}; "
-              f"{setup.patch}^3 crops, tasks {setup.tasks}", flush=True)
-        for pretrained in ([True, False] if cfg.baseline else [True]):
-            rows += probe_network(setup, pretrained)
-        if finetune is not None:
-            from rayssl.eval.finetune import run_finetune
+        for r in range(cfg.repeats):
+            repeat_cfg = replace(cfg, seed=cfg.seed + REPEAT_SEED_STEP * r)
+            setup = prepare(weights, data, repeat_cfg)
+            if r == 0:
+                print(f"[rayssl] probe: {weights.method} backbone ({weights.network.rsplit('.', 1)[-1]}, "
+                      f"{weights.source}, step {weights.step}) on {len(data.fit)} fit / {len(data.eval)} eval "
+                      f"volumes of {data.store}; {setup.patch}^3 crops, tasks {setup.tasks}, "
+                      f"{cfg.repeats} repeats", flush=True)
+            t_repeat = time.perf_counter()
+            rows: list[dict[str, Any]] = []
+            for pretrained in ([True, False] if cfg.baseline else [True]):
+                rows += probe_network(setup, pretrained)
+            if finetune is not None:
+                from rayssl.eval.finetune import run_finetune
 
-            rows += run_finetune(setup, finetune, baseline=cfg.baseline)
+                rows += run_finetune(setup, replace(finetune, seed=finetune.seed + REPEAT_SEED_STEP * r),
+                                     baseline=cfg.baseline)
+            repeat_rows.append(rows)
+            left = (cfg.repeats - r - 1) * (time.perf_counter() - t_repeat)
+            print(f"[rayssl] probe repeat {r + 1}/{cfg.repeats} done in {time.perf_counter() - t_repeat:.0f} s"
+                  + (f", ETA {left:.0f} s" if left > 0 else ""), flush=True)
+    rows = summarise_repeats(repeat_rows)
     info = {
         "run": os.path.abspath(run_dir), "method": weights.method, "network": weights.network,
         "source": weights.source, "step": weights.step, "store": data.store, "patch": setup.patch,
         "fit_volumes": [data.volumes[i].info.id for i in data.fit],
         "eval_volumes": [data.volumes[i].info.id for i in data.eval],
         "classes": data.class_names, "fit_crops": len(setup.fit_pool), "eval_crops": len(setup.eval_pool),
+        "repeats": cfg.repeats, "repeat_seeds": [cfg.seed + REPEAT_SEED_STEP * r for r in range(cfg.repeats)],
         "config": asdict(cfg), "finetune": asdict(finetune) if finetune is not None else None,
         "wall_time_s": round(time.perf_counter() - t0, 1),
     }
@@ -642,7 +688,9 @@ def _annotate_card(run_dir: str, rows: list[dict[str, Any]], info: dict[str, Any
         card = json.load(f)
     card["probe"] = {
         "store": info["store"], "patch": info["patch"],
-        "scores": [{k: r.get(k) for k in ("probe", "init", "fraction", "metric", "score")} for r in rows],
+        "repeats": info.get("repeats"),
+        "scores": [{k: r.get(k) for k in ("probe", "init", "fraction", "metric", "score", "score_ci95", "gain",
+                                          "gain_ci95") if k in r} for r in rows],
     }
     tmp = card_path + ".tmp"
     with open(tmp, "w") as f:
@@ -650,18 +698,74 @@ def _annotate_card(run_dir: str, rows: list[dict[str, Any]], info: dict[str, Any
     os.replace(tmp, card_path)
 
 
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of `values` and the half-width of its two-sided 95 % confidence interval (Student t).
+
+    NaN values are left out; the half-width is NaN with fewer than two values.
+    """
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    if len(x) < 2:
+        return float(x[0]), float("nan")
+    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return float(x.mean()), half
+
+
+def summarise_repeats(repeat_rows: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (init, probe, fraction): means over the repeats with 95 % intervals.
+
+    `score` becomes the mean (`scores`: each repeat's, `score_ci95`: the half-width); numeric
+    fields and per-class Dice are averaged. Pretrained rows also get `gain` (pretrained - random)
+    and `gain_ci95`, from the paired per-repeat differences.
+    """
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for rows in repeat_rows:
+        for row in rows:
+            groups.setdefault((row["init"], row["probe"], row["fraction"]), []).append(row)
+    out = []
+    for (init, probe, fraction), rows in groups.items():
+        merged = dict(rows[0])
+        for key, value in rows[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("fraction", "n_train_crops"):
+                merged[key] = float(np.nanmean([float(r.get(key, float("nan"))) for r in rows]))
+        if isinstance(rows[0].get("dice"), dict):
+            classes = dict.fromkeys(k for r in rows for k in r.get("dice", {}))
+            merged["dice"] = {c: float(np.mean([r["dice"][c] for r in rows if c in r.get("dice", {})])) for c in classes}
+        merged["scores"] = [float(r["score"]) for r in rows]
+        merged["score"], merged["score_ci95"] = mean_ci95(merged["scores"])
+        merged["repeats"] = len(rows)
+        out.append(merged)
+    by_key = {(r["init"], r["probe"], r["fraction"]): r for r in out}
+    for row in out:
+        random_row = by_key.get(("random", row["probe"], row["fraction"]))
+        if row["init"] != "pretrained" or random_row is None:
+            continue
+        row["gain_scores"] = [p - q for p, q in zip(row["scores"], random_row["scores"])]
+        row["gain"], row["gain_ci95"] = mean_ci95(row["gain_scores"])
+    return out
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Pretrained vs random score per probe and label fraction, as an aligned text table."""
+    """Pretrained vs random score per probe and label fraction, each `mean ± 95 % CI`, as an aligned text table."""
     keyed: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
     for row in rows:
         keyed.setdefault((row["probe"], row["fraction"]), {})[row["init"]] = row
-    lines = [f"{'probe':<9}{'metric':<19}{'labels':>7}{'crops':>7}{'pretrained':>12}{'random':>10}{'gain':>9}"]
+    repeats = max((int(r.get("repeats", 1)) for r in rows), default=1)
+    lines = [f"{'probe':<9}{'metric':<19}{'labels':>7}{'crops':>7}{'pretrained':>16}{'random':>16}{'gain':>17}"
+             f"   (mean ± 95 % CI over {repeats} repeats)"]
     for (probe, fraction), pair in keyed.items():
         first = next(iter(pair.values()))
-        pre, rnd = pair.get("pretrained", {}).get("score"), pair.get("random", {}).get("score")
-        gain = (pre - rnd) if pre is not None and rnd is not None else None
+        pre, rnd = pair.get("pretrained", {}), pair.get("random", {})
+        gain = pre.get("gain")
+        if gain is None and pre.get("score") is not None and rnd.get("score") is not None:
+            gain = pre["score"] - rnd["score"]
         lines.append(f"{probe:<9}{first['metric']:<19}{fraction:>6.0%} {first['n_train_crops']:>6}"
-                     f"{_fmt(pre):>12}{_fmt(rnd):>10}{_fmt(gain, signed=True):>9}")
+                     f"{_fmt_ci(pre.get('score'), pre.get('score_ci95')):>16}"
+                     f"{_fmt_ci(rnd.get('score'), rnd.get('score_ci95')):>16}"
+                     f"{_fmt_ci(gain, pre.get('gain_ci95'), signed=True):>17}")
     dice_rows = [r for r in rows if "dice" in r and r["fraction"] == max(x["fraction"] for x in rows)]
     for row in dice_rows:
         per_class = ", ".join(f"{k} {v:.2f}" for k, v in row["dice"].items())
@@ -675,8 +779,15 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
+def _fmt_ci(value: float | None, half: float | None, signed: bool = False) -> str:
+    """`0.123 ± 0.004`; the value alone when there is no interval."""
+    if half is None or (isinstance(half, float) and math.isnan(half)) or _fmt(value) == "-":
+        return _fmt(value, signed)
+    return f"{_fmt(value, signed)} ± {half:.3f}"
+
+
 def plot_rows(rows: list[dict[str, Any]], path: str, title: str = "") -> str:
-    """Bar chart: one panel per probe, bars per label fraction, pretrained vs random."""
+    """Bar chart: one panel per probe, bars per label fraction, pretrained vs random, 95 % intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -690,10 +801,12 @@ def plot_rows(rows: list[dict[str, Any]], path: str, title: str = "") -> str:
         inits = list(dict.fromkeys(r["init"] for r in mine))
         width = 0.8 / max(1, len(inits))
         for j, init in enumerate(inits):
-            scores = [next((r["score"] for r in mine if r["fraction"] == f and r["init"] == init), np.nan)
-                      for f in fractions]
+            picked = [next((r for r in mine if r["fraction"] == f and r["init"] == init), {}) for f in fractions]
+            scores = [r.get("score", np.nan) for r in picked]
+            errors = [r.get("score_ci95", np.nan) for r in picked]
             xs = np.arange(len(fractions)) + (j - (len(inits) - 1) / 2) * width
-            bars = ax.bar(xs, scores, width, label=init, color="tab:blue" if init == "pretrained" else "tab:gray")
+            bars = ax.bar(xs, scores, width, label=init, color="tab:blue" if init == "pretrained" else "tab:gray",
+                          yerr=np.nan_to_num(np.asarray(errors, dtype=float)), capsize=3)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks(np.arange(len(fractions)), [f"{f:.0%}" for f in fractions])
         ax.set_xlabel("labelled fraction")
