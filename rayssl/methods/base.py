@@ -126,6 +126,10 @@ class Method(ABC):
     def setup(self, model: nn.Module, device: torch.device) -> None:
         """Called once on each worker after the model is on its device (create queues here)."""
 
+    def embeddings(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The batch's representations as rows [N, D] (for representation-health metrics), or None."""
+        return None
+
     def after_step(self, model: nn.Module, outputs: dict[str, torch.Tensor], step: int, total_steps: int) -> dict[str, float]:
         """Momentum updates, queue enqueues. `model` is unwrapped (no DDP). Returns extra metrics."""
         return {}

@@ -607,6 +607,10 @@ class DrasCLR(Method):
         self._bank.load_state_dict(state["bank"])
         self._enqueued = state["enqueued"].to(self._device).clone()
 
+    def embeddings(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Online embeddings of the anchor patches and their neighbours."""
+        return torch.cat([outputs["query"], outputs["neighbor_queries"].flatten(0, 1)])
+
     def backbone(self, model: nn.Module) -> DrasCLREncoder:
         return model.online.encoder
 

@@ -230,7 +230,8 @@ class GVSLModel(nn.Module):
         global_features, local_features = self.unet(torch.cat([fixed_input, moving], dim=0))
         global_a, global_b = global_features[:n], global_features[n:]
         local_a, local_b = local_features[:n], local_features[n:]
-        outputs: dict[str, torch.Tensor] = {}
+        # Detached: representation-health metrics only, no gradient path.
+        outputs: dict[str, torch.Tensor] = {"embedding": global_features.detach().mean(dim=(2, 3, 4))}
         matrix = None
         if self.affine_head is not None:
             matrix = affine_from_raw(self.affine_head(global_b, global_a), self.ranges)
@@ -460,6 +461,10 @@ class GVSL(Method):
         self.steps_done = int(state["steps_done"])
 
     # ---- export ---------------------------------------------------------------------------
+    def embeddings(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Spatially averaged bottleneck features of both images of every pair."""
+        return outputs["embedding"]
+
     def backbone(self, model: nn.Module) -> nn.Module:
         return model.unet
 

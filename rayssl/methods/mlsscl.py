@@ -448,6 +448,10 @@ class MLSSCL(Method):
             queue.load_state_dict({key: state[f"queue_{view}_{key}"] for key in ("buffer", "pointer")})
 
     # ---- export ---------------------------------------------------------------------------
+    def embeddings(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Online predictions of every view of every clip."""
+        return torch.cat([v for k, v in outputs.items() if k.startswith("online_")])
+
     def backbone(self, model: nn.Module) -> nn.Module:
         return model.online["backbone"]
 

@@ -605,6 +605,10 @@ class VoCo(Method):
         momentum_update(model.student, model.teacher, self.config.teacher_momentum)
         return {"teacher_momentum": float(self.config.teacher_momentum)}
 
+    def embeddings(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Student projections of every random and base crop."""
+        return torch.cat([outputs["random"].flatten(0, 1), outputs["bases"].flatten(0, 1)])
+
     def backbone(self, model: nn.Module) -> nn.Module:
         if self.config.export_weights == "teacher":
             return model.teacher.backbone
