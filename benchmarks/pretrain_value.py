@@ -1,0 +1,195 @@
+"""Issue #14 benchmark: does pretraining beat random init? Each method, a fixed CPU training budget,
+several pretraining seeds, linear probes on two labelled sets, mean gain with 95 % intervals.
+
+For every method (default: all four, each with its `cpu` profile on the embedded demo CT phantoms):
+
+1. Calibrate: a short run (`--calibration-steps`) measures the steady-state step time (the median
+   `step_time_s` after the first report, so start-up is excluded); the budget `--minutes` of
+   training then becomes `steps = minutes * 60 / step time` (at least `--min-steps`).
+2. Pretrain that many steps once per seed in `--seeds` (the seed changes the initialisation, the
+   data order and the views; everything else is the same).
+3. Probe every run with `rayssl probe` on each probe set (`--probes`: `demo` = 8 held-out CT
+   phantoms with organ labels, `mni152` = two MNI152 T1 hemispheres with CSF / grey / white
+   matter) at `--fractions` (10 / 30 / 100 % of the fit crops), `--probe-repeats` repeats each,
+   against the same network from random init.
+
+A seed's gain is its probe gain (pretrained - random, averaged over the probe repeats). The table
+gives, per method, probe set and fraction, the mean gain over the pretraining seeds with its 95 %
+Student-t interval over those seeds, and says whether the interval excludes 0. Target (issue 14):
+every method has a positive gain whose interval excludes 0 on at least one probe set at 10 %.
+
+    python benchmarks/pretrain_value.py                      # full run: 4 methods x 3 seeds x 10 min (~3 h)
+    python benchmarks/pretrain_value.py --methods gvsl --minutes 5
+    python benchmarks/pretrain_value.py --quick              # smoke check (~5 min): 2 steps, 1 seed pair, 1 repeat
+
+Writes benchmarks/_work/pretrain_value.json (every run, every probe row) and pretrain_value.png
+(gain +- 95 % CI per method, probe set and fraction). Measure on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import WORK, fmt_table, machine_info, wait_for_quiet, write_json  # noqa: E402
+
+METHODS = ("voco", "mlsscl", "drasclr", "gvsl")
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    values = [float(v.rstrip("%")) for v in text.split(",") if v.strip()]
+    return tuple(v / 100 if max(values) > 1 else v for v in values)
+
+
+def run_config(method: str, seed: int, steps: int, out: Path, name: str, profile: str, overrides: list[str]):
+    from rayssl.config import resolve_config
+
+    return resolve_config(method=method, profile=profile, overrides=[
+        f"seed={seed}", f"train.steps={steps}", f"out={out}", f"name={name}",
+        f"train.checkpoint_every={steps}", *overrides])
+
+
+def steady_step_time(run_dir: str) -> float:
+    """Median step time of a run's reports after the first (which carries start-up)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        times = [json.loads(line)["step_time_s"] for line in f][1:]
+    if not times:
+        raise RuntimeError(f"{run_dir}: too few reports to time a step; raise --calibration-steps")
+    return float(statistics.median(times))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2", help="pretraining seeds (>= 3 for an interval worth reading)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget per run, minutes (issue: <= 15)")
+    p.add_argument("--min-steps", type=int, default=20)
+    p.add_argument("--calibration-steps", type=int, default=8)
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--probes", default="demo,mni152", help="probe sets (names or labelled store paths)")
+    p.add_argument("--fractions", type=_fractions, default=(0.1, 0.3, 1.0))
+    p.add_argument("--probe-repeats", type=int, default=3, help="repeats of each probe (its own interval)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="extra config override for every run (all methods), e.g. train.lr=1e-3")
+    p.add_argument("--max-load", type=float, default=1.0, help="wait for the 1-min load average to drop below this")
+    p.add_argument("--quick", action="store_true", help="smoke check: 2 steps, seeds 0,1, 1 probe repeat, 100 %% labels")
+    p.add_argument("--out", default=str(WORK / "pretrain_value"))
+    args = p.parse_args()
+
+    from rayssl.eval.probe import ProbeConfig, mean_ci95, run_probe
+    from rayssl.train.trainer import pretrain
+
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    probes = [s for s in args.probes.split(",") if s]
+    fractions, repeats = args.fractions, args.probe_repeats
+    if args.quick:
+        seeds, fractions, repeats = seeds[:2] or [0, 1], (1.0,), 1
+    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    load = wait_for_quiet(args.max_load, max_wait_s=900)
+    print(f"[bench] load {load[0]:.2f}; methods {methods}, seeds {seeds}, budget {args.minutes} min per run; "
+          f"probes {probes} at {[f'{f:.0%}' for f in fractions]}, {repeats} repeats; runs in {out}", flush=True)
+    t_start = time.time()
+    results: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "load_start": load, "methods": {}}
+    for method in methods:
+        mine: dict[str, Any] = {"runs": []}
+        results["methods"][method] = mine
+        if args.quick:
+            steps = 2
+        else:
+            calibration = pretrain(run_config(method, 999, args.calibration_steps, out, f"{method}-calibration",
+                                              args.profile, args.overrides))
+            step_time = steady_step_time(calibration.run_dir)
+            steps = max(args.min_steps, int(args.minutes * 60 / step_time))
+            mine.update(step_time_s=step_time)
+        mine["steps"] = steps
+        print(f"[bench] {method}: {steps} steps per run", flush=True)
+        for seed in seeds:
+            t0 = time.time()
+            result = pretrain(run_config(method, seed, steps, out, f"{method}-seed{seed}", args.profile,
+                                         args.overrides))
+            if result.status != "finished":
+                raise RuntimeError(f"{method} seed {seed}: pretraining {result.status}: {result.error}")
+            with open(os.path.join(result.run_dir, "metrics.jsonl")) as f:
+                losses = [json.loads(line)["loss"] for line in f]
+            run = {"seed": seed, "run_dir": result.run_dir, "train_wall_s": round(time.time() - t0, 1),
+                   "loss_first": losses[0], "loss_last_10pct": statistics.fmean(losses[-max(1, len(losses) // 10):]),
+                   "probes": {}}
+            for probe in probes:
+                report = run_probe(result.run_dir, store=probe, out_dir=os.path.join(result.run_dir, f"probe-{probe}"),
+                                   cfg=ProbeConfig(fractions=fractions, repeats=repeats, threads=2))
+                run["probes"][probe] = report.rows
+            mine["runs"].append(run)
+            write_json(out / "pretrain_value.json", results)
+    # Aggregate over pretraining seeds.
+    table, summary = [], []
+    for method, mine in results["methods"].items():
+        for probe in probes:
+            for fraction in fractions:
+                pre = [r for run in mine["runs"] for r in run["probes"][probe]
+                       if r["init"] == "pretrained" and r["fraction"] == fraction and r["probe"] != "finetune"]
+                if not pre:
+                    continue
+                gain, half = mean_ci95([r["gain"] for r in pre])
+                score, _ = mean_ci95([r["score"] for r in pre])
+                excludes = bool(half == half and gain - half > 0)
+                summary.append({"method": method, "probe_set": probe, "probe": pre[0]["probe"], "fraction": fraction,
+                                "metric": pre[0]["metric"], "pretrained": score, "random": score - gain,
+                                "gain": gain, "gain_ci95": half, "seeds": len(pre), "positive_excluding_0": excludes})
+                table.append([method, probe, f"{pre[0]['probe']} {pre[0]['metric']}", f"{fraction:.0%}",
+                              f"{score:.3f}", f"{score - gain:.3f}", f"{gain:+.3f} ± {half:.3f}",
+                              "yes" if excludes else "no"])
+    results["summary"] = summary
+    results["wall_s"] = round(time.time() - t_start, 1)
+    targets = {m: any(s["positive_excluding_0"] for s in summary if s["method"] == m and s["fraction"] == min(fractions))
+               for m in results["methods"]}
+    results["target_met"] = targets
+    write_json(out / "pretrain_value.json", results)
+    print(fmt_table(table, ["method", "probe set", "probe", "labels", "pretrained", "random",
+                            f"gain ± 95 % CI ({len(seeds)} seeds)", "CI > 0"]))
+    print(f"[bench] target (gain > 0 with CI excluding 0 at {min(fractions):.0%} on some probe set): {targets}")
+    plot(summary, out / "pretrain_value.png")
+    print(f"[bench] wall {results['wall_s']:.0f} s; results {out / 'pretrain_value.json'}, plot {out / 'pretrain_value.png'}")
+    return 0
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """Gain +- 95 % CI per method (panels: probe sets; groups: label fractions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sets = list(dict.fromkeys(s["probe_set"] for s in summary))
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    fractions = sorted({s["fraction"] for s in summary})
+    fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(5 * max(1, len(sets)), 3.8), squeeze=False)
+    for ax, probe_set in zip(axes[0], sets):
+        width = 0.8 / max(1, len(fractions))
+        for j, fraction in enumerate(fractions):
+            rows = [next((s for s in summary if s["method"] == m and s["probe_set"] == probe_set
+                          and s["fraction"] == fraction), None) for m in methods]
+            xs = np.arange(len(methods)) + (j - (len(fractions) - 1) / 2) * width
+            ax.bar(xs, [r["gain"] if r else np.nan for r in rows], width, label=f"{fraction:.0%} labels",
+                   yerr=[np.nan_to_num(r["gain_ci95"]) if r else 0 for r in rows], capsize=3)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(methods)), methods)
+        ax.set_ylabel("probe gain over random init")
+        ax.set_title(f"probe set: {probe_set}")
+        ax.legend(fontsize=8)
+    fig.suptitle("pretrained - random init, mean over pretraining seeds, 95 % CI", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
