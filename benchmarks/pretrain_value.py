@@ -40,12 +40,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORK, fmt_table, machine_info, wait_for_quiet, write_json  # noqa: E402
 
+from rayssl.eval.cli import _fractions  # noqa: E402  (the same "10,30,100" parsing as `rayssl probe`)
+
 METHODS = ("voco", "mlsscl", "drasclr", "gvsl")
-
-
-def _fractions(text: str) -> tuple[float, ...]:
-    values = [float(v.rstrip("%")) for v in text.split(",") if v.strip()]
-    return tuple(v / 100 if max(values) > 1 else v for v in values)
 
 
 def run_config(method: str, seed: int, steps: int, out: Path, name: str, profile: str, overrides: list[str]):
