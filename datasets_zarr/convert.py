@@ -528,8 +528,9 @@ def _run_on_ray(jobs: Sequence[VolumeJob], store: str, options: ConversionOption
     import ray
     from tqdm.auto import tqdm
 
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, logging_level="WARNING")
+    from rayssl.runtime import start_or_attach
+
+    start_or_attach(address)
     # max_retries covers a worker process dying (e.g. OOM-killed); conversion errors are results.
     task = ray.remote(convert_one).options(num_cpus=num_cpus_per_task, max_retries=1)
     pending = {task.remote(job, store, options, overwrite): job for job in jobs}

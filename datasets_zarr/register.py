@@ -261,8 +261,9 @@ def run_per_volume(
     if use_ray and jobs:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(logging_level="WARNING")
+        from rayssl.runtime import start_or_attach
+
+        start_or_attach(None)
         remote = ray.remote(num_cpus=num_cpus, max_retries=0)(function)
         pending = {remote.remote(*job): i for i, job in enumerate(jobs)}
         while pending:

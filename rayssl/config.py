@@ -54,7 +54,7 @@ class TrainSection(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (None = cores / workers)")
     max_failures: int | None = Field(None, ge=-1, description="worker-group restarts from the last checkpoint "
-                                     "(-1 = unlimited; None = 0 on a local runtime, 3 when attached to a cluster)")
+                                     "(-1 = unlimited; None = 1 on a local runtime, 3 when attached to a cluster)")
     controller_failure_limit: int = Field(3, ge=0, description="bounded retries when a worker group cannot be placed")
     nan_policy: Literal["stop", "skip"] = Field("stop", description="non-finite loss: stop keeping the last good checkpoint, or skip the step")
     stop_after: int | None = Field(None, ge=1, description="stop after this step (the schedule still targets `steps`); for tests and budgets")

@@ -61,7 +61,7 @@ def preview(cfg: RunConfig, samples: int = 4, out: str = "preview.png", address:
             ray_init: dict[str, Any] | None = None) -> str:
     """Stream `samples` samples of `cfg`'s method through Ray Data and draw them."""
     from rayssl.data.pipeline import build_dataset
-    from rayssl.data.volumes import load_volumes
+    from rayssl.data.volumes import check_volumes_in_split, load_volumes
     from rayssl.methods import get_method_class
     from rayssl.train.trainer import ensure_ray, resolve_store
 
@@ -69,7 +69,7 @@ def preview(cfg: RunConfig, samples: int = 4, out: str = "preview.png", address:
     store = resolve_store(cfg)
     ensure_ray(address, **(ray_init or {}))
     volumes = method.prepare(store, load_volumes(store, cfg.data.split))
-    method.check_volumes(volumes)
+    check_volumes_in_split(method.check_volumes, volumes, store, cfg.data.split)
     ds = build_dataset(volumes, method.plan, method.views, num_samples=samples, seed=cfg.seed,
                        actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
                        on_error=cfg.data.on_error, read_dtype=method.read_dtype)

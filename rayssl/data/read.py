@@ -232,7 +232,7 @@ class StoreReader:
     def _corrupt(self, group: str, path: str, what: str) -> ChunkReadError:
         return ChunkReadError(
             f"volume {group!r} in store {self.uri}: chunk {posixpath.relpath(path, self.root)} is corrupt ({what}); "
-            f"re-convert this volume (`rayssl convert ...`) or stream with on_error=skip to leave it out"
+            f"re-convert this volume (`rayssl convert ...`) or stream with `--set data.on_error=skip` to leave it out"
         )
 
     def _fetch(self, paths: list[str]) -> dict[str, bytes]:
@@ -270,7 +270,7 @@ class StoreReader:
             except Exception as err:
                 raise ChunkReadError(
                     f"volume {group!r} in store {self.uri}: reading box {start}+{size} failed ({err}); "
-                    f"a chunk is probably corrupt: re-convert this volume or stream with on_error=skip"
+                    f"a chunk is probably corrupt: re-convert this volume or stream with `--set data.on_error=skip`"
                 ) from err
             self.stats.bytes_decoded += data.nbytes
             out[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))] = data

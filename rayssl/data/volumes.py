@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Sequence
+from typing import Callable, Sequence
 
 import fsspec
 import numpy as np
@@ -88,3 +88,30 @@ def manifest_digest(stores: str | Sequence[str]) -> str:
 def spacing_summary(volumes: Sequence[VolumeInfo]) -> list[float]:
     """Median voxel spacing (mm) over volumes, for the model card."""
     return [float(v) for v in np.median(np.array([v.spacing for v in volumes]), axis=0)]
+
+
+def split_counts(stores: str | Sequence[str]) -> dict[str, int]:
+    """Volumes per manifest split over `stores` (e.g. {"train": 3, "val": 1})."""
+    if isinstance(stores, (str, os.PathLike)):
+        stores = [stores]
+    tables = [read_manifest_table(os.fspath(s)) for s in stores]
+    table = pd.concat(tables, ignore_index=True)
+    if "split" not in table:
+        return {"all": len(table)}
+    return {str(k): int(v) for k, v in table["split"].value_counts().sort_index().items()}
+
+
+def check_volumes_in_split(check: Callable[[Sequence[VolumeInfo]], None], volumes: Sequence[VolumeInfo],
+                           stores: str | Sequence[str], split: str | None) -> None:
+    """Run a method's `check(volumes)`; a ValueError it raises gets the split's counts and how to change it."""
+    try:
+        check(volumes)
+    except ValueError as err:
+        counts = split_counts(stores)
+        if split in (None, "all"):
+            raise
+        per_split = ", ".join(f"{k} {v}" for k, v in counts.items())
+        raise ValueError(
+            f"{err}. data.split={split!r} holds {len(volumes)} of the store's {sum(counts.values())} volumes "
+            f"(per split: {per_split}); train on every volume with --set data.split=all, or convert more "
+            f"volumes") from err

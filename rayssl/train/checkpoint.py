@@ -7,6 +7,7 @@ import os
 import posixpath
 import random
 import tempfile
+import time
 from typing import Any
 
 import fsspec
@@ -26,10 +27,34 @@ def write_checkpoint_dir(state: dict[str, Any], meta: dict[str, Any]) -> str:
     directory = tempfile.mkdtemp(prefix="rayssl-ckpt-")
     tmp = os.path.join(directory, STATE_FILE + ".tmp")
     torch.save(state, tmp)
+    _test_hook_pause_mid_write(tmp, int(meta.get("step", -1)))
     os.replace(tmp, os.path.join(directory, STATE_FILE))
-    with open(os.path.join(directory, META_FILE), "w") as f:
+    # The state's size lets a reader tell a complete copy on run storage from one cut short by a
+    # kill during Train's upload (the directory appears there before every byte has arrived).
+    meta = {**meta, "state_bytes": os.path.getsize(os.path.join(directory, STATE_FILE))}
+    with open(os.path.join(directory, META_FILE + ".tmp"), "w") as f:
         json.dump(meta, f)
+    os.replace(os.path.join(directory, META_FILE + ".tmp"), os.path.join(directory, META_FILE))
     return directory
+
+
+def _test_hook_pause_mid_write(path: str, step: int) -> None:
+    """Fault-injection hook for tests: RAYSSL_TEST_CHECKPOINT_PAUSE="STEP:SECONDS" holds checkpoint
+    STEP half-written on disk for SECONDS (a "<path>.writing" marker with the pid says when), so a
+    test can kill the process mid-write; then the write completes. Unset (outside tests): nothing."""
+    hook = os.environ.get("RAYSSL_TEST_CHECKPOINT_PAUSE")
+    if not hook or int(hook.split(":")[0]) != step:
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with open(path + ".writing", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(float(hook.split(":")[1]))
+    with open(path, "wb") as f:
+        f.write(data)
+    os.remove(path + ".writing")
 
 
 def load_checkpoint_dir(directory: str) -> dict[str, Any]:
@@ -62,19 +87,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint_step(run_dir: str) -> int | None:
-    """Largest step among the run's complete checkpoints (their meta.json), or None.
+def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, URI) of the run's complete checkpoint folders, newest step first.
 
-    `run_dir` may be local or on object storage (any fsspec URI).
+    Complete = meta.json parses and state.pt has the size meta.json recorded: a folder cut short
+    by a kill during the copy to run storage is never chosen. `run_dir` may be local or any
+    fsspec URI (s3://...). Checkpoints are read from the run folder itself rather than from what
+    Train's controller registered, which lags a report by up to its poll interval (2 s).
     """
     fs, root = fsspec.core.url_to_fs(run_dir)
     if not fs.isdir(root):
-        return None
-    steps = []
+        return []
+    protocol = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
+    found = []
     for entry in fs.ls(root, detail=False):
-        name = posixpath.basename(entry.rstrip("/"))
-        meta = posixpath.join(entry, META_FILE)
-        if name.startswith("checkpoint") and fs.exists(meta) and fs.exists(posixpath.join(entry, STATE_FILE)):
-            with fs.open(meta, "r") as f:
-                steps.append(int(json.load(f)["step"]))
-    return max(steps) if steps else None
+        if not posixpath.basename(entry.rstrip("/")).startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open(posixpath.join(entry, META_FILE), "r") as f:
+                meta = json.load(f)
+            size = fs.size(posixpath.join(entry, STATE_FILE))
+        except (OSError, ValueError):  # missing or half-copied files
+            continue
+        if "state_bytes" in meta and size != meta["state_bytes"]:
+            continue
+        found.append((int(meta["step"]), protocol + entry if protocol and "://" not in entry else entry))
+    return sorted(found, key=lambda item: item[0], reverse=True)
+
+
+def latest_checkpoint_step(run_dir: str) -> int | None:
+    """Largest step among the run's complete checkpoints, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[0][0] if found else None
+
+
+def load_newest_state(run_dir: str, registered: Any = None) -> dict[str, Any] | None:
+    """State of the newest complete checkpoint: the run folder's or `registered` (Train's), whichever is newer.
+
+    A folder that fails to load (corrupt despite its size) is reported and the next older one is
+    tried. Returns None when there is none (a fresh run).
+    """
+    candidates = complete_checkpoints(run_dir)
+    for step, uri in candidates:
+        try:
+            with fsspec.open(posixpath.join(uri, STATE_FILE), "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - fall back to an older checkpoint, say so
+            print(f"[rayssl] checkpoint {uri} (step {step}) does not load ({type(err).__name__}: {err}); "
+                  f"trying an older one", flush=True)
+    if registered is not None:
+        with registered.as_directory() as directory:
+            return load_checkpoint_dir(directory)
+    return None

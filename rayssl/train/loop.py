@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from rayssl.config import RunConfig
 from rayssl.methods import get_method_class
-from rayssl.train.checkpoint import load_checkpoint_dir, rng_state, set_rng_state, write_checkpoint_dir
+from rayssl.train.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
 
 
 def _say(message: str) -> None:
@@ -138,10 +138,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(warmup, tc.steps), tc.steps))
 
     step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint_dir(directory)
+    # The newest complete checkpoint in the run folder, which may be newer than the one Train registered.
+    state = load_newest_state(run_dir, registered=ray.train.get_checkpoint())
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

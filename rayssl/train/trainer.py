@@ -19,22 +19,17 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayssl.config import RunConfig
 from rayssl.data.pipeline import SkipLedger, build_dataset
-from rayssl.data.volumes import load_volumes, manifest_digest, spacing_summary
+from rayssl.data.volumes import check_volumes_in_split, load_volumes, manifest_digest, spacing_summary
 from rayssl.methods import get_method_class
+from rayssl.runtime import attach_address, start_or_attach
 from rayssl.train.checkpoint import latest_checkpoint_step
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.runfolder import RunResult, finish_run_folder, start_run_folder
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
-    """Attach to `address` (e.g. "auto") or start a local runtime, unless one is already up."""
-    if ray.is_initialized():
-        return
-    init_kwargs.setdefault("logging_level", "WARNING")
-    if address:
-        ray.init(address=address, **init_kwargs)
-    else:
-        ray.init(**init_kwargs)
+    """Attach to `address` / RAY_ADDRESS (checked to answer) or start a private local runtime, unless one is up."""
+    start_or_attach(address, **init_kwargs)
 
 
 def _absolute(path: str) -> str:
@@ -139,7 +134,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     store = resolve_store(cfg)
     ensure_ray(address, **(ray_init or {}))
     volumes = load_volumes(store, cfg.data.split)
-    method.check_volumes(volumes)
+    check_volumes_in_split(method.check_volumes, volumes, store, cfg.data.split)
     volumes = method.prepare(store, volumes)
     cfg = cfg.with_method_cfg(method.config)
 
@@ -153,9 +148,9 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
               f"(raise train.steps with --set train.steps=N to continue training)")
         return finish_run_folder(run_dir, cfg, wall_time_s=0.0, peak_memory_mb=0.0, skipped={})
 
-    # On a cluster, nodes come and go (spot preemption, node loss): restart from the last checkpoint
-    # by default. Locally a failure is a bug or bad input, and retrying it only repeats the error.
-    max_failures = tc.max_failures if tc.max_failures is not None else (3 if address else 0)
+    # On a cluster, nodes come and go (spot preemption, node loss): restart from the last checkpoint.
+    # Locally a lost worker (OOM kill) is worth one restart; a bug or bad input only repeats once.
+    max_failures = tc.max_failures if tc.max_failures is not None else (3 if attach_address(address) else 1)
     global_batch = tc.batch_size * tc.num_workers
     # Progress is the loop's per-step line (step, loss terms, crops/s, ETA); Ray Data's operator
     # bars would interleave with it on every refresh.

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from rayssl.config import resolve_config
+from rayssl.runtime import attach_address, check_address, start_or_attach
 from rayssl.tune.space import SearchSpace, format_override, load_space, validate_space
 
 METRIC = "probe_score"
@@ -143,8 +144,8 @@ def start_ray(address: str | None, ray_init: dict[str, Any] | None = None) -> No
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"logging_level": "WARNING", **(ray_init or {})}
-    if address:
-        ray.init(address=address, **kwargs)
+    if attach_address(address):
+        start_or_attach(address, **kwargs)
         return
     port = int(kwargs.pop("dashboard_port", 0) or _free_port())
     api = f"http://127.0.0.1:{port}"
@@ -155,7 +156,7 @@ def start_ray(address: str | None, ray_init: dict[str, Any] | None = None) -> No
     os.environ["RAY_API_SERVER_ADDRESS"] = api
     kwargs.setdefault("include_dashboard", True)
     kwargs.setdefault("dashboard_host", "127.0.0.1")
-    ray.init(dashboard_port=port, runtime_env=runtime_env, **kwargs)
+    start_or_attach(None, dashboard_port=port, runtime_env=runtime_env, **kwargs)
 
 
 def trial_cpus(cfg) -> float:
@@ -187,6 +188,7 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
     from rayssl.train.trainer import resolve_store
 
     t0 = time.perf_counter()
+    check_address(address)  # an unreachable cluster fails now, not after the baseline probe
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     search = load_space(method, space)
