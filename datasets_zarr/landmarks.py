@@ -80,16 +80,24 @@ def grid_landmarks(mask: np.ndarray, patch_size: int, step: int, min_fraction: f
 
 
 def nearest_landmarks(centres: np.ndarray, k: int) -> np.ndarray:
-    """[L, k] indices of each landmark's k nearest other landmarks (Euclidean, ties by index)."""
+    """[L, k] indices of each landmark's k nearest other landmarks (Euclidean), by the official rule.
+
+    DrasCLR's `data/copd_patch.py` takes `np.argsort(pairwise_distances(loc)[j])[1:k+1]`: sklearn's
+    Euclidean distances (dot-product form, whose rounding differs between equal grid distances)
+    and NumPy's default (unstable) sort. On a landmark grid every landmark has up to six neighbours
+    at the same distance; that rule spreads the picks over all six directions, where a stable sort
+    of exact distances (ties by index) would pick the -x / -y neighbours almost always.
+    """
+    from sklearn.metrics import pairwise_distances
+
     centres = np.asarray(centres, dtype=np.float64)
     if len(centres) < k + 1:
         raise ConversionError(
             f"only {len(centres)} landmark(s) but n_neighbors={k}: lower n_neighbors, or get more "
             f"landmarks with a smaller landmark_step / patch_size"
         )
-    distances = np.linalg.norm(centres[:, None, :] - centres[None, :, :], axis=-1)
-    np.fill_diagonal(distances, np.inf)
-    return np.argsort(distances, axis=1, kind="stable")[:, :k].astype(np.int64)
+    order = np.argsort(pairwise_distances(centres, metric="euclidean"), axis=1)
+    return order[:, 1:k + 1].astype(np.int64)  # column 0 is the landmark itself (distance 0)
 
 
 def map_to_subject(centres: np.ndarray, atlas_to_subject_voxel: np.ndarray) -> np.ndarray:

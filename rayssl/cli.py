@@ -1,4 +1,4 @@
-"""`rayssl` command line: parses arguments and delegates (convert | pretrain | preview)."""
+"""`rayssl` command line: parses arguments and delegates (convert | pretrain | preview | recipe)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="SSL method (voco, mlsscl, gvsl, drasclr); default voco")
     p.add_argument("--data", help="Zarr store made by `rayssl convert` (default: embedded demo phantoms)")
-    p.add_argument("--profile", choices=["cpu", "paper"], help="settings profile (default: paper when this machine has a GPU or --use-gpu is given, else cpu)")
+    p.add_argument("--profile", choices=["cpu", "paper", "official"], help="settings profile: cpu (small), paper (the paper's "
+                   "recipe), official (the official code's); default: paper when this machine has a GPU or --use-gpu is given, else cpu")
     p.add_argument("--config", help="YAML config file (e.g. a run folder's config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field (dotted paths, e.g. --set voco.lambda_reg=0.5 --set train.lr=3e-4)")
@@ -65,6 +66,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from rayssl.recipe import format_recipe
+
+    print(format_recipe(_resolve(args, [])))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from datasets_zarr import ConversionFailed, convert
     from datasets_zarr.recipes import RECIPES
@@ -111,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--out", default="preview.png")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("recipe", help="print the resolved training recipe of a method and profile "
+                       "(optimizer, schedule, batch, length, crops, loss, temperatures, queues, precision)")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_recipe)
 
     p = sub.add_parser("convert", help="convert NIfTI / DICOM series / .npy scans into a Zarr store + manifest")
     p.add_argument("inputs", nargs="+", help="files, DICOM series folders, or folders of scans")

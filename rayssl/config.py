@@ -40,10 +40,22 @@ class TrainSection(_Strict):
     """Optimisation, checkpoints and scaling of the Ray Train run."""
 
     steps: int = Field(40, ge=1, description="optimizer steps")
+    epochs: float | None = Field(None, gt=0, description="if set, steps = ceil(epochs x samples per epoch / effective "
+                                 "batch), fixed when the run starts (papers that count epochs); an explicit train.steps wins")
     batch_size: int = Field(2, ge=1, description="samples per worker per step")
-    lr: float | None = Field(None, gt=0, description="peak learning rate (None = method default)")
-    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay (None = method default)")
-    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps before cosine decay (None = method default)")
+    # The optimizer recipe: each method's profiles set it (the method owns its recipe); `rayssl
+    # recipe --method M --profile P` prints it. rayssl/train/optim.py builds it.
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="optimizer")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(1e-5, ge=0, description="weight decay (decoupled for adamw, L2 for adam and sgd)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
+    nesterov: bool = Field(False, description="sgd Nesterov momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam/adamw betas")
+    amsgrad: bool = Field(False, description="adam/adamw AMSGrad variant")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR after the warm-up: cosine decay over `steps`, or constant")
+    warmup_steps: int = Field(5, ge=0, description="linear warm-up optimizer steps")
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine: LR at the last step, as a fraction of lr")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step (gradient accumulation)")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None = off)")
     amp: bool = Field(True, description="bfloat16/float16 autocast on GPU (ignored on CPU)")
     report_every: int = Field(1, ge=1, description="report metrics every k steps")
@@ -65,7 +77,7 @@ class RunConfig(_Strict):
     """A whole pretraining run: method + its config, data, training, seed, where it goes."""
 
     method: str = "voco"
-    profile: Literal["cpu", "paper"] = "cpu"
+    profile: Literal["cpu", "paper", "official"] = "cpu"
     seed: int = 0
     out: str = "runs"
     name: str | None = None
@@ -88,6 +100,8 @@ class RunConfig(_Strict):
     def to_yaml_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json")
         d[self.method] = d.pop("method_config")
+        # Derived, for readers of config.yaml; resolve_config drops it when the file is read back.
+        d["train"]["effective_batch"] = self.train.batch_size * self.train.num_workers * self.train.accumulate
         return d
 
 
@@ -167,8 +181,12 @@ def resolve_config(
     method_cls = get_method_class(method)
     if method in raw:  # YAML writes the method section under the method's name
         raw["method_config"] = raw.pop(method)
+    _upgrade_legacy(raw)
     profile = profile or raw.get("profile") or default_profile()
     if profile not in method_cls.profiles:
+        why = method_cls.missing_profiles.get(profile)
+        if why:
+            raise ValueError(f"{method} has no {profile!r} profile: {why}; choose one of {sorted(method_cls.profiles)}")
         raise ValueError(f"unknown profile {profile!r} for {method}; choose one of {sorted(method_cls.profiles)}")
     # The profile is applied first; explicit values from the file override it.
     merged: dict[str, Any] = {"method": method, "profile": profile, "data": {}, "train": {}, "method_config": {}}
@@ -182,6 +200,8 @@ def resolve_config(
             merged[key].update(value)
         elif key not in ("method", "profile"):
             merged[key] = value
+    if "steps" in (raw.get("train") or {}) or any(o.split("=", 1)[0].strip() in ("train.steps", "steps") for o in overrides or []):
+        merged["train"]["epochs"] = None  # an explicit step count replaces the profile's epochs
     fields = set(method_cls.config_cls.model_fields)
     for item in overrides or []:
         if "=" not in item:
@@ -203,6 +223,25 @@ def resolve_config(
         raise ValueError(_explain(err, method + ".")) from None
     # Store every method field explicitly, so config.yaml shows the whole resolved method config.
     return cfg.model_copy(update={"method_config": method_cfg.model_dump(mode="json")})
+
+
+def _upgrade_legacy(raw: dict[str, Any]) -> None:
+    """Read config.yaml files of older runs: the optimizer recipe moved from the method section to
+    `train` (lr, weight_decay, warmup_steps), and `train.effective_batch` is derived, not an input."""
+    method_section = raw.get("method_config") or {}
+    train = raw.setdefault("train", {}) if ("train" in raw or any(
+        k in method_section for k in ("lr", "weight_decay", "warmup_steps"))) else None
+    if train is None:
+        return
+    for key in ("lr", "weight_decay", "warmup_steps"):
+        if key in method_section:
+            value = method_section.pop(key)
+            if train.get(key) is None:
+                train[key] = value
+    for key in ("lr", "weight_decay", "warmup_steps"):
+        if key in train and train[key] is None:
+            del train[key]
+    train.pop("effective_batch", None)
 
 
 def _explain(err: ValidationError, prefix: str) -> str:

@@ -103,8 +103,8 @@ class TestGenesis:
 class TestConfig:
     def test_registry_and_profiles(self):
         assert get_method_class("gvsl") is GVSL
-        for profile in GVSL.profiles.values():
-            GVSLConfig(**profile)
+        for profile in GVSL.profiles:
+            GVSL.profile_config(profile)
 
     @pytest.mark.parametrize("bad, field", [
         (dict(input_size=(40, 48, 48)), "input_size"),

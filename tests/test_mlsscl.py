@@ -93,10 +93,10 @@ class TestConfig:
             MLSSCLConfig(temperature=0.0)
 
     def test_profiles_are_valid_and_registered(self):
-        for profile in MLSSCL.profiles.values():
-            MLSSCLConfig(**profile)
+        for profile in MLSSCL.profiles:
+            MLSSCL.profile_config(profile)
         assert get_method_class("mlsscl") is MLSSCL
-        paper = MLSSCLConfig(**MLSSCL.profiles["paper"])
+        paper = MLSSCL.profile_config("paper")
         assert (paper.clip_length, paper.long_stride, paper.short_stride, paper.queue_length) == (16, 4, 2, 320)
         assert (paper.temperature, paper.momentum, paper.alpha, paper.beta) == (0.2, 0.99, 0.5, 0.5)
 
@@ -230,8 +230,10 @@ class TestModel:
         for name, param in model.target.named_parameters():
             assert not param.requires_grad and param.grad is None, name
 
-    def test_loss_is_weighted_sum_of_pair_losses_with_key_view_queues(self):
-        method = make_method(alpha=0.3, beta=0.7, temperature=0.1)
+    @pytest.mark.parametrize("direction", ["one_way", "symmetric"])
+    def test_loss_is_weighted_sum_of_pair_losses_with_key_view_queues(self, direction):
+        """Eq. 1 one-directional (v1 anchors) by default; `symmetric` adds the reverse direction."""
+        method = make_method(alpha=0.3, beta=0.7, temperature=0.1, multiview_direction=direction)
         torch.manual_seed(0)
         outputs = {f"online_{v}": torch.randn(2, 16) for v in ("axial", "coronal", "sagittal", "short")}
         outputs.update({f"target_{v}": torch.randn(2, 16) for v in ("axial", "coronal", "sagittal")})
@@ -243,7 +245,7 @@ class TestModel:
         def pair(q, k):
             return info_nce(outputs[f"online_{q}"], outputs[f"target_{k}"], queues[k], 0.1)
 
-        multiview = sum(pair(a, b) + pair(b, a) for a, b in
+        multiview = sum(pair(a, b) + (pair(b, a) if direction == "symmetric" else 0) for a, b in
                         [("axial", "coronal"), ("axial", "sagittal"), ("coronal", "sagittal")])
         long_short = pair("short", "axial")
         assert losses["multiview"].item() == pytest.approx(multiview.item(), rel=1e-5)

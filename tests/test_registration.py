@@ -138,6 +138,20 @@ class TestLandmarks:
         with pytest.raises(ValueError, match="n_neighbors=4"):
             nearest_landmarks(centres, 4)
 
+    def test_nearest_landmarks_spread_grid_ties_over_all_six_directions(self):
+        """The official rule (sklearn distances + NumPy's default argsort), not ties by index: on a
+        landmark grid the picks spread over the six directions (ties by index: +x 5 %, -x 29 %)."""
+        rng = np.random.default_rng(0)
+        grid = np.array([(x, y, z) for x in range(0, 260, 26) for y in range(0, 260, 26) for z in range(0, 234, 26)],
+                        dtype=np.float64)
+        centres = grid[rng.random(len(grid)) < 0.6]
+        steps = centres[nearest_landmarks(centres, 2)] - centres[:, None, :]
+        axis = np.abs(steps).argmax(-1)
+        sign = np.take_along_axis(steps, axis[..., None], -1)[..., 0] > 0
+        counts = np.bincount((axis * 2 + sign).ravel(), minlength=6)
+        total = counts.sum()  # uniform would be total / 6 each
+        assert counts.min() > total / 12 and counts.max() < total / 4, counts
+
     def test_atlas_coordinates_span_minus_one_to_one(self):
         np.testing.assert_allclose(
             atlas_coordinates([[0, 0, 0], [9, 4.5, 19]], (10, 10, 20)), [[-1, -1, -1], [1, 0, 1]]

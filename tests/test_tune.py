@@ -67,7 +67,7 @@ class TestSearchSpaces:
         ("voco.nope:\n  choice: [1]\n", "voco.nope: Extra inputs"),
         ("voco.lambda_reg:\n  normal: [0, 1]\n", "unknown distribution"),
         ("voco.lambda_reg:\n  uniform: [1.5, 0.5]\n", "lo < hi"),
-        ("voco.lr:\n  loguniform: [0, 1.0e-3]\n", "lo > 0"),
+        ("train.lr:\n  loguniform: [0, 1.0e-3]\n", "lo > 0"),
         ("voco.num_random_crops:\n  randint: [1, 2.5]\n", "integers"),
         ("voco.lambda_reg: 0.5\n", "one distribution"),
         ("- a\n", "mapping"),

@@ -61,8 +61,8 @@ def brute_force_labels(starts: np.ndarray, crop_size, region_size, grid) -> np.n
 class TestConfig:
     def test_registry_and_profiles_validate(self):
         assert get_method_class("voco") is VoCo
-        for name, profile in VoCo.profiles.items():
-            cfg = VoCoConfig(**profile)
+        for name in VoCo.profiles:
+            cfg = VoCo.profile_config(name)
             assert cfg.num_bases == 16, name
 
     @pytest.mark.parametrize("field, value", [
@@ -437,7 +437,7 @@ class TestExport:
         load_export(exported, BasicUNet)
 
     def test_card(self):
-        card = VoCo(VoCoConfig(**VoCo.profiles["paper"])).card()
+        card = VoCo(VoCo.profile_config("official")).card()
         assert card["pretraining_patch_size"] == [64, 64, 64]
         assert card["recommended_downstream_patch_size"] == [96, 96, 96]
         assert card["base_crop_size"] == [96, 96, 96] and card["base_grid"] == [4, 4, 1]

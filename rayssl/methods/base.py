@@ -17,11 +17,6 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # Optimiser defaults of the method (the training loop reads them; `--set` overrides them).
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    warmup_steps: int = 5
-
 
 @dataclass(frozen=True)
 class VolumeInfo:
@@ -80,9 +75,12 @@ class Method(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
-    # Profiles: named partial configs; "cpu" must finish the demo run in minutes on 2 cores,
-    # "paper" holds the published settings (GPU-sized).
+    # Profiles: named partial configs (method fields, plus "train"/"data" sections: the optimizer
+    # recipe lives in "train"); "cpu" must finish the demo run in minutes on 2 cores, "paper" holds
+    # the published settings (GPU-sized), "official" the official code's training.
     profiles: ClassVar[dict[str, dict[str, Any]]] = {"cpu": {}, "paper": {}}
+    # Profiles a method cannot offer, with the reason (e.g. no public code for "official").
+    missing_profiles: ClassVar[dict[str, str]] = {}
     # DDP flag for models whose forward leaves some parameters unused in a step.
     find_unused_parameters: ClassVar[bool] = False
     # dtype of the crops `views` receives: "float32", or None for the store's own dtype (e.g. int16
@@ -91,6 +89,12 @@ class Method(ABC):
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
+
+    @classmethod
+    def profile_config(cls, profile: str) -> MethodConfig:
+        """The method config `profile` sets (its method fields over the defaults; its "train" and
+        "data" sections are run settings, resolved by rayssl.config.resolve_config)."""
+        return cls.config_cls(**{k: v for k, v in cls.profiles[profile].items() if k not in ("train", "data")})
 
     # ---- CPU side -------------------------------------------------------------------------
     @abstractmethod
@@ -151,4 +155,9 @@ class Method(ABC):
 
     def card(self) -> dict[str, Any]:
         """Model-card facts: pretraining patch size, recommended downstream patch size, ..."""
+        return {}
+
+    def recipe(self) -> dict[str, str]:
+        """The method's part of `rayssl recipe`: setting -> value as text (crop sizes, loss form,
+        temperatures, queue sizes, ...), in the order docs/methods/<name>.md lists them."""
         return {}

@@ -54,6 +54,9 @@ class DrasCLRConfig(MethodConfig):
         description="a grid patch becomes a landmark when more than this fraction lies in the atlas mask",
     )
     n_neighbors: int = Field(2, ge=1, le=26, description="neighbouring landmarks per sample (paper: 2)")
+    spacing_mm: float | None = Field(
+        None, gt=0.0, description="voxel size every volume must have (paper: 1 mm isotropic), so a patch covers "
+        "the same tissue everywhere; None = any spacing, but one shared by all volumes")
     # Views (official: augmentation 'agc' = RandAffine, RandGaussianNoise, RandAdjustContrast).
     affine_translate: float = Field(
         0.375, ge=0.0, le=1.0, description="max translation as a fraction of the patch (official: 12/32)"
@@ -84,7 +87,6 @@ class DrasCLRConfig(MethodConfig):
         1.0, ge=0.0, description="beta: weight of L_neighbor in L = L_local + beta L_neighbor"
     )
     shuffle_bn: bool = Field(True, description="shuffle keys across DDP ranks for the key encoder's BatchNorm (MoCo)")
-    weight_decay: float = 1e-4  # official SGD weight decay
 
     @field_validator("contrast_gamma")
     @classmethod
@@ -337,35 +339,35 @@ class DrasCLR(Method):
 
     name = "drasclr"
     config_cls = DrasCLRConfig
+    # The optimizer recipe is in each profile's "train" section; docs/methods/drasclr.md has the
+    # table of sources that tests/test_profiles.py holds against `rayssl recipe`.
+    _published: ClassVar[dict[str, Any]] = {
+        "patch_size": 32, "landmark_step": 26, "n_neighbors": 2, "spacing_mm": 1.0, "widths": (8, 16, 32, 64, 128),
+        "rep_dim": 128, "proj_dim": 128, "num_experts": 8, "queue_size": 4096, "momentum": 0.999,
+        "temperature": 0.2, "neighbor_weight": 1.0,
+        # One official epoch visits every landmark of every subject (581 on the official atlas).
+        "data": {"samples_per_volume": 581},
+        # SGD(lr 0.01, momentum 0.9, weight decay 1e-4), cosine over 20 epochs, no warm-up, batch 128
+        # (4 GPUs x 32), fp32, no clipping (train.py, run_train.sh).
+        "train": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+                  "schedule": "cosine", "warmup_steps": 0, "final_lr_fraction": 0.0, "batch_size": 128,
+                  "accumulate": 1, "epochs": 20, "grad_clip": None, "amp": False},
+    }
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
         # Forward + backward of a batch of 2 samples: 0.15-0.4 s alone on 2 cores, 1-2 s per step
         # inside `rayssl pretrain` next to the data actors (measured, see docs/methods/drasclr.md).
         "cpu": {
-            "patch_size": 16,
-            "landmark_step": 8,
-            "widths": (4, 8, 16, 32, 64),
-            "rep_dim": 64,
-            "proj_dim": 64,
-            "num_experts": 4,
-            "queue_size": 32,
-            "queue_dtype": "float32",
-            "momentum": 0.99,
-            "lr": 1e-3,
+            "patch_size": 16, "landmark_step": 8, "n_neighbors": 2, "spacing_mm": None, "widths": (4, 8, 16, 32, 64),
+            "rep_dim": 64, "proj_dim": 64, "num_experts": 4, "queue_size": 32, "queue_dtype": "float32",
+            "momentum": 0.99, "temperature": 0.2, "neighbor_weight": 1.0,
+            "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine",
+                      "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
+                      "steps": 40, "grad_clip": 1.0, "amp": True},
         },
-        # Published settings: 32^3 patches, step 26, 8 experts, K = 4096, m = 0.999, tau = 0.2,
-        # batch 128 over 4 GPUs (32 per GPU), 20 epochs, SGD lr 0.01 in the official code.
-        "paper": {
-            "patch_size": 32,
-            "landmark_step": 26,
-            "widths": (8, 16, 32, 64, 128),
-            "rep_dim": 128,
-            "proj_dim": 128,
-            "num_experts": 8,
-            "queue_size": 4096,
-            "momentum": 0.999,
-            "temperature": 0.2,
-            "train": {"batch_size": 32},
-        },
+        # The paper (Sec. 3 / 4.1) states the official run's values: 32^3 patches, 2 neighbours,
+        # 8 experts, K = 4096 per landmark, m = 0.999, tau = 0.2, SGD lr 0.01, batch 128, cosine.
+        "paper": _published,
+        "official": _published,
     }
 
     def __init__(self, config: DrasCLRConfig) -> None:
@@ -380,13 +382,33 @@ class DrasCLR(Method):
         self.prepare_with_ray = True
 
     # ---- data preparation (driver) ------------------------------------------------------------
+    def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
+        """Patches are counted in voxels: refuse volumes whose spacing would make a patch cover other
+        tissue (not `spacing_mm`, or, with spacing_mm None, not the spacing of the first volume)."""
+        if not volumes:
+            return
+        wanted = self.config.spacing_mm
+        reference = (wanted,) * 3 if wanted is not None else tuple(volumes[0].spacing)
+        for v in volumes:
+            if not np.allclose(v.spacing, reference, rtol=0.02, atol=1e-3):
+                what = (f"DrasCLR patches assume {wanted:g} mm isotropic voxels (drasclr.spacing_mm)"
+                        if wanted is not None else
+                        f"DrasCLR patches need one spacing for all volumes; {volumes[0].id!r} has "
+                        f"{tuple(round(float(x), 3) for x in reference)} mm")
+                raise ValueError(
+                    f"volume {v.id!r} has spacing {tuple(round(float(x), 3) for x in v.spacing)} mm, but {what}. "
+                    f"Resample the store (`rayssl convert ... --spacing {wanted or reference[0]:g}`) or set "
+                    f"drasclr.spacing_mm to the store's spacing (null = any spacing shared by all volumes)")
+
     def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
-        """Lung masks, atlas registration (Ray tasks) and landmarks; see datasets_zarr.landmarks.
+        """Spacing check, lung masks, atlas registration (Ray tasks) and landmarks; see
+        datasets_zarr.landmarks.
 
         Imports datasets_zarr lazily: it runs on the driver only and starts Ray tasks there.
         """
         from datasets_zarr.landmarks import prepare_anatomy
 
+        self.check_volumes(volumes)
         cfg = self.config
         table = prepare_anatomy(
             volumes,
@@ -635,6 +657,20 @@ class DrasCLR(Method):
                 "(rayssl.methods.drasclr.embed_image); dense features: embed_voxels."
             ),
         )
+
+    def recipe(self) -> dict[str, str]:
+        c = self.config
+        return {
+            "network": f"Loc-CondConv encoder {tuple(c.widths)}, {c.num_experts} experts",
+            "patch size": f"{c.patch_size}^3 voxels",
+            "voxel spacing": f"{c.spacing_mm:g} mm isotropic" if c.spacing_mm is not None else "any, shared by all volumes",
+            "landmark grid step": str(c.landmark_step),
+            "neighbours": str(c.n_neighbors),
+            "loss form": f"L_local + {c.neighbor_weight:g} L_neighbor",
+            "temperature": f"{c.temperature:g}",
+            "queue size": f"{c.queue_size} per landmark",
+            "key momentum": f"{c.momentum:g}",
+        }
 
     def card(self) -> dict[str, Any]:
         cfg = self.config

@@ -42,8 +42,12 @@ class GVSLConfig(MethodConfig):
     bbox_margin: float = Field(0.05, ge=0.0, le=1.0)  # margin added on each side, fraction of the bbox extent
     # auto: per volume from the manifest (CT int16 -> ct window; CT float32, scaled at conversion ->
     # none = clip to [0, 1]; other modalities -> percentiles).
-    intensity: Literal["auto", "ct", "percentile", "none"] = "auto"
-    ct_window: tuple[float, float] = (-1024.0, 1024.0)  # HU -> [0, 1]; paper: raw [0, 2048] = HU + 1024
+    # Two readings of the paper's "clip to [0, 2048], divide by 2048" (official dataloader too):
+    # stored_2048 applies it to the stored values as they are (literal: on a store of HU it keeps
+    # only 0..2048 HU); ct with the default window (-1024, 1024) HU reads the paper's stored values
+    # as HU + 1024, i.e. the same mapping for data stored in HU, as rayssl stores CT.
+    intensity: Literal["auto", "ct", "percentile", "none", "stored_2048"] = "auto"
+    ct_window: tuple[float, float] = (-1024.0, 1024.0)  # HU -> [0, 1]; = paper's [0, 2048] if stored = HU + 1024
     percentiles: tuple[float, float] = (0.5, 99.5)  # non-CT (MR) scaling to [0, 1]
     # Spatial augmentation, identical for x_A, corrupted x_A and x_B (official Train_GVSL.py values).
     spatial_aug_prob: float = Field(1.0, ge=0.0, le=1.0)
@@ -76,9 +80,6 @@ class GVSLConfig(MethodConfig):
     smooth_weight: float = Field(1.0, ge=0.0)
     restoration_weight: float = Field(1.0, ge=0.0)
     warmup_restoration_steps: int = Field(0, ge=0)  # first steps train the restoration term only
-
-    lr: float = 1e-4  # Adam 1e-4 (paper Sec. 4.1)
-    weight_decay: float = 0.0  # the official code uses plain Adam
 
     @model_validator(mode="after")
     def _check(self) -> "GVSLConfig":
@@ -267,6 +268,8 @@ def _scale_intensity(crop: np.ndarray, mode: str, ct_window: tuple[float, float]
         mode = "ct" if float(crop.min()) <= -500.0 else "percentile"
     if mode == "none":
         return np.clip(crop.astype(np.float32), 0.0, 1.0)
+    if mode == "stored_2048":  # the paper's / official dataloader's mapping, on the stored values
+        return np.clip(crop.astype(np.float32), 0.0, 2048.0) / np.float32(2048.0)
     if mode == "ct":
         lo, hi = ct_window
     else:
@@ -328,12 +331,31 @@ class GVSL(Method):
 
     name: ClassVar[str] = "gvsl"
     config_cls: ClassVar[type[MethodConfig]] = GVSLConfig
+    # The optimizer recipe is in each profile's "train" section; docs/methods/gvsl.md has the table
+    # of sources that tests/test_profiles.py holds against `rayssl recipe`.
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
-        # 2 cores: 48^3 inputs, narrow U-Net; elastic deformation scaled from the 128^3 values.
+        # 2 cores: 48^3 inputs, narrow U-Net; elastic deformation scaled from the 128^3 values. CT
+        # intensity by the HU + 1024 reading (auto), which keeps lung and fat on rayssl's HU stores.
         "cpu": {"input_size": (48, 48, 48), "features": (8, 16, 32, 64, 128, 16), "num_groups": 4,
-                **elastic_settings(48)},
+                "intensity": "auto", **elastic_settings(48),
+                "train": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "cosine",
+                          "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
+                          "steps": 40, "grad_clip": 1.0, "amp": True}},
+        # Paper (Sec. 4.1 / implementation details): Adam lr 1e-4, batch 2, 2 x 10^5 iterations,
+        # stored values clipped to [0, 2048] / 2048. Not stated, official code's value: constant LR
+        # (no scheduler), no warm-up, fp32, no clipping.
         "paper": {"input_size": (128, 128, 128), "features": (32, 64, 128, 256, 512, 32), "num_groups": 4,
-                  **elastic_settings(128)},
+                  "intensity": "stored_2048", **elastic_settings(128),
+                  "train": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant",
+                            "warmup_steps": 0, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
+                            "steps": 200_000, "grad_clip": None, "amp": False}},
+        # Official PyTorch/Train_GVSL.py: Adam(lr 1e-4) with no scheduler, batch_size 1, 1000 epochs
+        # x 200 iterations, fp32, no clipping; dataloader_heart_self_train.py clips to [0, 2048] / 2048.
+        "official": {"input_size": (128, 128, 128), "features": (32, 64, 128, 256, 512, 32), "num_groups": 4,
+                     "intensity": "stored_2048", **elastic_settings(128),
+                     "train": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant",
+                               "warmup_steps": 0, "final_lr_fraction": 0.0, "batch_size": 1, "accumulate": 1,
+                               "steps": 200_000, "grad_clip": None, "amp": False}},
     }
 
     def __init__(self, config: GVSLConfig) -> None:
@@ -482,13 +504,25 @@ class GVSL(Method):
                    "down_4 output, local features = upcat_1 output. Inputs were intensities in [0, 1]."),
         )
 
+    def recipe(self) -> dict[str, str]:
+        c = self.config
+        return {
+            "network": f"BasicUNet {tuple(c.features)}, GroupNorm {c.num_groups}",
+            "input size": "x".join(str(v) for v in c.input_size),
+            "intensity": c.intensity,
+            "loss form": (f"NCC (window {c.ncc_window}) + {c.smooth_weight:g} smooth + "
+                          f"{c.restoration_weight:g} restoration"),
+        }
+
     def card(self) -> dict[str, Any]:
         cfg = self.config
         return {
             "paper": "He et al. Geometric Visual Similarity Learning (GVSL), CVPR 2023",
             "pretraining_input_size": list(cfg.input_size),
             "recommended_downstream_input_size": list(cfg.input_size),
-            "intensity": (f"CT window {list(cfg.ct_window)} HU -> [0, 1]" if cfg.intensity == "ct" else
+            "intensity": ("stored values clipped to [0, 2048] / 2048 (paper, official code)"
+                          if cfg.intensity == "stored_2048" else
+                          f"CT window {list(cfg.ct_window)} HU -> [0, 1]" if cfg.intensity == "ct" else
                           f"percentiles {list(cfg.percentiles)} -> [0, 1]" if cfg.intensity == "percentile" else
                           f"auto: CT window {list(cfg.ct_window)} HU for HU crops, else percentiles "
                           f"{list(cfg.percentiles)}; -> [0, 1]"),

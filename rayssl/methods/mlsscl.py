@@ -4,8 +4,8 @@ Cao, Wang, Zhang, Zhang, Kang, Xu, "Multiview Long-Short Spatial Contrastive Lea
 Image Analysis", ICASSP 2022. No official code is public; this module is the reference
 implementation of rayssl and states every reading of the paper it had to make.
 
-What the method does (from the paper's abstract and our issue-tracker spec; the full text was not
-reachable, so equation numbers are not cited):
+What the method does (from the paper's abstract and our issue-tracker spec; equation numbers as
+cited in issue 13: Eq. 1 the pair loss, Eq. 4 the multiview sum):
 
 * Views. From each volume, three *long* spatial clips, one per anatomical view: C slices taken with
   spatial stride δL along the view's axis at a random position (axial = planes of constant z,
@@ -31,9 +31,10 @@ Readings of the paper (where it is not explicit) -- also listed in docs/methods/
    dim -> output dim; both hidden dims equal 2x the backbone feature dim (512 and 256), so the
    default hidden dim is 2x the feature dim. The predictor is 128 -> same hidden -> 128 (BYOL).
 4. Pair loss. ℓ(v1 → v2) = InfoNCE(query = online predictor output of v1, positive = target
-   projection of v2, negatives = the queue of view v2). As in CMC (Tian et al. 2020, two-view loss) the
-   multiview pair loss sums both directions:
-   L_N(v1, v2) = ℓ(v1 → v2) + ℓ(v2 → v1);  L_multiview = L_N(a, c) + L_N(a, s) + L_N(c, s).
+   projection of v2, negatives = the queue of view v2). The paper's Eq. 1 is one-directional,
+   L_N(v1, v2) = ℓ(v1 → v2), and Eq. 4 sums three of them: L_multiview = L_N(a, c) + L_N(a, s) +
+   L_N(c, s) (`multiview_direction: one_way`, every profile). `symmetric` sums both directions as
+   CMC's two-view loss (Tian et al. 2020), which doubles L_multiview against L_long_short.
    The long-short loss is one direction, short clip predicting the long clip (as in long-short
    temporal contrastive learning of video): L_long_short = ℓ(S → L), negatives = the axial (long)
    queue. So there are three queues (axial, coronal, sagittal) and the target never embeds S.
@@ -129,6 +130,9 @@ class MLSSCLConfig(MethodConfig):
     momentum: float = Field(0.99, ge=0.0, le=1.0, description="base momentum, cosine-scheduled to 1")
     alpha: float = Field(0.5, ge=0.0, description="weight of L_multiview")
     beta: float = Field(0.5, ge=0.0, description="weight of L_long_short")
+    multiview_direction: Literal["one_way", "symmetric"] = Field(
+        "one_way", description="pair loss L_N(v1, v2): one_way = ℓ(v1 → v2) as the paper's Eq. 1 (v1 anchors); "
+        "symmetric = ℓ(v1 → v2) + ℓ(v2 → v1) as CMC (doubles L_multiview's weight against L_long_short)")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "MLSSCLConfig":
@@ -205,19 +209,33 @@ class MLSSCL(Method):
 
     name: ClassVar[str] = "mlsscl"
     config_cls: ClassVar[type[MethodConfig]] = MLSSCLConfig
+    # The optimizer recipe is in each profile's "train" section; docs/methods/mlsscl.md has the
+    # table of sources that tests/test_profiles.py holds against `rayssl recipe`.
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
         # Small enough for the 2-core demo run: 16 x 32 x 32 clips, ResNet-18 at quarter width.
         "cpu": {
-            "clip_length": 16, "plane_size": 48, "image_size": 32, "resnet_widen_factor": 0.25,
-            "proj_dim": 64, "queue_length": 64, "lr": 1e-3,
+            "clip_length": 16, "long_stride": 4, "short_stride": 2, "plane_size": 48, "image_size": 32,
+            "resnet_widen_factor": 0.25, "proj_dim": 64, "queue_length": 64, "temperature": 0.2,
+            "momentum": 0.99, "alpha": 0.5, "beta": 0.5, "multiview_direction": "one_way",
+            "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-5, "schedule": "cosine",
+                      "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
+                      "steps": 40, "grad_clip": 1.0, "amp": True},
         },
-        # Published values (C, δL, δS, queue, τ, momentum, α, β, ResNet-18, 128-d heads); the paper
-        # does not give the in-plane size, so the whole foreground plane is resized to 128 x 128.
+        # Published values: C, δL, δS, K, momentum from 0.99, α, β, ResNet-18, 128-d heads, SGD lr
+        # 0.03 with cosine decay, batch 64, 100 epochs. Not in the paper, and no code to read, so
+        # rayssl's choices: τ = 0.2 (MoCo v2's value), SGD momentum 0.9 and weight decay 1e-4 (MoCo's),
+        # no warm-up, fp32, no clipping, the whole foreground plane resized to 128 x 128.
         "paper": {
             "clip_length": 16, "long_stride": 4, "short_stride": 2, "plane_size": None, "image_size": 128,
             "backbone": "resnet18", "resnet_widen_factor": 1.0, "proj_dim": 128, "queue_length": 320,
-            "temperature": 0.2, "momentum": 0.99, "alpha": 0.5, "beta": 0.5,
+            "temperature": 0.2, "momentum": 0.99, "alpha": 0.5, "beta": 0.5, "multiview_direction": "one_way",
+            "train": {"optimizer": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+                      "schedule": "cosine", "warmup_steps": 0, "final_lr_fraction": 0.0, "batch_size": 64,
+                      "accumulate": 1, "epochs": 100, "grad_clip": None, "amp": False},
         },
+    }
+    missing_profiles: ClassVar[dict[str, str]] = {
+        "official": "MLSSCL has no public code, so there is no official recipe (use --profile paper)",
     }
     config: MLSSCLConfig
 
@@ -403,10 +421,11 @@ class MLSSCL(Method):
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """L = α·L_multiview + β·L_long_short (Cao et al., ICASSP 2022, total loss).
 
-        L_multiview = L_N(a, c) + L_N(a, s) + L_N(c, s) with the CMC-style symmetric pair loss
-        L_N(v1, v2) = ℓ(v1 → v2) + ℓ(v2 → v1) (CMC, Tian et al. 2020); L_long_short =
-        ℓ(S → L), the short clip predicting the long (axial) clip. ℓ is InfoNCE (Oord et al. 2018;
-        MoCo Eq. 1) with the key view's queue as negatives and temperature τ.
+        L_multiview = L_N(a, c) + L_N(a, s) + L_N(c, s) (paper Eq. 4) with the pair loss of Eq. 1,
+        L_N(v1, v2) = ℓ(v1 → v2): v1 anchors, positive and negatives from v2
+        (`multiview_direction: one_way`, default); `symmetric` adds ℓ(v2 → v1) as CMC (Tian et al.
+        2020) does. L_long_short = ℓ(S → L), the short clip predicting the long (axial) clip. ℓ is
+        InfoNCE (Oord et al. 2018) with the key view's queue as negatives and temperature τ.
 
         Args:
             outputs: the model's forward outputs (online_<view> [B, D], target_<view> [B, D]).
@@ -415,7 +434,9 @@ class MLSSCL(Method):
         terms: dict[str, torch.Tensor] = {}
         multiview = outputs["online_axial"].new_zeros(())
         for first, second in MULTIVIEW_PAIRS:
-            pair = self._pair_loss(outputs, first, second) + self._pair_loss(outputs, second, first)
+            pair = self._pair_loss(outputs, first, second)
+            if self.config.multiview_direction == "symmetric":
+                pair = pair + self._pair_loss(outputs, second, first)
             terms[f"{first}_{second}"] = pair.detach()
             multiview = multiview + pair
         long_short = self._pair_loss(outputs, "short", "axial")
@@ -471,6 +492,21 @@ class MLSSCL(Method):
             state_dict=state, network=encoder.network(), network_kwargs=dict(encoder.network_kwargs),
             key_groups=encoder.key_groups(), notes=notes,
         )
+
+    def recipe(self) -> dict[str, str]:
+        c = self.config
+        network = (f"ResNet-18, width x{c.resnet_widen_factor:g}" if c.backbone == "resnet18"
+                   else f"BasicUNet encoder {tuple(c.unet_features)}")
+        plane = "foreground plane" if c.plane_size is None else f"{c.plane_size}^2 window"
+        return {
+            "network": network,
+            "clips": f"C = {c.clip_length}, δL = {c.long_stride}, δS = {c.short_stride}",
+            "clip in-plane size": f"{plane} resized to {c.image_size}^2",
+            "loss form": f"{c.multiview_direction} pair loss, α = {c.alpha:g}, β = {c.beta:g}",
+            "temperature": f"{c.temperature:g}",
+            "queue size": str(c.queue_length),
+            "target momentum": f"{c.momentum:g} -> 1 (cosine)",
+        }
 
     def card(self) -> dict[str, Any]:
         cfg = self.config

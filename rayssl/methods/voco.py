@@ -21,8 +21,10 @@ in the model and is updated in `after_step`.
 Loss, two forms (`loss_form`):
 
 * ``paper`` (CVPR paper, Sec. 3): l_i = cos(p, sg(q_i)) for a random crop's projection p and the
-  base crops' projections q_i; L_pred = -(1/n) sum_i log(1 - |y_i - l_i|) (Eq. 2);
-  L_reg = 2/(n(n-1)) sum_{i<j} |cos(q_i, q_j)| (Eq. 3); L = L_pred + lambda * L_reg (Eq. 4).
+  base crops' projections q_i; L_pred = -(1/n) sum_i log(1 - |y_i - l_i|);
+  L_reg = mean over unordered pairs i<j of |cos(q_i, q_j)|; L = L_pred + lambda * L_reg. The
+  paper's Eq. 5 writes L_reg = 2/(n(n-1)) sum over i != j: read over ordered pairs that is twice
+  our mean, so lambda here weights the i<j mean (lambda_reg = 2 is the literal ordered reading).
 * ``official`` (what `models/voco_head.py` trains): an EMA teacher sees the same crops;
   logits = (ReLU(cos(p_student, q_teacher)) + ReLU(cos(p_teacher, q_student))) / 2;
   pos = sum_i -y_i log(1 - |y_i - l_i| + 1e-6) / sum_i y_i (only bases the crop overlaps count);
@@ -141,9 +143,6 @@ class VoCoConfig(MethodConfig):
     rot90_prob: float = Field(0.2, ge=0.0, le=1.0)
     shift_intensity_prob: float = Field(0.1, ge=0.0, le=1.0)
     shift_intensity_offset: float = Field(0.1, ge=0.0, le=1.0)
-    # --- optimiser (official: AdamW lr 1e-4, torch's default weight decay 0.01, 5000 warmup steps) ---
-    lr: float = Field(1e-4, gt=0.0)
-    weight_decay: float = Field(1e-2, ge=0.0)
 
     @property
     def grid(self) -> Triple:
@@ -266,11 +265,12 @@ def _upper_pairs(sim: torch.Tensor) -> torch.Tensor:
 
 def voco_paper_loss(random_feats: torch.Tensor, base_feats: torch.Tensor, labels: torch.Tensor,
                     lambda_reg: float = 1.0, log_eps: float = 1e-6) -> dict[str, torch.Tensor]:
-    """VoCo loss as written in the paper (Wu et al., CVPR 2024, Eqs. 2-4).
+    """VoCo loss as written in the paper (Wu et al., CVPR 2024, Sec. 3; L_reg is Eq. 5).
 
     l_i = cos(p, sg(q_i)); L_pred = -(1/n) sum_i log(1 - |y_i - l_i|), averaged over random crops
-    and samples; L_reg = 2/(n(n-1)) sum_{i<j} |cos(q_i, q_j)|, averaged over samples;
-    L = L_pred + lambda * L_reg. 1 - |y - l| is clamped at `log_eps` inside the log: a raw cosine
+    and samples; L_reg = 2/(n(n-1)) sum_{i<j} |cos(q_i, q_j)| (the mean over unordered pairs),
+    averaged over samples; L = L_pred + lambda * L_reg. Eq. 5 sums over i != j; read over ordered
+    pairs it is twice this L_reg, so `lambda_reg` refers to the i<j scale (2 = the literal reading). 1 - |y - l| is clamped at `log_eps` inside the log: a raw cosine
     may be negative, which can make |y - l| >= 1 (the log would be -inf or NaN).
 
     Args:
@@ -439,15 +439,38 @@ class VoCo(Method):
 
     name: ClassVar[str] = "voco"
     config_cls: ClassVar[type[MethodConfig]] = VoCoConfig
+    # The optimizer recipe is in each profile's "train" section; docs/methods/voco.md has the table
+    # of sources (paper section / official file) that tests/test_profiles.py holds against it.
+    # What the paper and the official code share: Swin-B encoder, 2048-d projector, the whole
+    # foreground box resized, a 4x4x1 grid of base crops, every crop resized to 64^3.
+    _SWIN_B_4X4: ClassVar[dict[str, Any]] = {
+        "backbone": "swin", "feature_size": 48, "feature_pooling": "multiscale", "proj_hidden_dim": 2048,
+        "proj_dim": 2048, "region_mode": "foreground_resize", "n_x": 4, "n_y": 4, "n_z": 1, "input_size": 64,
+    }
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
-        # Official code (Luffy03/VoCo voco_train.py / data_utils.py): SwinUNETR v2 feature_size 48,
-        # foreground box resized to 384x384x96, 4x4 base crops of 96^3, 2 random crops per volume,
-        # crops resized to 64^3, projector 2048-2048, EMA teacher 0.9, AdamW lr 1e-4, 5000 warmup steps.
+        # Paper (Sec. 4.1 / implementation details): 384x384x64 region, 4x4 base crops resized to
+        # 64^3, 4 random crops (sw batch 4), batch 4, lr 1e-3, 100 warm-up steps, 100k steps, λ = 1,
+        # the paper's loss (Sec. 3, L_reg Eq. 5). Where the paper is silent, the official code's value:
+        # AdamW with amsgrad and torch's default weight decay 0.01, cosine decay, AMP, no clipping.
         "paper": {
-            "backbone": "swin", "feature_size": 48, "feature_pooling": "multiscale",
-            "proj_hidden_dim": 2048, "proj_dim": 2048, "loss_form": "official",
-            "region_size": (384, 384, 96), "region_mode": "foreground_resize", "n_x": 4, "n_y": 4, "n_z": 1,
-            "num_random_crops": 2, "input_size": 64, "lr": 1e-4, "weight_decay": 1e-2, "warmup_steps": 5000,
+            **_SWIN_B_4X4, "loss_form": "paper", "lambda_reg": 1.0,
+            "region_size": (384, 384, 64), "num_random_crops": 4,
+            "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-2, "amsgrad": True,
+                      "schedule": "cosine", "warmup_steps": 100, "final_lr_fraction": 0.0,
+                      "batch_size": 4, "accumulate": 1, "steps": 100_000, "grad_clip": None, "amp": True},
+        },
+        # Official code (Luffy03/VoCo voco_train.py, utils/data_utils.py, models/voco_head.py):
+        # SwinUNETR feature_size 48, foreground box resized to 384x384x96, 4x4 base crops of 96^3,
+        # 2 random crops (sw_batch_size 2), crops resized to 64^3 (roi 64), projector 2048-2048,
+        # EMA teacher 0.9; AdamW(lr 1e-4, amsgrad=True, default weight decay 0.01), WarmupCosine
+        # with 5000 warm-up steps over num_steps 250000, batch 2, AMP on (args.amp = True), and no
+        # clipping (clip_grad_norm_ is only in the non-AMP branch, behind --grad_clip).
+        "official": {
+            **_SWIN_B_4X4, "loss_form": "official", "lambda_reg": 1.0, "teacher_momentum": 0.9,
+            "region_size": (384, 384, 96), "num_random_crops": 2,
+            "train": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-2, "amsgrad": True,
+                      "schedule": "cosine", "warmup_steps": 5000, "final_lr_fraction": 0.0,
+                      "batch_size": 2, "accumulate": 1, "steps": 250_000, "grad_clip": None, "amp": True},
         },
         # Small CPU settings: BasicUNet encoder (8..128 channels), the paper's 4x4 grid of 24x24x32
         # base crops in a 96x96x32 region (the demo phantoms are 96x96x64 voxels), 2 random crops,
@@ -458,9 +481,13 @@ class VoCo(Method):
         # a sample (paper profile: ~0.2-0.26 s).
         "cpu": {
             "backbone": "unet", "unet_features": (8, 16, 32, 64, 128, 8), "feature_pooling": "multiscale",
-            "proj_hidden_dim": 256, "proj_dim": 256, "loss_form": "official",
+            "proj_hidden_dim": 256, "proj_dim": 256, "loss_form": "official", "lambda_reg": 1.0,
+            "teacher_momentum": 0.9,
             "region_size": (96, 96, 32), "region_mode": "crop", "n_x": 4, "n_y": 4, "n_z": 1,
-            "num_random_crops": 2, "input_size": 32, "lr": 1e-4, "weight_decay": 1e-2, "warmup_steps": 5,
+            "num_random_crops": 2, "input_size": 32,
+            "train": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-2, "amsgrad": False,
+                      "schedule": "cosine", "warmup_steps": 5, "final_lr_fraction": 0.0,
+                      "batch_size": 2, "accumulate": 1, "steps": 40, "grad_clip": 1.0, "amp": True},
         },
     }
     find_unused_parameters: ClassVar[bool] = False
@@ -626,6 +653,22 @@ class VoCo(Method):
                    f"{self.config.input_size}^3 crops; set out_channels for the downstream task"),
         )
 
+    def recipe(self) -> dict[str, str]:
+        c = self.config
+        network = (f"SwinUNETR encoder, feature_size {c.feature_size}" if c.backbone == "swin"
+                   else f"BasicUNet encoder {tuple(c.unet_features)}")
+        teacher = f"EMA {c.teacher_momentum:g}" if c.loss_form == "official" else "none"
+        return {
+            "network": network,
+            "region": f"{_dims(c.region_size)} ({c.region_mode})",
+            "base crops": f"{_dims(c.grid)} of {_dims(c.base_size)}",
+            "crop input size": f"{c.input_size}^3",
+            "random crops per volume": str(c.num_random_crops),
+            "loss form": c.loss_form,
+            "λ (weights the i<j mean of L_reg)": f"{c.lambda_reg:g}",
+            "teacher": teacher,
+        }
+
     def card(self) -> dict[str, Any]:
         c = self.config
         d = c.input_size
@@ -644,6 +687,10 @@ class VoCo(Method):
             "downstream_note": ("crops were resized by input_size / base_crop_size during pretraining; "
                                 "fine-tune at the store's spacing with the same intensity scaling"),
         }
+
+
+def _dims(values: Sequence[int]) -> str:
+    return "x".join(str(int(v)) for v in values)
 
 
 def _scaled_and_resized(pieces: list[torch.Tensor], scale, size: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from rayssl.config import RunConfig
 from rayssl.methods import get_method_class
 from rayssl.train.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
+from rayssl.train.optim import accumulate_gradients, build_optimizer, build_scheduler, effective_batch
 
 
 def _say(message: str) -> None:
@@ -44,19 +45,6 @@ def _quiet_train_reports() -> None:
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, final_fraction: float = 0.0):
-    """LR multiplier: linear warm-up over `warmup_steps`, then cosine decay to `final_fraction`."""
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
-        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def count_crops(batch: dict[str, torch.Tensor]) -> int:
@@ -132,10 +120,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     method.setup(model, device)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = tc.lr if tc.lr is not None else method_cfg.lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay if tc.weight_decay is not None else method_cfg.weight_decay)
-    warmup = tc.warmup_steps if tc.warmup_steps is not None else method_cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(warmup, tc.steps), tc.steps))
+    optimizer = build_optimizer(params, tc)
+    scheduler = build_scheduler(optimizer, tc)
 
     step = 0
     # The newest complete checkpoint in the run folder, which may be newer than the one Train registered.
@@ -162,7 +148,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                        prefetch_batches=cfg.data.prefetch_batches)
     # The driver starts the dataset at the step it resumes from; after an in-run restart (node
     # loss) the dataset restarts at its own beginning, so skip what the checkpoint already covered.
-    to_skip = step - int(loop_config.get("data_start_step", 0))
+    to_skip = (step - int(loop_config.get("data_start_step", 0))) * tc.accumulate
 
     metrics_path = posixpath.join(run_dir, "metrics.jsonl")
     history: list[str] = []
@@ -177,19 +163,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t_window, samples_window, crops_window, steps_window = time.perf_counter(), 0, 0, 0
     steps_done_here = 0
     last_metrics: dict[str, float] = {}
+    micro_batches: list[dict[str, torch.Tensor]] = []
     for batch in batches:
         if to_skip > 0:
             to_skip -= 1
             continue
         if step >= stop:
             break
+        # train.accumulate micro-batches make one optimizer step (see docs/methods/*.md, "recipe").
+        micro_batches.append(batch)
+        if len(micro_batches) < tc.accumulate:
+            continue
+        step_batches, micro_batches = micro_batches, []
         ddp_model.train()
         # nan_policy=skip: a skipped step must leave no trace, but a train-mode forward has already
         # folded the bad batch into BatchNorm running statistics; keep them to put back.
         norm_stats = _running_norm_stats(model) if tc.nan_policy == "skip" else None
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-            outputs = ddp_model(batch)
-            losses = method.loss(outputs, batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses, outputs = accumulate_gradients(
+            ddp_model, method.loss, step_batches, scale=scaler.scale,
+            autocast=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp),
+            all_ranks_finite=lambda finite: not _any_rank(not finite))
         loss = losses["loss"]
         if _any_rank(not bool(torch.isfinite(loss.detach()).all())):
             if tc.nan_policy == "stop":
@@ -202,8 +196,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 _say(f"[rayssl] step {step + 1}: non-finite loss, step skipped (nan_policy=skip)")
             continue
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
         grad_norm = float("nan")
         if tc.grad_clip is not None:
             scaler.unscale_(optimizer)
@@ -224,9 +216,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         steps_done_here += 1
         extra = method.after_step(model, outputs, step, tc.steps)
 
-        batch_size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        batch_size = sum(next(v.shape[0] for v in b.values() if isinstance(v, torch.Tensor)) for b in step_batches)
         samples_window += batch_size * world
-        crops_window += count_crops(batch) * world
+        crops_window += sum(count_crops(b) for b in step_batches) * world
         steps_window += 1
         final = step >= stop
         due_ckpt = step % tc.checkpoint_every == 0 or final
@@ -236,7 +228,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.update({k: float(v) for k, v in extra.items()})
             metrics = _mean_across_ranks(metrics)
             metrics.update({
-                "step": step, "epoch": step * tc.batch_size * world // max(1, int(loop_config.get("samples_per_epoch", 1))),
+                "step": step, "epoch": step * effective_batch(tc) // max(1, int(loop_config.get("samples_per_epoch", 1))),
                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "samples_per_s": samples_window / max(elapsed, 1e-9),
                 "crops_per_s": crops_window / max(elapsed, 1e-9),
@@ -291,6 +283,7 @@ def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str,
     fs.mv(posixpath.join(path, "backbone.pt.tmp"), posixpath.join(path, "backbone.pt"))
     card = {
         "profile": cfg.profile,
+        "effective_batch": effective_batch(cfg.train),
         "steps": step,
         "final_loss": last_metrics.get("loss"),
         "network": exported.network,

@@ -24,6 +24,7 @@ from rayssl.methods import get_method_class
 from rayssl.runtime import attach_address, start_or_attach
 from rayssl.train.checkpoint import latest_checkpoint_step
 from rayssl.train.loop import train_loop_per_worker
+from rayssl.train.optim import describe_batch, effective_batch, resolve_epochs
 from rayssl.train.runfolder import RunResult, finish_run_folder, start_run_folder
 
 
@@ -137,6 +138,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     check_volumes_in_split(method.check_volumes, volumes, store, cfg.data.split)
     volumes = method.prepare(store, volumes)
     cfg = cfg.with_method_cfg(method.config)
+    cfg = resolve_epochs(cfg, len(volumes) * cfg.data.samples_per_volume)
+    print(describe_batch(cfg.train))
 
     tc = cfg.train
     use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -151,7 +154,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     # On a cluster, nodes come and go (spot preemption, node loss): restart from the last checkpoint.
     # Locally a lost worker (OOM kill) is worth one restart; a bug or bad input only repeats once.
     max_failures = tc.max_failures if tc.max_failures is not None else (3 if attach_address(address) else 1)
-    global_batch = tc.batch_size * tc.num_workers
+    global_batch = effective_batch(tc)  # samples per optimizer step (micro-batches included)
     # Progress is the loop's per-step line (step, loss terms, crops/s, ETA); Ray Data's operator
     # bars would interleave with it on every refresh.
     ray.data.DataContext.get_current().enable_progress_bars = False
