@@ -1,4 +1,4 @@
-"""`rayssl` command line: parses arguments and delegates (convert | pretrain | preview | recipe)."""
+"""`rayssl` command line: parses arguments and delegates (convert | pretrain | preview | recipe | export | probe | tune)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if os.path.exists(config_path):
             args.config = config_path
     cfg = _resolve(args, extra)
-    result = pretrain(cfg, resume=args.resume, address=args.address)
+    result = pretrain(cfg, resume=args.resume, address=args.address, mlflow_uri=args.mlflow)
     return 0 if result.status in ("finished", "stopped") else 1
 
 
@@ -70,6 +70,13 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     from rayssl.recipe import format_recipe
 
     print(format_recipe(_resolve(args, [])))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rayssl.export import export_run
+
+    export_run(args.run, fmt=args.format, in_channels=args.in_channels, out=args.out, source=args.source)
     return 0
 
 
@@ -112,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="Ray Train workers")
     p.add_argument("--use-gpu", action="store_true", help="train on GPUs")
     p.add_argument("--resume", metavar="RUN", help="resume a run folder from its last checkpoint")
+    p.add_argument("--mlflow", metavar="URI", help="also log to this MLflow tracking URI (default: MLFLOW_TRACKING_URI "
+                                                   "when set; a resumed run continues its MLflow run)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("preview", help="PNG montage of streamed crops and views (three orthogonal planes)")
@@ -124,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "(optimizer, schedule, batch, length, crops, loss, temperatures, queues, precision)")
     _add_run_options(p)
     p.set_defaults(func=cmd_recipe)
+
+    p = sub.add_parser("export", help="export a run's backbone: MONAI state_dict, MONAI bundle or safetensors",
+                       description="Write the run's backbone (export/, or its latest checkpoint) so that it loads strictly "
+                                   "into the network its model card names.")
+    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("--format", choices=["monai", "bundle", "safetensors"], default="monai",
+                   help="monai: backbone.pt + model_card.json; bundle: a MONAI bundle (configs/, models/model.pt, docs/); "
+                        "safetensors: model.safetensors + model_card.json")
+    p.add_argument("--in-channels", type=int, metavar="N",
+                   help="adapt the stem to N input channels (1-channel weights repeated, scaled by 1/N)")
+    p.add_argument("--out", help="output folder (default RUN/export, RUN/export_bundle, RUN/export_safetensors; "
+                                 "_<N>ch appended with --in-channels)")
+    p.add_argument("--source", choices=["auto", "export", "checkpoint"], default="auto",
+                   help="weights: export/ (auto when present) or the latest checkpoint")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="convert NIfTI / DICOM series / .npy scans into a Zarr store + manifest")
     p.add_argument("inputs", nargs="+", help="files, DICOM series folders, or folders of scans")

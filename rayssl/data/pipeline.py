@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -15,6 +16,9 @@ from rayssl.methods.base import ReadRequest, VolumeInfo
 
 if TYPE_CHECKING:
     import torch
+
+# Per-sample data-actor CPU seconds (build_dataset(measure_cpu=True)); the training loop pops it.
+BUILD_CPU_COLUMN = "build_cpu_s"
 
 ViewsFn = Callable[[list[np.ndarray], list[ReadRequest], np.random.Generator], dict[str, np.ndarray]]
 
@@ -70,11 +74,12 @@ class ViewBuilder:
 
     def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, views_fn: ViewsFn, seed: int = 0,
                  samples_per_volume: int = 1, on_error: str = "raise", ledger: Any = None,
-                 read_dtype: str | None = "float32") -> None:
+                 read_dtype: str | None = "float32", measure_cpu: bool = False) -> None:
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             keep_freed_memory()  # a data actor process of its own (not a driver building views in-process)
         self.volumes = list(volumes)
         self.read_dtype = read_dtype
+        self.measure_cpu = measure_cpu
         self.plan_fn = plan_fn
         self.views_fn = views_fn
         self.planner = Planner(self.volumes, plan_fn, seed=seed, samples_per_volume=samples_per_volume)
@@ -110,9 +115,12 @@ class ViewBuilder:
 
     def build_sample(self, sample: int) -> dict[str, np.ndarray]:
         """Views of global sample index `sample` (planned here, deterministically)."""
+        cpu_start = time.process_time()
         _, volume, requests, seed = self.planner.plan_requests(sample)
         views = self._build_or_skip(requests, seed, volume)
         views["sample"] = np.int64(sample)
+        if self.measure_cpu:  # the trainer's data-stall report turns this into cores needed per worker
+            views[BUILD_CPU_COLUMN] = np.float64(time.process_time() - cpu_start)
         return views
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -157,13 +165,15 @@ def build_dataset(
     on_error: str = "raise",
     ledger: Any = None,
     read_dtype: str | None = "float32",
+    measure_cpu: bool = False,
 ) -> "ray.data.Dataset":
     """Ray Dataset of views for samples [start_sample, start_sample + num_samples).
 
     Rows are sample indices; planning, reading and view building run on an autoscaling actor pool
     (`ActorPoolStrategy(min_size, max_size)`), so a cluster grows the pool with CPU nodes.
     Consume it one sample at a time with `iter_samples` (views of the blocks, no copy) or in
-    batches with Ray's `iter_torch_batches` (docs/streaming.md).
+    batches with Ray's `iter_torch_batches` (docs/streaming.md). `measure_cpu=True` adds a column
+    `build_cpu_s`: the data actor's CPU seconds spent planning, reading and building each sample.
     """
     if num_samples <= 0:
         raise ValueError(f"num_samples must be > 0, got {num_samples}")
@@ -183,7 +193,7 @@ def build_dataset(
         ViewBuilder,
         fn_constructor_kwargs=dict(volumes=list(volumes), plan_fn=plan_fn, views_fn=views_fn, seed=seed,
                                    samples_per_volume=samples_per_volume, on_error=on_error, ledger=ledger,
-                                   read_dtype=read_dtype),
+                                   read_dtype=read_dtype, measure_cpu=measure_cpu),
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_cpus=actor_cpus,
         batch_size=samples_per_call,

@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 from rayssl.config import RunConfig
+from rayssl.export import complete_state, export_card, write_export
 from rayssl.methods import get_method_class
 from rayssl.train.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
 from rayssl.train.optim import accumulate_gradients, build_optimizer, build_scheduler, effective_batch
+from rayssl.train.stall import DataWaitMeter, SteadyEta
 
 
 def _say(message: str) -> None:
@@ -164,7 +166,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps_done_here = 0
     last_metrics: dict[str, float] = {}
     micro_batches: list[dict[str, torch.Tensor]] = []
-    for batch in batches:
+    data_wait, eta = DataWaitMeter(world_size=world), SteadyEta()
+    for batch in data_wait.timed(batches):
         if to_skip > 0:
             to_skip -= 1
             continue
@@ -226,6 +229,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - t_window
             metrics = {k: float(v.detach()) for k, v in losses.items()}
             metrics.update({k: float(v) for k, v in extra.items()})
+            metrics.update(data_wait.window(elapsed, samples_window))
             metrics = _mean_across_ranks(metrics)
             metrics.update({
                 "step": step, "epoch": step * effective_batch(tc) // max(1, int(loop_config.get("samples_per_epoch", 1))),
@@ -235,6 +239,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "step_time_s": elapsed / max(steps_window, 1),
                 "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "time_s": time.perf_counter() - t_start,
+                **({"gpu_peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}),
             })
             t_window, samples_window, crops_window, steps_window = time.perf_counter(), 0, 0, 0
             ckpt_obj = None
@@ -249,11 +254,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 history.append(json.dumps(metrics))
                 _write_text(metrics_path, "\n".join(history) + "\n")
-                remaining = (stop - step) * metrics["step_time_s"]
+                remaining = eta.update(step, stop)
                 terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in losses and k != "loss")
                 _say(f"[rayssl] step {step}/{stop} | loss {metrics['loss']:.4f} ({terms}) | "
                      f"{metrics['samples_per_s']:.2f} samples/s {metrics['crops_per_s']:.1f} crops/s | "
-                     f"lr {metrics['lr']:.2e} | ETA {_fmt_eta(remaining)}")
+                     f"data wait {metrics['data_wait_pct']:.0f}% | lr {metrics['lr']:.2e} | "
+                     f"ETA {_fmt_eta(remaining) if remaining is not None else '--'}")
+                advice = data_wait.advice(metrics, data_cpus=cfg.data.actors_max * cfg.data.actor_cpus,
+                                          actors_max=cfg.data.actors_max)
+                if advice:
+                    _say(f"[rayssl] warning: {advice}")
             # The local copy goes once uploaded: otherwise every checkpoint stays in the node's /tmp
             # (a paper-size model + AdamW state is ~0.75 GB each).
             ray.train.report(metrics, checkpoint=ckpt_obj, delete_local_checkpoint_after_upload=True)
@@ -271,33 +281,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str, Any], step: int,
             last_metrics: dict[str, float]) -> None:
-    """export/backbone.pt (MONAI state_dict layout) + export/model_card.json."""
+    """export/backbone.pt (every key of the MONAI network the card names) + export/model_card.json."""
     exported = method.export(model)
+    state, initialized = complete_state(exported.network, exported.network_kwargs, exported.state_dict)
+    facts = {"profile": cfg.profile, "effective_batch": effective_batch(cfg.train), "steps": step, "final_loss": last_metrics.get("loss"), "num_keys": len(state),
+             "num_pretrained_keys": len(exported.state_dict), "notes": exported.notes, "config": cfg.to_yaml_dict(),
+             **card_context, **method.card(),
+             "method": cfg.method}  # the registry name, which `rayssl probe` and Tune look the method up by
+    card = export_card(exported.network, exported.network_kwargs, exported.key_groups, initialized, facts)
     export_dir = posixpath.join(run_dir, "export")
-    fs, path = fsspec.core.url_to_fs(export_dir)
-    fs.makedirs(path, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in exported.state_dict.items()}
-    tmp = posixpath.join(export_dir, "backbone.pt.tmp")
-    with fsspec.open(tmp, "wb") as f:
-        torch.save(state, f)
-    fs.mv(posixpath.join(path, "backbone.pt.tmp"), posixpath.join(path, "backbone.pt"))
-    card = {
-        "profile": cfg.profile,
-        "effective_batch": effective_batch(cfg.train),
-        "steps": step,
-        "final_loss": last_metrics.get("loss"),
-        "network": exported.network,
-        "network_kwargs": exported.network_kwargs,
-        "weights": "backbone.pt",
-        "load_with": f"net = {exported.network.rsplit('.', 1)[-1]}(**network_kwargs); "
-                     f"net.load_state_dict(torch.load('backbone.pt', weights_only=True), strict=False)",
-        "key_groups": exported.key_groups,
-        "num_keys": len(state),
-        "notes": exported.notes,
-        "config": cfg.to_yaml_dict(),
-        **card_context,
-        **method.card(),
-        "method": cfg.method,  # the registry name, which `rayssl probe` and Tune look the method up by
-    }
-    _write_text(posixpath.join(export_dir, "model_card.json"), json.dumps(card, indent=2, default=str))
-    _say(f"[rayssl] exported backbone ({len(state)} tensors) to {export_dir}")
+    write_export(export_dir, state, card, "monai")
+    _say(f"[rayssl] exported backbone ({len(exported.state_dict)} pretrained of {len(state)} tensors) to {export_dir}")

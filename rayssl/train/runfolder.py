@@ -37,9 +37,11 @@ Method **{method}** (profile `{profile}`), {steps} steps, data: `{store}` ({volu
 | file | what it is |
 |---|---|
 | `config.yaml` | the resolved configuration of this run (re-run: `rayssl pretrain --config config.yaml`) |
-| `metrics.jsonl` | one JSON line per reported step: loss terms, lr, samples/s, crops/s, step time |
-| `loss.png` | loss curves (total and each term) |
-| `summary.json` | status, wall time, peak memory, final metrics, skipped volumes |
+| `metrics.jsonl` | one JSON line per reported step: loss terms, lr, samples/s, crops/s, step time, `data_wait_pct` (share of the window the worker waited for its next batch), `data_cpu_s_per_sample` and `data_cores_needed` (data-actor cores that keep data wait under 5 %) |
+| `loss.png` | loss curves (total and each term); throughput with data wait % |
+| `summary.json` | status, wall time, peak memory, mean data wait, final metrics, skipped volumes |
+| `tensorboard/` | TensorBoard event files of the same metrics: `tensorboard --logdir {run_dir}` |
+| `mlflow.json` | when the run logs to MLflow (`--mlflow URI` or `MLFLOW_TRACKING_URI`): tracking URI, experiment and run id; a resumed run continues that MLflow run |
 | `checkpoint_*/` | Ray Train checkpoints (`state.pt`: model, optimizer, scheduler, step, RNG, method state such as queues) |
 | `export/backbone.pt` | the pretrained backbone in the state_dict layout of the MONAI network named in the card |
 | `export/model_card.json` | method, config, data manifest hash, steps, spacing/patch size, key groups, how to load |
@@ -102,8 +104,19 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
     axes[1].plot(steps, [m.get("crops_per_s", 0) for m in metrics], label="crops/s")
     axes[1].plot(steps, [m.get("samples_per_s", 0) for m in metrics], label="samples/s")
     axes[1].set_xlabel("step")
-    axes[1].set_title("throughput")
-    axes[1].legend()
+    axes[1].set_ylabel("per second")
+    axes[1].set_title("throughput and data wait")
+    handles, labels = axes[1].get_legend_handles_labels()
+    if any("data_wait_pct" in m for m in metrics):
+        wait_axis = axes[1].twinx()
+        wait_axis.plot(steps, [m.get("data_wait_pct") for m in metrics], color="tab:red", linestyle="--",
+                       label="data wait %")
+        wait_axis.axhline(10, color="tab:red", alpha=0.3, linewidth=1)  # the stall-warning threshold
+        wait_axis.set_ylim(0, 100)
+        wait_axis.set_ylabel("data wait (% of step time)", color="tab:red")
+        extra_handles, extra_labels = wait_axis.get_legend_handles_labels()
+        handles, labels = handles + extra_handles, labels + extra_labels
+    axes[1].legend(handles, labels)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -113,7 +126,8 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
 
 
 _NON_LOSS = {"step", "epoch", "lr", "grad_norm", "samples_per_s", "crops_per_s", "step_time_s",
-             "worker_peak_rss_mb", "time_s"}
+             "worker_peak_rss_mb", "time_s", "data_wait_pct", "data_wait_s", "compute_s", "data_cpu_s_per_sample",
+             "data_cores_needed", "gpu_peak_mem_mb"}
 
 
 def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_memory_mb: float,
@@ -134,6 +148,9 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         "mean_samples_per_s": _mean(metrics, "samples_per_s"),
         "mean_crops_per_s": _mean(metrics, "crops_per_s"),
         "mean_step_time_s": _mean(metrics, "step_time_s"),
+        "mean_data_wait_pct": _mean(metrics, "data_wait_pct"),
+        "data_cpu_s_per_sample": _mean(metrics, "data_cpu_s_per_sample"),
+        "data_cores_needed": _mean(metrics, "data_cores_needed"),
         "final_metrics": last,
         "skipped_volumes": skipped,
         "exported": exported,
@@ -146,7 +163,8 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         for vid, info in skipped.items():
             print(f"  - {vid}: {info['count']}x {info['reason']}")
     print(f"[rayssl] {status}: {summary['steps']}/{cfg.train.steps} steps in {wall_time_s:.1f} s, "
-          f"peak memory +{peak_memory_mb:.0f} MiB, {summary['mean_crops_per_s']:.1f} crops/s. Run folder: {run_dir}")
+          f"peak memory +{peak_memory_mb:.0f} MiB, {summary['mean_crops_per_s']:.1f} crops/s, "
+          f"data wait {summary['mean_data_wait_pct']:.0f} %. Run folder: {run_dir}")
     return RunResult(run_dir=run_dir, status=status, steps=summary["steps"], wall_time_s=wall_time_s,
                      peak_memory_mb=peak_memory_mb, metrics=last, skipped=skipped,
                      error=str(error) if error else None)

@@ -26,6 +26,7 @@ from rayssl.train.checkpoint import latest_checkpoint_step
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.optim import describe_batch, effective_batch, resolve_epochs
 from rayssl.train.runfolder import RunResult, finish_run_folder, start_run_folder
+from rayssl.train.tracking import TrackingCallback, finish_mlflow_run, start_tracking
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
@@ -108,8 +109,12 @@ def explain_placement_failure(err: BaseException, tc: Any, use_gpu: bool) -> Pla
 
 
 def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = None,
-             ray_init: dict[str, Any] | None = None, callbacks: list[Any] | None = None) -> RunResult:
+             ray_init: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
+             mlflow_uri: str | None = None) -> RunResult:
     """Run (or resume) one pretraining run; returns where it went and what it measured.
+
+    Metrics go to TensorBoard event files in the run folder, and to MLflow when `mlflow_uri` (or
+    MLFLOW_TRACKING_URI, or the URI a resumed run logged to) is set.
 
     `callbacks` are Ray Train `UserCallback`s (e.g. Tune's `TuneReportCallback` when a Tune trial
     launches this run).
@@ -160,6 +165,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     ray.data.DataContext.get_current().enable_progress_bars = False
     # On the driver's node: a 0-CPU actor may otherwise land on any worker node, and losing that
     # node would fail a run that Train itself recovered (cluster work, see docs/cluster.md).
+    mlflow_run = start_tracking(run_dir, cfg, mlflow_uri, resumed=bool(resume))
     ledger = SkipLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=True)).remote()
     # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
@@ -169,7 +175,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         start_sample=start_step * global_batch,
         seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
         actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
-        on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype,
+        on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
     )
     card = {
         "data": {"store": store, "manifest_sha256": manifest_digest(store), "volumes": len(volumes),
@@ -190,7 +196,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
             failure_config=ray.train.FailureConfig(max_failures=max_failures,
                                                    controller_failure_limit=tc.controller_failure_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            callbacks=callbacks or None,
+            callbacks=[*(callbacks or []), TrackingCallback(run_dir, start_step, mlflow_run)],
             # Our loop prints one progress line per report; Train's own INFO lines would repeat it.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
@@ -208,6 +214,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     skipped = ray.get(ledger.summary.remote())
     result = finish_run_folder(run_dir, cfg, wall_time_s=time.perf_counter() - t0, peak_memory_mb=peak,
                                skipped=skipped, error=error)
+    if mlflow_run is not None:
+        finish_mlflow_run(run_dir, mlflow_run, result.status)
     if error is not None:
         raise error
     return result
