@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,9 @@ from .io import (SCAN_SUFFIXES, ScanRef, ScanVolume, is_dicom_file, list_dicom_s
 from .manifest import DEFAULT_SPLIT_FRACTIONS, scan_volume_attrs, validate_fractions, write_manifest
 from .preprocess import (DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES, as_label, as_mask,
                          check_same_grid, detect_modality, preprocess)
+from rayssl.data.storage import is_remote, storage_runtime_env
+
+from .remote import CHUNKS_PER_SHARD
 from .store import (STORE_FORMAT, chunk_shape, clean_incoming, ensure_store, read_volume_attrs,
                     shard_shape, validate_volume_id, write_volume)
 
@@ -439,7 +443,8 @@ def convert(inputs: Sequence[str | os.PathLike | ScanRef] | str | os.PathLike,
     normalize: MR only: (lower, upper) percentiles or True for (0.5, 99.5): scale to [0, 1].
     reorient: to RAS+ (default). channel: the volume of 4D inputs to keep.
     npy_spacing: voxel size of .npy inputs (they carry none); their axes are taken as RAS+.
-    chunks / shards: Zarr chunk (default 64^3) and optional shard shape.
+    chunks / shards: Zarr chunk (default 64^3) and shard shape (default: unsharded on a local
+        disk, 4x the chunk edge, 256^3, on object storage).
     splits / split_fractions / split_seed: manifest split per id (explicit dict entries win over
         the seeded hash split).
     on_error: every volume is attempted either way and failures never leave anything visible.
@@ -447,7 +452,9 @@ def convert(inputs: Sequence[str | os.PathLike | ScanRef] | str | os.PathLike,
         arguments or missing inputs raise at once, before any work); 'skip' warns and returns.
     overwrite: replace a stored volume whose id belongs to another source.
     address: Ray cluster address when Ray is not initialised yet (default: start a local one).
-        On a cluster, `out` must be a path every node sees (shared file system).
+        On a cluster, `out` must be a path every node sees (shared file system) or an object-store
+        URL (s3://bucket/ct.zarr, any fsspec URL); credentials and endpoint come from the standard
+        environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), forwarded to the Ray tasks.
 
     Volumes whose stored source_sha256 and conversion parameters equal the current ones are
     skipped, so an interrupted or extended run redoes only what changed. The manifest's
@@ -464,6 +471,8 @@ def convert(inputs: Sequence[str | os.PathLike | ScanRef] | str | os.PathLike,
         reorient=reorient, spacing=spacing, window=window, normalize=normalize,
         modality=modality, channel=channel, npy_spacing=npy_spacing, chunks=chunks,
         shards=shards)
+    if shards is None and is_remote(out):  # object stores: few objects, ranged reads (remote.py)
+        options = dataclasses.replace(options, shards=tuple(c * CHUNKS_PER_SHARD for c in options.chunks))
     validate_fractions(split_fractions)
     labels = None if labels is None else [None if p is None else str(p) for p in labels]
     masks = None if masks is None else [None if p is None else str(p) for p in masks]
@@ -532,7 +541,9 @@ def _run_on_ray(jobs: Sequence[VolumeJob], store: str, options: ConversionOption
 
     start_or_attach(address)
     # max_retries covers a worker process dying (e.g. OOM-killed); conversion errors are results.
-    task = ray.remote(convert_one).options(num_cpus=num_cpus_per_task, max_retries=1)
+    runtime_env = storage_runtime_env([store])
+    task = ray.remote(convert_one).options(num_cpus=num_cpus_per_task, max_retries=1,
+                                           **({"runtime_env": runtime_env} if runtime_env else {}))
     pending = {task.remote(job, store, options, overwrite): job for job in jobs}
     bar = tqdm(total=len(jobs), desc="convert", unit="volume", disable=not progress)
     try:

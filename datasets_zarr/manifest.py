@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 from dataclasses import dataclass
@@ -11,6 +12,9 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from rayssl.data.storage import is_remote
+
+from . import remote
 from .errors import ConversionError
 from .store import list_volume_ids, read_volume_attrs
 
@@ -106,6 +110,14 @@ def write_manifest(store: str | os.PathLike, attrs_by_id: Mapping[str, dict] | N
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if is_remote(store):  # one PUT: readers see the old manifest or the new one
+        attrs_by_id = scan_volume_attrs(store) if attrs_by_id is None else attrs_by_id
+        rows = [manifest_row(store_uri or str(store).rstrip("/"), attrs_by_id[volume_id],
+                             (splits or {}).get(volume_id) or hash_split(volume_id, split_fractions, split_seed))
+                for volume_id in sorted(attrs_by_id)]
+        table = pa.Table.from_pylist(rows, schema=manifest_schema())
+        remote.write_remote_file(str(store), MANIFEST_NAME, remote.parquet_bytes(table))
+        return table.to_pandas()
     root = Path(store).expanduser().absolute()
     if attrs_by_id is None:
         attrs_by_id = scan_volume_attrs(root)
@@ -133,6 +145,12 @@ def read_manifest(store: str | os.PathLike):
     """The store's manifest as a pandas DataFrame (list columns hold numpy arrays)."""
     import pandas as pd
 
+    if is_remote(store):
+        try:
+            return pd.read_parquet(io.BytesIO(remote.read_remote_bytes(str(store), MANIFEST_NAME)))
+        except FileNotFoundError:
+            raise ConversionError(f"{store}: no manifest. Is it a rayssl store? Build one with "
+                                  "`rayssl convert SCANS --out URL`.", path=str(store)) from None
     path = Path(store).expanduser() / MANIFEST_NAME
     if not path.exists():
         raise ConversionError(
@@ -182,7 +200,8 @@ class VolumeMeta:
     def from_attrs(cls, store: str | os.PathLike, attrs: dict, split: str | None = None
                    ) -> "VolumeMeta":
         return cls(
-            id=attrs["id"], store=str(Path(store).expanduser().absolute()), group=attrs["id"],
+            id=attrs["id"], store=str(store).rstrip("/") if is_remote(store) else str(Path(store).expanduser().absolute()),
+            group=attrs["id"],
             shape=tuple(int(v) for v in attrs["shape"]),
             spacing=tuple(float(v) for v in attrs["spacing"]),
             origin=tuple(float(v) for v in attrs["origin"]),

@@ -14,6 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rayssl.data.storage import is_remote
+
+from . import remote
 from .errors import ConversionError
 from .preprocess import CT_BACKGROUND_HU, axcodes, direction_of, foreground_bbox, spacing_of
 
@@ -61,10 +64,13 @@ def validate_volume_id(volume_id: str) -> str:
     return volume_id
 
 
-def ensure_store(store: str | os.PathLike) -> Path:
-    """Create the store root group (with its rayssl attrs) if missing; refuse a non-rayssl folder."""
+def ensure_store(store: str | os.PathLike) -> Path | str:
+    """Create the store root group (with its rayssl attrs) if missing; refuse a non-rayssl folder.
+    Returns the local path, or the URL of a store on object storage."""
     import zarr
 
+    if is_remote(store):
+        return remote.ensure_remote_store(str(store), ROOT_ATTRS, STORE_FORMAT)
     root = Path(store).expanduser().absolute()
     marker = root / "zarr.json"
     if marker.exists():
@@ -139,11 +145,13 @@ def write_volume(store: str | os.PathLike, volume_id: str, image: np.ndarray,
                  preprocessing: Sequence[dict] = (), bbox: Sequence[int] | None = None,
                  background: float | None = None, intensity: dict | None = None,
                  chunks: int | Sequence[int] = 64, shards: int | Sequence[int] | None = None,
-                 orientation: str | None = None, extra_attrs: dict | None = None) -> Path:
+                 orientation: str | None = None, extra_attrs: dict | None = None) -> Path | str:
     """Write one volume group atomically and return its path `STORE/<volume_id>`.
 
     The group is built under `STORE/.incoming/<id>-<random>` and renamed into place only when every
-    array and attribute is written; an existing volume of the same id is swapped out. Arrays must be
+    array and attribute is written; an existing volume of the same id is swapped out. On object
+    storage (`STORE` an fsspec URL) it is built in a local staging folder the same way, then
+    uploaded with its group zarr.json last (datasets_zarr/remote.py). Arrays must be
     3D (x, y, z) and, unless `orientation` says otherwise, RAS+ (`affine` is checked). Defaults:
     `bbox` is computed, `background` is -1024 for CT int16 HU and 0 otherwise, `intensity` HU for
     int16 CT.
@@ -151,6 +159,17 @@ def write_volume(store: str | os.PathLike, volume_id: str, image: np.ndarray,
     import zarr
 
     validate_volume_id(volume_id)
+    if is_remote(store):
+        import tempfile
+
+        url = ensure_store(store)
+        with tempfile.TemporaryDirectory(prefix="rayssl-staging-") as staging:
+            staged = write_volume(
+                staging, volume_id, image, affine, modality=modality, label=label, mask=mask,
+                source=source, source_sha256=source_sha256, preprocessing=preprocessing, bbox=bbox,
+                background=background, intensity=intensity, chunks=chunks, shards=shards,
+                orientation=orientation, extra_attrs=extra_attrs)
+            return remote.publish_volume(Path(staged), str(url), volume_id)
     root = ensure_store(store)
     image = np.asarray(image)
     affine = np.asarray(affine, dtype=np.float64)
@@ -276,6 +295,8 @@ def clean_incoming(store: str | os.PathLike) -> list[str]:
     and is older than a day, or is missing (the note is written before the entry). Entries of
     live writers (e.g. a parallel conversion) are kept.
     """
+    if is_remote(store):
+        return []  # remote volumes are never visible unfinished; a rewrite replaces leftovers
     incoming = Path(store) / INCOMING
     if not incoming.is_dir():
         return []
@@ -324,6 +345,8 @@ def clean_incoming(store: str | os.PathLike) -> list[str]:
 
 def read_volume_attrs(store: str | os.PathLike, volume_id: str) -> dict | None:
     """The `rayssl` attrs of `STORE/<volume_id>`, or None when there is no such (valid) volume."""
+    if is_remote(store):
+        return remote.read_remote_volume_attrs(str(store), volume_id)
     path = Path(store) / volume_id / "zarr.json"
     try:
         metadata = json.loads(path.read_text())
@@ -335,6 +358,8 @@ def read_volume_attrs(store: str | os.PathLike, volume_id: str) -> dict | None:
 
 def list_volume_ids(store: str | os.PathLike) -> list[str]:
     """Ids of the visible volumes (groups with rayssl attrs) of a store, sorted."""
+    if is_remote(store):
+        return remote.list_remote_volume_ids(str(store))
     root = Path(store)
     if not root.is_dir():
         return []

@@ -12,13 +12,23 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="SSL method (voco, mlsscl, gvsl, drasclr); default voco")
-    p.add_argument("--data", help="Zarr store made by `rayssl convert` (default: embedded demo phantoms)")
+    p.add_argument("--data", action="append", help="Zarr store made by `rayssl convert` (default: embedded demo "
+                   "phantoms); repeat for several stores in one run (weights: --set data.stores=...)")
     p.add_argument("--profile", choices=["cpu", "paper", "official"], help="settings profile: cpu (small), paper (the paper's "
                    "recipe), official (the official code's); default: paper when this machine has a GPU or --use-gpu is given, else cpu")
     p.add_argument("--config", help="YAML config file (e.g. a run folder's config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field (dotted paths, e.g. --set voco.lambda_reg=0.5 --set train.lr=3e-4)")
     p.add_argument("--address", help="attach to a running Ray cluster (e.g. auto) instead of starting one")
+
+
+def _data_overrides(stores: list[str] | None) -> list[str]:
+    """`--data A` -> data.store=A; `--data A --data B` -> data.stores=[A, B]."""
+    if not stores:
+        return []
+    import json
+
+    return [f"data.store={stores[0]}"] if len(stores) == 1 else [f"data.stores={json.dumps(stores)}"]
 
 
 def _resolve(args: argparse.Namespace, extra: list[str]):
@@ -34,9 +44,7 @@ def _resolve(args: argparse.Namespace, extra: list[str]):
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from rayssl.train.trainer import pretrain
 
-    extra = []
-    if args.data:
-        extra.append(f"data.store={args.data}")
+    extra = _data_overrides(args.data)
     if args.steps:
         extra.append(f"train.steps={args.steps}")
     if args.out:
@@ -59,8 +67,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from rayssl.preview import preview
 
-    extra = [f"data.store={args.data}"] if args.data else []
-    cfg = _resolve(args, extra)
+    cfg = _resolve(args, _data_overrides(args.data))
     path = preview(cfg, samples=args.samples, out=args.out, address=args.address)
     print(f"[rayssl] preview written to {path}")
     return 0

@@ -16,6 +16,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class StoreEntry(_Strict):
+    """One store of a multi-store run and its sampling weight (share of samples, normalised over stores)."""
+
+    uri: str = Field(description="Zarr store (path or fsspec URI)")
+    weight: float | None = Field(None, gt=0, description="sampling weight (share of samples, normalised over the "
+                                 "stores; unset = 1 when another store sets one); no weights = proportional to volumes")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        return {"uri": value} if isinstance(value, str) else value
+
+
 class DataSection(_Strict):
     """Where samples come from and how the CPU actor pool builds them."""
 
@@ -28,12 +41,23 @@ class DataSection(_Strict):
     on_error: Literal["raise", "skip"] = Field("raise", description="unreadable volume: stop, or skip it and report")
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched ahead of the training step")
     demo_volumes: int = Field(8, ge=2, description="number of phantoms in the demo store")
+    stores: list[StoreEntry] = Field(default_factory=list, description="several stores in one run, e.g. "
+                                     "[{uri: a.zarr, weight: 2}, {uri: s3://b/c.zarr, weight: 1}]; `store` is the one-store shorthand")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of object-store "
+                                            "stores, e.g. {endpoint_url: ..., key: ..., secret: ...}; default: the "
+                                            "standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
 
     @model_validator(mode="after")
     def _pool(self) -> "DataSection":
         if self.actors_max < self.actors_min:
             raise ValueError(f"actors_max ({self.actors_max}) must be >= actors_min ({self.actors_min})")
+        if self.store and self.stores:
+            raise ValueError("give data.store (one store) or data.stores (several), not both")
         return self
+
+    def store_entries(self) -> list[StoreEntry]:
+        """The run's stores with their weights (empty = the demo store)."""
+        return list(self.stores) if self.stores else ([StoreEntry(uri=self.store)] if self.store else [])
 
 
 class TrainSection(_Strict):

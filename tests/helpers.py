@@ -57,3 +57,43 @@ def load_export(exported, network_cls):
         for prefix in prefixes:
             assert any(k.startswith(prefix) for k in loaded), prefix
     return net, result
+
+
+class MotoServer:
+    """moto's standalone S3-compatible server on 127.0.0.1 (a real HTTP server in its own process).
+
+    `start()` waits until it answers (about 2 s); `env` holds the standard AWS variables that point
+    boto/s3fs at it; `stop()` kills it (used to simulate an object store going away).
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.process = None
+
+    def start(self, timeout: float = 30.0) -> "MotoServer":
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moto server exited with code {self.process.returncode} (is moto[server] installed?)")
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto server did not answer on {self.url} within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)

@@ -101,15 +101,61 @@ def test_corrupt_block_offset_fails_a_partial_decode_cleanly(tmp_path):
         StoreReader(store).read("v", (36, 0, 0), (8, 64, 64))
 
 
-def test_sharded_arrays_use_zarr_and_agree(tmp_path, volume):
+def test_sharded_arrays_take_the_fast_path_and_agree(tmp_path, volume):
     store = str(tmp_path / "s.zarr")
     _write(store, "plain", volume)
-    _write(store, "sharded", volume, chunks=(8, 8, 8), shards=(16, 16, 16))
+    arr = _write(store, "sharded", volume, chunks=(8, 8, 8), shards=(16, 16, 16))
     reader = StoreReader(store)
-    assert not reader.array_info("sharded").fast
+    assert reader.array_info("sharded").fast and reader.array_info("sharded").shards == (16, 16, 16)
     for start, size in BOXES:
         np.testing.assert_array_equal(reader.read("sharded", start, size, pad_value=3),
                                       reader.read("plain", start, size, pad_value=3))
+    np.testing.assert_array_equal(reader.read("sharded", (0, 0, 0), volume.shape, dtype=None), arr[:])
+    for start, size in BOXES:  # the same boxes through the zarr API agree too
+        np.testing.assert_array_equal(reader.read("sharded", start, size, pad_value=3),
+                                      _reference(volume, start, size, 3))
+
+
+def test_shard_index_is_read_once_and_neighbours_coalesce(tmp_path, volume):
+    """One shard of 2x2x2 inner chunks: the first box costs the index + one merged range, the
+    next box in the same shard only its range; the index cache stays within its byte bound."""
+    store = str(tmp_path / "s.zarr")
+    _write(store, "v", volume, chunks=(8, 8, 8), shards=(16, 16, 16))
+    reader = StoreReader(store)
+    reader.read("v", (0, 0, 0), (16, 16, 16))  # all 8 inner chunks of shard (0, 0, 0)
+    assert reader.stats.requests == 2 and reader.stats.chunks_decoded == 8
+    reader.read("v", (2, 2, 2), (4, 4, 4))
+    assert reader.stats.requests == 3
+    small = StoreReader(store, index_cache_bytes=1)  # keeps only the newest index
+    for start in ((0, 0, 0), (16, 0, 0), (0, 0, 0)):
+        small.read("v", start, (4, 4, 4))
+    assert small.stats.requests == 6 and len(small._indexes) == 1
+
+
+def test_truncated_or_corrupt_shard_is_named(tmp_path, volume):
+    store = str(tmp_path / "s.zarr")
+    _write(store, "v", volume, chunks=(8, 8, 8), shards=(16, 16, 16))
+    shard = os.path.join(store, "v", "image", "c", "1", "0", "0")
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ChunkReadError, match=r"volume 'v'.*shard v/image/c/1/0/0 is truncated or corrupt"):
+        StoreReader(store).read("v", (16, 0, 0), (4, 4, 4))
+    # An inner chunk pointing past the end of its shard (index intact, data cut): named too.
+    _write(store, "w", volume, chunks=(8, 8, 8), shards=(16, 16, 16))
+    shard = os.path.join(store, "w", "image", "c", "0", "0", "0")
+    data = open(shard, "rb").read()
+    index = np.frombuffer(data[-(16 * 8 + 4):-4], dtype="<u8").reshape(-1, 2).copy()
+    index[0, 0] = len(data) * 4  # inner chunk (0,0,0) now starts past the end
+    body = index.tobytes()
+    import google_crc32c
+    with open(shard, "wb") as f:
+        f.write(data[:-(16 * 8 + 4)] + body + google_crc32c.value(body).to_bytes(4, "little"))
+    with pytest.raises(ChunkReadError, match=r"'w'.*image/c/0/0/0\[inner chunk 0,0,0\]"):
+        StoreReader(store).read("w", (0, 0, 0), (4, 4, 4))
+    # A shard never written (all fill value) reads as fill, like a missing unsharded chunk.
+    os.remove(os.path.join(store, "v", "image", "c", "0", "0", "0"))
+    assert (StoreReader(store).read("v", (0, 0, 0), (4, 4, 4), pad_value=9) == 0).all()
 
 
 def test_fsspec_memory_store(volume):

@@ -12,6 +12,7 @@ import ray
 
 from rayssl.data.plan import Planner, PlanFn
 from rayssl.data.read import StoreReader
+from rayssl.data.storage import storage_runtime_env
 from rayssl.methods.base import ReadRequest, VolumeInfo
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ class ViewBuilder:
 
     def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, views_fn: ViewsFn, seed: int = 0,
                  samples_per_volume: int = 1, on_error: str = "raise", ledger: Any = None,
-                 read_dtype: str | None = "float32", measure_cpu: bool = False) -> None:
+                 read_dtype: str | None = "float32", measure_cpu: bool = False,
+                 repeats: np.ndarray | None = None) -> None:
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             keep_freed_memory()  # a data actor process of its own (not a driver building views in-process)
         self.volumes = list(volumes)
@@ -82,7 +84,7 @@ class ViewBuilder:
         self.measure_cpu = measure_cpu
         self.plan_fn = plan_fn
         self.views_fn = views_fn
-        self.planner = Planner(self.volumes, plan_fn, seed=seed, samples_per_volume=samples_per_volume)
+        self.planner = Planner(self.volumes, plan_fn, seed=seed, samples_per_volume=samples_per_volume, repeats=repeats)
         self.on_error = on_error
         self.ledger = ledger
         self.readers: dict[str, StoreReader] = {}
@@ -166,6 +168,7 @@ def build_dataset(
     ledger: Any = None,
     read_dtype: str | None = "float32",
     measure_cpu: bool = False,
+    repeats: np.ndarray | None = None,
 ) -> "ray.data.Dataset":
     """Ray Dataset of views for samples [start_sample, start_sample + num_samples).
 
@@ -189,15 +192,18 @@ def build_dataset(
     # (a flat cap of 64 idled larger pools); each block costs the driver one put (~4 ms).
     n_blocks = max(1, min(num_samples // 16, max(64, 4 * actors[1])))
     ds = ray.data.from_numpy(np.array_split(ids, n_blocks))  # column "data"
+    # Object-store credentials and endpoint reach the actors even on a cluster whose nodes lack them.
+    runtime_env = storage_runtime_env({str(v.extra.get("store", "")) for v in volumes})
     ds = ds.map_batches(
         ViewBuilder,
         fn_constructor_kwargs=dict(volumes=list(volumes), plan_fn=plan_fn, views_fn=views_fn, seed=seed,
                                    samples_per_volume=samples_per_volume, on_error=on_error, ledger=ledger,
-                                   read_dtype=read_dtype, measure_cpu=measure_cpu),
+                                   read_dtype=read_dtype, measure_cpu=measure_cpu, repeats=repeats),
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_cpus=actor_cpus,
         batch_size=samples_per_call,
         batch_format="numpy",
+        **({"runtime_env": runtime_env} if runtime_env else {}),
     )
     return ds
 

@@ -20,9 +20,11 @@ def volume_key(volume_id: str) -> int:
     return zlib.crc32(volume_id.encode("utf-8"))
 
 
-def epoch_order(n_volumes: int, samples_per_volume: int, seed: int, epoch: int) -> np.ndarray:
-    """Primary volume of each sample position in an epoch: each volume `samples_per_volume` times, shuffled."""
-    order = np.repeat(np.arange(n_volumes), samples_per_volume)
+def epoch_order(n_volumes: int, samples_per_volume: int, seed: int, epoch: int,
+                repeats: np.ndarray | None = None) -> np.ndarray:
+    """Primary volume of each sample position in an epoch: each volume `samples_per_volume` times
+    (or `repeats[v]` times, for per-store sampling weights), shuffled."""
+    order = np.repeat(np.arange(n_volumes), samples_per_volume if repeats is None else repeats)
     np.random.default_rng([seed, epoch, 0x5EED]).shuffle(order)
     return order
 
@@ -59,14 +61,17 @@ class Planner:
     starts at sample s sees exactly the samples an uninterrupted run would.
     """
 
-    def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, seed: int, samples_per_volume: int = 1) -> None:
+    def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, seed: int, samples_per_volume: int = 1,
+                 repeats: np.ndarray | None = None) -> None:
         if not volumes:
             raise ValueError("no volumes to sample from: the manifest (or the chosen split) is empty")
         self.volumes = list(volumes)
         self.plan_fn = plan_fn
         self.seed = int(seed)
         self.samples_per_volume = int(samples_per_volume)
-        self.samples_per_epoch = len(self.volumes) * self.samples_per_volume
+        self.repeats = None if repeats is None else np.asarray(repeats, dtype=np.int64)
+        self.samples_per_epoch = (len(self.volumes) * self.samples_per_volume if self.repeats is None
+                                  else int(self.repeats.sum()))
         self._orders: dict[int, np.ndarray] = {}
 
     def plan(self, sample: int) -> tuple[int, int, np.ndarray, int]:
@@ -79,7 +84,8 @@ class Planner:
         """(epoch, primary volume, read requests, views seed) of global sample index `sample`."""
         epoch, position = divmod(int(sample), self.samples_per_epoch)
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(len(self.volumes), self.samples_per_volume, self.seed, epoch)}
+            self._orders = {epoch: epoch_order(len(self.volumes), self.samples_per_volume, self.seed, epoch,
+                                               self.repeats)}
         volume = int(self._orders[epoch][position])
         rng = sample_rng(self.seed, epoch, self.volumes[volume].id, position)
         requests = self.plan_fn(self.volumes, volume, rng)

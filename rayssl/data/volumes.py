@@ -61,6 +61,12 @@ def load_volumes(stores: str | Sequence[str], split: str | None = "train") -> li
     for store, t in zip(stores, tables):
         t["store"] = str(store) if "://" in str(store) else os.path.abspath(store)
     table = pd.concat(tables, ignore_index=True)
+    duplicated = table["id"][table["id"].duplicated()]
+    if len(duplicated):
+        clash = str(duplicated.iloc[0])
+        where = sorted(table["store"][table["id"] == clash])
+        raise ValueError(f"volume id {clash!r} appears in several stores ({', '.join(where)}); volume ids must be "
+                         f"unique across the stores of a run: re-convert one store with other ids (ids=...)")
     if split not in (None, "all"):
         if "split" in table and (table["split"] == split).any():
             table = table[table["split"] == split].reset_index(drop=True)

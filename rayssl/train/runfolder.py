@@ -131,7 +131,8 @@ _NON_LOSS = {"step", "epoch", "lr", "grad_norm", "samples_per_s", "crops_per_s",
 
 
 def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_memory_mb: float,
-                      skipped: dict[str, Any], error: BaseException | None = None) -> RunResult:
+                      skipped: dict[str, Any], error: BaseException | None = None,
+                      data: dict[str, Any] | None = None) -> RunResult:
     metrics = read_metrics(run_dir)
     loss_keys = [k for k in (metrics[-1] if metrics else {}) if k not in _NON_LOSS and "momentum" not in k and "fill" not in k]
     plot_losses(run_dir, metrics, loss_keys)
@@ -153,6 +154,7 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         "data_cores_needed": _mean(metrics, "data_cores_needed"),
         "final_metrics": last,
         "skipped_volumes": skipped,
+        "data": data or {},
         "exported": exported,
         "host": platform.node(),
     }

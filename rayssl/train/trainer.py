@@ -19,6 +19,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayssl.config import RunConfig
 from rayssl.data.pipeline import SkipLedger, build_dataset
+from rayssl.data.storage import apply_storage_options
+from rayssl.data.stores import stores_summary, volume_repeats
 from rayssl.data.volumes import check_volumes_in_split, load_volumes, manifest_digest, spacing_summary
 from rayssl.methods import get_method_class
 from rayssl.runtime import attach_address, start_or_attach
@@ -137,10 +139,14 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     cfg = cfg.model_copy(update={"name": name})
 
     method = get_method_class(cfg.method)(cfg.method_cfg())
-    store = resolve_store(cfg)
+    entries = cfg.data.store_entries()
+    stores = [e.uri for e in entries] or [resolve_store(cfg)]
+    weights = [e.weight for e in entries] or [None]
+    store = stores[0]  # what single-store code paths (method.prepare, the run README) name
+    apply_storage_options(stores, cfg.data.storage_options)
     ensure_ray(address, **(ray_init or {}))
-    volumes = load_volumes(store, cfg.data.split)
-    check_volumes_in_split(method.check_volumes, volumes, store, cfg.data.split)
+    volumes = load_volumes(stores, cfg.data.split)
+    check_volumes_in_split(method.check_volumes, volumes, stores, cfg.data.split)
     volumes = method.prepare(store, volumes)
     cfg = cfg.with_method_cfg(method.config)
     cfg = resolve_epochs(cfg, len(volumes) * cfg.data.samples_per_volume)
@@ -176,10 +182,12 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
         actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
         on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
+        repeats=(repeats := volume_repeats(volumes, stores, weights, cfg.data.samples_per_volume)),
     )
+    per_store = stores_summary(volumes, stores, weights, repeats, cfg.data.samples_per_volume)
     card = {
-        "data": {"store": store, "manifest_sha256": manifest_digest(store), "volumes": len(volumes),
-                 "split": cfg.data.split},
+        "data": {"store": store, "manifest_sha256": manifest_digest(stores), "volumes": len(volumes),
+                 "split": cfg.data.split, "stores": per_store},
         "pretraining_spacing_mm": spacing_summary(volumes),
     }
     ingest = ray.train.DataConfig.default_ingest_options()
@@ -188,7 +196,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "run_dir": run_dir, "data_start_step": start_step,
-                           "card": card, "samples_per_epoch": len(volumes) * cfg.data.samples_per_volume},
+                           "card": card, "samples_per_epoch": len(volumes) * cfg.data.samples_per_volume
+                           if repeats is None else int(repeats.sum())},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -213,7 +222,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     peak = watcher.stop()
     skipped = ray.get(ledger.summary.remote())
     result = finish_run_folder(run_dir, cfg, wall_time_s=time.perf_counter() - t0, peak_memory_mb=peak,
-                               skipped=skipped, error=error)
+                               skipped=skipped, error=error, data={"stores": per_store})
     if mlflow_run is not None:
         finish_mlflow_run(run_dir, mlflow_run, result.status)
     if error is not None:
