@@ -55,6 +55,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         extra.append("train.use_gpu=true")
     if args.name:
         extra.append(f"name={args.name}")
+    if args.probe:
+        extra.append(f"eval.probe_store={args.probe}")
+    if args.probe_every:
+        extra.append(f"eval.probe_every={args.probe_every}")
     if args.resume and not args.config:
         config_path = os.path.join(args.resume, "config.yaml")
         if os.path.exists(config_path):
@@ -126,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="Ray Train workers")
     p.add_argument("--use-gpu", action="store_true", help="train on GPUs")
     p.add_argument("--resume", metavar="RUN", help="resume a run folder from its last checkpoint")
+    p.add_argument("--probe", nargs="?", const="demo", metavar="STORE",
+                   help="linear-probe checkpoints during pretraining, beside the training step, against random init: "
+                        "a named probe set (demo, the default; mni152) or a labelled Zarr store (eval.probe_store)")
+    p.add_argument("--probe-every", type=int, metavar="N",
+                   help="probe every N steps, a multiple of train.checkpoint_every (default: every checkpoint)")
     p.add_argument("--mlflow", metavar="URI", help="also log to this MLflow tracking URI (default: MLFLOW_TRACKING_URI "
                                                    "when set; a resumed run continues its MLflow run)")
     p.set_defaults(func=cmd_pretrain)
@@ -176,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: local runtime)")
     p.set_defaults(func=cmd_convert)
     from rayssl.eval.cli import add_eval_parsers
+    from rayssl.tune.cli import add_tune_parser
     add_eval_parsers(sub)
+    add_tune_parser(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ import ray
 from rayssl.data.plan import Planner, PlanFn
 from rayssl.data.read import StoreReader
 from rayssl.data.storage import storage_runtime_env
-from rayssl.methods.base import ReadRequest, VolumeInfo
+from rayssl.data.types import ReadRequest, VolumeInfo
 
 if TYPE_CHECKING:
     import torch

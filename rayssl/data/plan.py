@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rayssl.methods.base import ReadRequest, VolumeInfo
+from rayssl.data.types import ReadRequest, VolumeInfo
 
 ARRAY_CODES = {"image": 0, "label": 1, "mask": 2}
 ARRAY_NAMES = {v: k for k, v in ARRAY_CODES.items()}

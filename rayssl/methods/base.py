@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from rayssl.data.types import ReadRequest, VolumeInfo
 
 
 class MethodConfig(BaseModel):
@@ -18,33 +20,38 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-@dataclass(frozen=True)
-class VolumeInfo:
-    """What a planner may know about a volume without reading it (one manifest row)."""
-
-    index: int  # row in the manifest
-    id: str
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    bbox: tuple[int, int, int, int, int, int]  # foreground box, half-open [x0,y0,z0,x1,y1,z1]
-    background: float  # value of voxels read outside the volume
-    modality: str
-    has_label: bool = False
-    has_mask: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)  # other manifest columns
+def _window(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
-@dataclass(frozen=True)
-class ReadRequest:
-    """One box to read: voxels [start, start+size) of `array` of volume `volume` (manifest row).
+def _percentile_window(image: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    low, high = (float(v) for v in np.percentile(image, (lower, upper)))
+    if high <= low:
+        return np.zeros(image.shape, dtype=np.float32)
+    return _window(image, low, high)
 
-    Boxes may reach outside the volume; outside voxels read as the volume's background value.
-    """
 
-    volume: int
-    start: tuple[int, int, int]
-    size: tuple[int, int, int]
-    array: str = "image"
+def stored_in_hu(image: np.ndarray, volume: VolumeInfo) -> bool:
+    """True for CT kept in HU (the store's integer dtype, or air far below -500 when the manifest has no dtype)."""
+    dtype = str(volume.extra.get("dtype", ""))
+    if dtype:
+        return volume.modality.upper() == "CT" and not dtype.startswith("float")
+    return volume.modality.upper() == "CT" and float(image.min()) <= -500.0
+
+
+def config_intensity(image: np.ndarray, volume: VolumeInfo, config: MethodConfig) -> np.ndarray:
+    """Stored units -> network input by a config's `intensity` field ("ct_window"/"ct": its `ct_window`
+    HU window to [0, 1]; "percentile"/"mr": its percentiles to [0, 1]; "none": unchanged; "auto":
+    the window for CT in HU, unchanged for CT scaled at conversion, percentiles otherwise)."""
+    mode = getattr(config, "intensity", "auto")
+    if mode == "auto":
+        mode = "ct" if stored_in_hu(image, volume) else ("none" if volume.modality.upper() == "CT" else "percentile")
+    if mode in ("ct_window", "ct"):
+        return _window(image, *tuple(getattr(config, "ct_window", (-1000.0, 1000.0))))
+    if mode in ("percentile", "mr"):
+        pct = getattr(config, "percentiles", None) or getattr(config, "mr_percentiles", None) or (0.5, 99.5)
+        return _percentile_window(image, *tuple(pct))
+    return image.astype(np.float32, copy=False)
 
 
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,6 +111,13 @@ class Method(ABC):
     @abstractmethod
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Build the sample's views from the crops read for `requests` (in `read_dtype`, same order)."""
+
+    def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
+        """`image` (a whole volume or a crop, in stored units) mapped to the network's input range as
+        this method's views map it. Every probe (`rayssl probe`, the online probe, Tune) uses it, so a
+        backbone is evaluated on the intensities it was pretrained on. Percentile rules take their
+        percentiles over `image` (views take them over a crop). Default: `config_intensity`."""
+        return config_intensity(image, volume, self.config)
 
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
         """Raise ValueError naming a volume this method cannot use (before any worker starts)."""

@@ -14,7 +14,15 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from rayssl.data.read import read_box
-from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo, cpu_state_dict
+from rayssl.methods.base import (
+    ExportedBackbone,
+    Method,
+    MethodConfig,
+    ReadRequest,
+    VolumeInfo,
+    cpu_state_dict,
+    stored_in_hu,
+)
 from rayssl.nn.condconv import LocCondConv3d
 from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat, is_distributed
@@ -529,6 +537,10 @@ class DrasCLR(Method):
         augment.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
         out = augment(x)
         return np.asarray(out.detach().cpu().numpy() if torch.is_tensor(out) else out, dtype=np.float32)
+
+    def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
+        """As the views: CT in HU through the paper's window to [-1, 1], other data by its 0.5-99.5 percentiles."""
+        return scale_intensity(image, CT_WINDOW if stored_in_hu(image, volume) else _robust_window(image))
 
     def views(
         self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator

@@ -390,6 +390,11 @@ class GVSL(Method):
         cfg = self.config
         return [_pair_box(volumes[i], cfg.crop_fraction, cfg.bbox_margin, position) for i in (index, other)]
 
+    def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
+        """The views' own scaling (`intensity`, including the paper's stored [0, 2048] / 2048)."""
+        cfg = self.config
+        return _scale_intensity(image, _intensity_mode(volume, cfg.intensity), tuple(cfg.ct_window), tuple(cfg.percentiles))
+
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest],
               rng: np.random.Generator) -> dict[str, np.ndarray]:
         """image_a (clean x_A), image_a_corrupted (Models Genesis), image_b: each [1, *input_size] in [0, 1]."""
