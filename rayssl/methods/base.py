@@ -47,6 +47,20 @@ class ReadRequest:
     array: str = "image"
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What every sample of one optimizer step shares, for plans that must agree across a step.
+
+    `step` is the optimizer step the sample belongs to (global sample index // samples_per_step),
+    `samples_per_step` the effective batch (batch x workers x accumulate), `seed` the run seed.
+    Given to `Method.plan` as `step=` only when the method sets `step_shared_plans`.
+    """
+
+    step: int
+    samples_per_step: int
+    seed: int
+
+
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of `module`'s state dict (what an export holds, independent of training)."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -87,6 +101,13 @@ class Method(ABC):
     # HU), for methods that convert per piece and would otherwise copy a whole region twice.
     read_dtype: ClassVar[str | None] = "float32"
 
+    @property
+    def step_shared_plans(self) -> bool:
+        """True when `plan` takes `step: StepInfo` and every sample of one optimizer step, on every
+        rank, must share what it draws from it (DrasCLR's landmark per batch). The trainer then
+        plans with the step and streams micro-batch blocks that Ray Train deals to ranks in turn."""
+        return False
+
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
@@ -99,7 +120,10 @@ class Method(ABC):
     # ---- CPU side -------------------------------------------------------------------------
     @abstractmethod
     def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
-        """Boxes to read for one sample whose primary volume is `volumes[index]`."""
+        """Boxes to read for one sample whose primary volume is `volumes[index]`.
+
+        Methods with `step_shared_plans` also take `step: StepInfo | None` (None outside training:
+        preview, streaming)."""
 
     @abstractmethod
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
