@@ -140,11 +140,12 @@ def test_ray_train_split_gives_each_step_one_contiguous_block_of_samples(ray_loc
 
 @pytest.mark.slow
 def test_pretrain_two_workers_each_step_sees_one_landmark(ray_local, demo_store_path, tmp_path):
-    """Ray Data + Ray Train, 2 workers x batch 1 x accumulate 2: the keys of every optimizer step
+    """Ray Data + Ray Train, 2 workers x batch 2 x accumulate 2: the keys of every optimizer step
     (gathered over ranks and micro-batches) come from a single landmark, and steps move on."""
     cfg = resolve_config(method="drasclr", profile="cpu", overrides=[
         f"data.store={demo_store_path}", f"out={tmp_path / 'runs'}", "data.split=all", "data.actors_max=1",
-        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=1", "train.accumulate=2",
+        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=2", "train.accumulate=2",
+        "train.max_failures=0",
         "train.steps=3", "train.report_every=1", "train.checkpoint_every=3", "drasclr.widths=[2,4,4,8,8]",
         "drasclr.rep_dim=8", "drasclr.proj_dim=8", "drasclr.num_experts=2", "drasclr.queue_size=8"])
     from rayssl.train.trainer import pretrain
@@ -155,6 +156,6 @@ def test_pretrain_two_workers_each_step_sees_one_landmark(ray_local, demo_store_
         metrics = [json.loads(line) for line in f]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert [m["step_landmarks"] for m in metrics] == [1.0, 1.0, 1.0]
-    # 4 volumes / 4 samples per step: a new landmark every step; bank_fill grows by 4 keys per step.
+    # 4 volumes / 8 samples per step: a new landmark every step, whose queue (8 slots) each step fills.
     fills = [m["bank_fill"] for m in metrics]
     assert fills[0] < fills[1] < fills[2]
