@@ -58,8 +58,9 @@ class Planner:
     Sample i belongs to epoch i // samples_per_epoch; its primary volume comes from that epoch's
     shuffled order; the method's `plan` picks its boxes with an RNG seeded by (seed, epoch, volume
     id, position). With `samples_per_step` G, the plan also gets the sample's optimizer step
-    (index // G), so a step-shared choice (DrasCLR's landmark) is one per step. The same (seed, volumes) always gives the same plans, so a resumed run that
-    starts at sample s sees exactly the samples an uninterrupted run would.
+    (index // G), so a step-shared choice (DrasCLR's landmark) is one per step. The same (seed,
+    volumes) always gives the same plans, so a resumed run that starts at sample s sees exactly the
+    samples an uninterrupted run would.
     """
 
     def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, seed: int, samples_per_volume: int = 1,
