@@ -33,3 +33,17 @@ class ReadRequest:
     start: tuple[int, int, int]
     size: tuple[int, int, int]
     array: str = "image"
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What every sample of one optimizer step shares, for plans that must agree across a step.
+
+    `step` is the optimizer step the sample belongs to (global sample index // samples_per_step),
+    `samples_per_step` the effective batch (batch x workers x accumulate), `seed` the run seed.
+    Given to `Method.plan` as `step=` only when the method sets `step_shared_plans`.
+    """
+
+    step: int
+    samples_per_step: int
+    seed: int

@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from rayssl.data.types import ReadRequest, VolumeInfo
+from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo  # noqa: F401 - StepInfo: plan()'s step argument
 
 
 class MethodConfig(BaseModel):
@@ -94,6 +94,13 @@ class Method(ABC):
     # HU), for methods that convert per piece and would otherwise copy a whole region twice.
     read_dtype: ClassVar[str | None] = "float32"
 
+    @property
+    def step_shared_plans(self) -> bool:
+        """True when `plan` takes `step: StepInfo` and every sample of one optimizer step, on every
+        rank, must share what it draws from it (DrasCLR's landmark per batch). The trainer then
+        plans with the step and streams micro-batch blocks that Ray Train deals to ranks in turn."""
+        return False
+
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
@@ -106,7 +113,10 @@ class Method(ABC):
     # ---- CPU side -------------------------------------------------------------------------
     @abstractmethod
     def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
-        """Boxes to read for one sample whose primary volume is `volumes[index]`."""
+        """Boxes to read for one sample whose primary volume is `volumes[index]`.
+
+        Methods with `step_shared_plans` also take `step: StepInfo | None` (None outside training:
+        preview, streaming)."""
 
     @abstractmethod
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, Sequence
@@ -19,6 +20,7 @@ from rayssl.methods.base import (
     Method,
     MethodConfig,
     ReadRequest,
+    StepInfo,
     VolumeInfo,
     cpu_state_dict,
     stored_in_hu,
@@ -62,6 +64,12 @@ class DrasCLRConfig(MethodConfig):
         description="a grid patch becomes a landmark when more than this fraction lies in the atlas mask",
     )
     n_neighbors: int = Field(2, ge=1, le=26, description="neighbouring landmarks per sample (paper: 2)")
+    landmark_sampling: Literal["per_batch", "per_sample"] = Field(
+        "per_batch", description="per_batch: every sample of an optimizer step, on every rank, shares one landmark, "
+        "kept for landmark_hold_steps steps (official: one landmark at a time); per_sample: each sample draws its own")
+    landmark_hold_steps: int | None = Field(
+        None, ge=1, description="per_batch: consecutive optimizer steps on one landmark before the next; None = "
+        "one pass over the volumes, ceil(volumes / effective batch) (the official sub-epoch)")
     spacing_mm: float | None = Field(
         None, gt=0.0, description="voxel size every volume must have (paper: 1 mm isotropic), so a patch covers "
         "the same tissue everywhere; None = any spacing, but one shared by all volumes")
@@ -335,12 +343,31 @@ def landmark_starts(positions: np.ndarray, patch_size: int) -> np.ndarray:
     return np.rint(np.asarray(positions, dtype=np.float64)).astype(np.int64) - patch_size // 2
 
 
+def _shuffled_landmarks(seed: int, cycle: int, n_landmarks: int) -> np.ndarray:
+    return np.random.default_rng([seed, cycle, 0x1A4D]).permutation(n_landmarks)
+
+
+@functools.lru_cache(maxsize=4)
+def _landmark_cycle(seed: int, cycle: int, n_landmarks: int) -> np.ndarray:
+    """Landmark order of one cycle (a seeded permutation); its first landmark is never the previous
+    cycle's last, so no landmark gets two turns in a row."""
+    if n_landmarks <= 2:
+        return np.arange(n_landmarks)
+    order = _shuffled_landmarks(seed, cycle, n_landmarks)
+    # The swap below only touches positions 0 and 1, so the previous cycle's last is its shuffle's last.
+    if cycle > 0 and order[0] == _shuffled_landmarks(seed, cycle - 1, n_landmarks)[-1]:
+        order[[0, 1]] = order[[1, 0]]
+    order.flags.writeable = False
+    return order
+
+
 class DrasCLR(Method):
     """DrasCLR: local (same landmark, two augmentations) and neighbouring contrast, per-landmark queues.
 
     Data: `prepare` computes lung masks, registers every volume to an atlas (affine, mask to mask)
     and places landmarks on a grid of overlapping patches inside the atlas lung; each sample is a
-    random landmark j of a subject: two augmented views of the patch at j, the patches at j's
+    landmark j of a subject (by default one j per optimizer step, shared by every rank, as the
+    official training; `landmark_sampling`): two augmented views of the patch at j, the patches at j's
     nearest landmarks, and the atlas coordinates that condition the Loc-CondConv encoder.
     Loss: L = L_local + β L_neighbor, negatives from the memory-bank queue of landmark j only.
     """
@@ -353,6 +380,9 @@ class DrasCLR(Method):
         "patch_size": 32, "landmark_step": 26, "n_neighbors": 2, "spacing_mm": 1.0, "widths": (8, 16, 32, 64, 128),
         "rep_dim": 128, "proj_dim": 128, "num_experts": 8, "queue_size": 4096, "momentum": 0.999,
         "temperature": 0.2, "neighbor_weight": 1.0,
+        # train.py trains one landmark at a time: num_iter_sub_epoch = iterations / num_patch steps of
+        # all subjects at patch_idx, then the next (data/copd_patch.py set_patch_idx).
+        "landmark_sampling": "per_batch", "landmark_hold_steps": None,
         # One official epoch visits every landmark of every subject (581 on the official atlas).
         "data": {"samples_per_volume": 581},
         # SGD(lr 0.01, momentum 0.9, weight decay 1e-4), cosine over 20 epochs, no warm-up, batch 128
@@ -368,6 +398,7 @@ class DrasCLR(Method):
             "patch_size": 16, "landmark_step": 8, "n_neighbors": 2, "spacing_mm": None, "widths": (4, 8, 16, 32, 64),
             "rep_dim": 64, "proj_dim": 64, "num_experts": 4, "queue_size": 32, "queue_dtype": "float32",
             "momentum": 0.99, "temperature": 0.2, "neighbor_weight": 1.0,
+            "landmark_sampling": "per_batch", "landmark_hold_steps": None,
             "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine",
                       "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
                       "steps": 40, "grad_clip": 1.0, "amp": True},
@@ -470,8 +501,37 @@ class DrasCLR(Method):
         self._anatomy = anatomy
 
     # ---- CPU side -------------------------------------------------------------------------
-    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
-        """Patch at a random landmark j of `volumes[index]`, then the patches at j's nearest landmarks."""
+    @property
+    def step_shared_plans(self) -> bool:
+        return self.config.landmark_sampling == "per_batch"
+
+    def landmark_hold(self, n_volumes: int, samples_per_step: int) -> int:
+        """Optimizer steps one landmark is kept for (per_batch): the configured value, or one pass over
+        the volumes, as the official sub-epoch (all subjects at one landmark, then the next)."""
+        if self.config.landmark_hold_steps is not None:
+            return self.config.landmark_hold_steps
+        return max(1, math.ceil(n_volumes / samples_per_step))
+
+    def step_landmark(self, step: StepInfo, n_landmarks: int, n_volumes: int) -> int:
+        """The landmark of every sample of optimizer step `step` (per_batch).
+
+        Steps go in runs of `landmark_hold` steps; run g takes landmark perm_c[g mod L] with
+        c = g // L and perm_c a permutation of the L landmarks seeded by (run seed, c): every
+        landmark one turn per cycle, in a shuffled order (the official code goes through 0..L-1).
+        """
+        run = step.step // self.landmark_hold(n_volumes, step.samples_per_step)
+        cycle, position = divmod(run, n_landmarks)
+        return int(_landmark_cycle(step.seed, cycle, n_landmarks)[position])
+
+    def plan(
+        self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator, step: StepInfo | None = None
+    ) -> list[ReadRequest]:
+        """Patch at landmark j of `volumes[index]`, then the patches at j's nearest landmarks.
+
+        j is the step's landmark (`step_landmark`) when landmarks are drawn per batch and the
+        trainer gives the step; otherwise (per_sample, or outside training: preview, streaming)
+        a random landmark of this sample.
+        """
         volume = volumes[index]
         if EXTRA_POSITIONS not in volume.extra:
             raise ValueError(
@@ -479,7 +539,9 @@ class DrasCLR(Method):
             )
         positions = np.asarray(volume.extra[EXTRA_POSITIONS])
         neighbors = np.asarray(volume.extra[EXTRA_NEIGHBORS])
-        j = int(rng.integers(len(positions)))
+        j = int(rng.integers(len(positions)))  # drawn in both modes: the rng stream stays the same
+        if step is not None and self.step_shared_plans:
+            j = self.step_landmark(step, len(positions), len(volumes))
         starts = landmark_starts(positions[[j, *neighbors[j]]], self.config.patch_size)
         size = (self.config.patch_size,) * 3
         return [ReadRequest(volume=volume.index, start=tuple(int(s) for s in start), size=size) for start in starts]
@@ -624,7 +686,8 @@ class DrasCLR(Method):
         assert self._enqueued is not None
         self._enqueued.index_add_(0, ids.to(self._enqueued.device), torch.ones_like(ids, device=self._enqueued.device))
         filled = self._enqueued.clamp(max=self._bank.length).float().mean() / self._bank.length
-        return {"bank_fill": float(filled)}
+        # Distinct landmarks in this optimizer step over all ranks and micro-batches: 1 with per_batch.
+        return {"bank_fill": float(filled), "step_landmarks": float(ids.unique().numel())}
 
     def state_dict(self) -> dict[str, Any]:
         if self._bank is None:
@@ -678,6 +741,9 @@ class DrasCLR(Method):
             "voxel spacing": f"{c.spacing_mm:g} mm isotropic" if c.spacing_mm is not None else "any, shared by all volumes",
             "landmark grid step": str(c.landmark_step),
             "neighbours": str(c.n_neighbors),
+            "landmark sampling": "one per sample" if c.landmark_sampling == "per_sample" else (
+                "one per optimizer step, kept ceil(volumes / effective batch) steps" if c.landmark_hold_steps is None
+                else f"one per optimizer step, kept {c.landmark_hold_steps} steps"),
             "loss form": f"L_local + {c.neighbor_weight:g} L_neighbor",
             "temperature": f"{c.temperature:g}",
             "queue size": f"{c.queue_size} per landmark",

@@ -191,6 +191,9 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
         on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
         repeats=(repeats := volume_repeats(volumes, stores, weights, cfg.data.samples_per_volume)),
+        # Step-shared plans (DrasCLR's landmark per batch): samples [k*G, (k+1)*G) are step k on every
+        # rank, streamed in micro-batch blocks that the split below deals to ranks in turn.
+        **({"samples_per_step": global_batch, "micro_batch": tc.batch_size} if method.step_shared_plans else {}),
     )
     per_store = stores_summary(volumes, stores, weights, repeats, cfg.data.samples_per_volume)
     card = {
