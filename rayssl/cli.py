@@ -68,8 +68,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from rayssl.preview import preview
 
     cfg = _resolve(args, _data_overrides(args.data))
-    path = preview(cfg, samples=args.samples, out=args.out, address=args.address)
-    print(f"[rayssl] preview written to {path}")
+    paths = preview(cfg, samples=args.samples, out=args.out, address=args.address)
+    print(f"[rayssl] preview written to {', '.join(paths)} (geometry as numbers: "
+          f"{os.path.splitext(args.out)[0]}.json)")
     return 0
 
 
@@ -130,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "when set; a resumed run continues its MLflow run)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("preview", help="PNG montage of streamed crops and views (three orthogonal planes)")
+    p = sub.add_parser("preview", help="PNG of each streamed sample's geometry: the method's boxes and points "
+                       "on the volume (orthogonal planes) and its views")
     _add_run_options(p)
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--samples", type=int, default=1, help="samples to draw (one PNG each: OUT, OUT-1, ...)")
     p.add_argument("--out", default="preview.png")
     p.set_defaults(func=cmd_preview)
 
