@@ -198,12 +198,12 @@ def sample_paths(out: str, n: int) -> list[str]:
 
 
 def preview(cfg: RunConfig, samples: int = 1, out: str = "preview.png", address: str | None = None,
-            ray_init: dict[str, Any] | None = None, model: Any = None) -> list[str]:
+            ray_init: dict[str, Any] | None = None, model: Any = None, run: str | None = None) -> list[str]:
     """Stream `samples` samples of `cfg`'s method through Ray Data and draw each one's geometry.
 
     Each sample's plan is rebuilt on the driver from its sample index (plans are deterministic in
-    (seed, sample)), and the method's `preview_geometry` turns plan + views (+ `model`, if given)
-    into boxes, points and images. Writes one PNG per sample and `<stem>.json` with the geometry
+    (seed, sample)), and the method's `preview_geometry` turns plan + views (+ `model`, if given,
+    or the model of run folder `run`'s newest checkpoint) into boxes, points and images. Writes one PNG per sample and `<stem>.json` with the geometry
     of all of them; returns the PNG paths.
     """
     from rayssl.data.pipeline import build_dataset
@@ -215,6 +215,16 @@ def preview(cfg: RunConfig, samples: int = 1, out: str = "preview.png", address:
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
     method = get_method_class(cfg.method)(cfg.method_cfg())
+    model_note = ""
+    if run is not None and model is None:
+        from rayssl.train.checkpoint import load_newest_state
+
+        state = load_newest_state(run)
+        if state is None:
+            raise FileNotFoundError(f"run folder {run} has no complete checkpoint_*/ to take the model from")
+        model = method.build_model()
+        model.load_state_dict(state["model"])  # strict: a config that does not match the run fails here
+        model_note = f"Model: {run}, checkpoint of step {int(state.get('step', -1))}."
     store = resolve_store(cfg)
     ensure_ray(address, **(ray_init or {}))
     volumes = method.prepare(store, load_volumes(store, cfg.data.split))
@@ -236,6 +246,8 @@ def preview(cfg: RunConfig, samples: int = 1, out: str = "preview.png", address:
         views = {k: np.asarray(v) for k, v in row.items() if k != "sample"}
         figure = method.preview_geometry(volumes, requests, views, model=model)
         figure.title = f"{figure.title} (sample {sample}, seed {cfg.seed})"
+        if model_note:
+            figure.notes.append(model_note)
         paths.append(render_preview(figure, volumes, path))
         records.append({"sample": sample, "png": path, **_jsonable(figure)})
     with open(os.path.splitext(out)[0] + ".json", "w") as f:

@@ -12,14 +12,14 @@ import pytest
 from rayssl.cli import main
 
 
-def _preview(method: str, store, tmp_path, *overrides: str) -> dict:
+def _preview(method: str, store, tmp_path, *overrides: str, flags: tuple[str, ...] = ()) -> dict:
     """Run `rayssl preview --method M` on `store`; check the PNG; return sample 0's geometry record."""
     from PIL import Image
 
     out = tmp_path / f"{method}.png"
     sets = [a for o in ("data.actors_max=1", *overrides) for a in ("--set", o)]
     assert main(["preview", "--method", method, "--data", str(store), "--profile", "cpu", "--out", str(out),
-                 *sets]) == 0
+                 *sets, *flags]) == 0
     image = Image.open(out)
     assert image.size[0] > 500 and image.size[1] > 500
     assert len(set(image.convert("L").getdata())) > 50  # real image content, not a blank canvas
@@ -124,14 +124,49 @@ def test_drasclr_preview_shows_the_landmark_its_neighbours_and_the_atlas(ray_loc
     assert sum(p["group"] == "atlas landmarks" for p in atlas["points"]) == facts["n_landmarks"] - 1 - len(neighbors)
 
 
-def test_gvsl_preview_shows_the_pair_the_corrupted_input_and_the_warped_image(ray_local, demo_store_path, tmp_path):
-    record = _preview("gvsl", demo_store_path, tmp_path)
+def test_gvsl_preview_warps_with_the_run_model(ray_local, demo_store_path, tmp_path):
+    """`--run RUN`: the moving image is warped by the run's checkpointed model (here one whose DVF
+    is a constant 1-voxel shift, so its use is visible in the numbers)."""
+    import os
+
+    import torch
+
+    from rayssl.config import resolve_config
+    from rayssl.methods.gvsl import GVSL
+    from rayssl.train.checkpoint import write_checkpoint_dir
+
+    method = GVSL(resolve_config(method="gvsl", profile="cpu").method_cfg())
+    model = method.build_model()
+    with torch.no_grad():
+        model.deformable_head.flow.weight.zero_()
+        model.deformable_head.flow.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    run = tmp_path / "run"
+    run.mkdir()
+    os.replace(write_checkpoint_dir({"model": model.state_dict(), "step": 3}, {"step": 3}), run / "checkpoint_000003")
+    record = _preview("gvsl", demo_store_path, tmp_path, flags=("--run", str(run)))
     facts = record["facts"]
-    assert facts["pair"][0] != facts["pair"][1] and facts["model"] == "fresh"
+    assert facts["pair"][0] != facts["pair"][1] and facts["model"] == "given"
+    assert abs(facts["max_abs_flow_voxels"] - 1.0) < 1e-5
+    assert any("checkpoint of step 3" in n for n in record["notes"])
     assert [s["title"].split(":")[0] for s in record["scenes"]] == ["x_A (fixed)", "x_B (moving)"]
     titles = [i["title"] for i in record["images"]]
     assert any("corrupted" in t for t in titles) and any(t.startswith("x_B warped") for t in titles)
     assert all(i["shape"] == [48, 48] for i in record["images"])
+
+
+def test_gvsl_geometry_without_a_model_uses_a_fresh_one(demo_store_path):
+    from rayssl.config import resolve_config
+    from rayssl.data.pipeline import ViewBuilder
+    from rayssl.data.volumes import load_volumes
+    from rayssl.methods.gvsl import GVSL
+
+    method = GVSL(resolve_config(method="gvsl", profile="cpu").method_cfg())
+    volumes = method.prepare(str(demo_store_path), load_volumes(str(demo_store_path), "train"))
+    builder = ViewBuilder(volumes, method.plan, method.views, seed=0)
+    _, _, requests, _ = builder.planner.plan_requests(0)
+    figure = method.preview_geometry(volumes, requests, builder.build_sample(0))
+    assert figure.facts["model"] == "fresh" and figure.facts["max_abs_flow_voxels"] < 0.05  # near identity
+    assert [s.volume for s in figure.scenes] == [r.volume for r in requests] and len(figure.images) == 4
 
 
 def test_preview_refuses_zero_samples(demo_store_path, tmp_path, capsys):
