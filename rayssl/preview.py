@@ -71,14 +71,13 @@ def _draw_box(ax: Any, box: PreviewBox, plane: str, at: float, colour: Any) -> b
     return cuts
 
 
-def _draw_scene_plane(ax: Any, scene: PreviewScene, volume: VolumeInfo, reader: Any, plane: str,
-                      colours: dict[str, Any]) -> bool:
-    """One plane of a scene: the volume slice through the focus, its outline, boxes and points.
+def _draw_scene_plane(ax: Any, scene: PreviewScene, volume: VolumeInfo, image: np.ndarray, plane: str,
+                      colours: dict[str, Any], grey: tuple[float, float]) -> bool:
+    """One plane of a scene: the volume slice `image` through the focus, its outline, boxes and points.
     Returns whether some box was drawn as a projection (for the legend)."""
     h, v, n = PLANES[plane]
     at = int(np.floor(scene.focus[n]))
-    image = _plane(reader, volume, plane, at)
-    lo, hi = _display_range(image)
+    lo, hi = grey
     ax.set_facecolor("#202020")
     ax.imshow(image.T, cmap="gray", origin="lower", vmin=lo, vmax=hi,
               extent=(0, volume.shape[h], 0, volume.shape[v]), interpolation="nearest")
@@ -151,9 +150,12 @@ def render_preview(figure: PreviewFigure, volumes: Sequence[VolumeInfo], path: s
             store = str(volume.extra["store"])
             reader = readers.setdefault(store, StoreReader(store))
             part.suptitle(scene.title, fontsize=7.5, fontweight="bold", wrap=True)
-            for c, plane in enumerate(scene.planes):
+            images = [_plane(reader, volume, plane, int(np.floor(scene.focus[PLANES[plane][2]]))) for plane in scene.planes]
+            # One grey scale for all planes of a scene (a plane of air alone would otherwise show its noise).
+            grey = _display_range(np.concatenate([i.ravel() for i in images]))
+            for c, (plane, image) in enumerate(zip(scene.planes, images)):
                 ax = part.add_subplot(1, len(scene.planes), c + 1)
-                projected |= _draw_scene_plane(ax, scene, volume, reader, plane, colours)
+                projected |= _draw_scene_plane(ax, scene, volume, image, plane, colours, grey)
     if image_rows:
         axes = rows[-1].subplots(image_rows, ncols, squeeze=False).ravel()
         for ax in axes:
