@@ -71,9 +71,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from rayssl.preview import preview
 
+    if args.run and not args.config and os.path.exists(os.path.join(args.run, "config.yaml")):
+        args.config = os.path.join(args.run, "config.yaml")  # the model must be built as the run built it
     cfg = _resolve(args, _data_overrides(args.data))
-    path = preview(cfg, samples=args.samples, out=args.out, address=args.address)
-    print(f"[rayssl] preview written to {path}")
+    paths = preview(cfg, samples=args.samples, out=args.out, address=args.address, run=args.run)
+    print(f"[rayssl] preview written to {', '.join(paths)} (geometry as numbers: "
+          f"{os.path.splitext(args.out)[0]}.json)")
     return 0
 
 
@@ -139,9 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "when set; a resumed run continues its MLflow run)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("preview", help="PNG montage of streamed crops and views (three orthogonal planes)")
+    p = sub.add_parser("preview", help="PNG of each streamed sample's geometry: the method's boxes and points "
+                       "on the volume (orthogonal planes) and its views")
     _add_run_options(p)
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--samples", type=int, default=1, help="samples to draw (one PNG each: OUT, OUT-1, ...)")
+    p.add_argument("--run", metavar="RUN", help="run folder whose newest checkpoint's model the preview uses "
+                   "(GVSL warps the moving image with it; default: a freshly initialised model); its config.yaml "
+                   "is the default --config")
     p.add_argument("--out", default="preview.png")
     p.set_defaults(func=cmd_preview)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -68,6 +68,85 @@ class ExportedBackbone:
     network_kwargs: dict[str, Any]
     key_groups: dict[str, list[str]]  # e.g. {"encoder": [...prefixes], "stem": [...], "input_projection": [...]}
     notes: str = ""
+
+
+Vec3 = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class PreviewBox:
+    """A box to outline in a preview, in voxel coordinates of its scene's volume: [start, start+size).
+
+    `group` names what the box is (legend entry, one colour per group), `label` tags it in a corner,
+    `note` is written in its centre (e.g. overlap fractions). `slices` = (axis, positions): the
+    planes along `axis` a clip actually takes (drawn as lines across the box).
+    """
+
+    start: Vec3
+    size: Vec3
+    group: str
+    label: str = ""
+    note: str = ""
+    slices: tuple[int, tuple[float, ...]] | None = None
+    linewidth: float = 1.4
+
+
+@dataclass(frozen=True)
+class PreviewPoint:
+    """A point to mark in a preview, in voxel coordinates of its scene's volume."""
+
+    position: Vec3
+    group: str
+    label: str = ""
+
+
+@dataclass
+class PreviewScene:
+    """A volume (manifest row `volume`) drawn in orthogonal planes through `focus`, with boxes and points."""
+
+    volume: int
+    title: str
+    focus: Vec3
+    boxes: list[PreviewBox] = field(default_factory=list)
+    points: list[PreviewPoint] = field(default_factory=list)
+    planes: tuple[str, ...] = ("axial", "coronal", "sagittal")
+
+
+@dataclass
+class PreviewImage:
+    """A 2D image beside the scenes (a view, a mosaic): indexed [horizontal, vertical] like the planes."""
+
+    title: str
+    image: np.ndarray
+    display_range: tuple[float, float] | None = None  # grey-level range; None = the image's own percentiles
+
+
+@dataclass
+class PreviewFigure:
+    """What `Method.preview_geometry` returns for one sample: scenes on volumes, images, notes, and
+    JSON-able `facts` (the numbers behind the drawing, written beside the PNG for checking)."""
+
+    title: str
+    scenes: list[PreviewScene] = field(default_factory=list)
+    images: list[PreviewImage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def mid_slice(array: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The middle 2D slice of the last three dims of `array` (leading dims of size 1 dropped) across `axis`."""
+    vol = np.asarray(array, dtype=np.float32).reshape(array.shape[-3:])
+    return np.take(vol, vol.shape[axis] // 2, axis=axis)
+
+
+def request_box(request: ReadRequest, group: str, label: str = "", note: str = "") -> PreviewBox:
+    """A read request as a preview box."""
+    return PreviewBox(tuple(float(v) for v in request.start), tuple(float(v) for v in request.size),  # type: ignore[arg-type]
+                      group, label, note)
+
+
+def box_centre(start: Sequence[float], size: Sequence[float]) -> Vec3:
+    return tuple(float(a) + float(b) / 2.0 for a, b in zip(start, size))  # type: ignore[return-value]
 
 
 class Method(ABC):
@@ -141,6 +220,26 @@ class Method(ABC):
         records the resolved config, so its model card and a resumed run use the same choice.
         """
         return list(volumes)
+
+    def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
+                         views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
+        """What `rayssl preview` draws for one streamed sample: `requests` is the sample's plan and
+        `views` what `views` built from it; `model` (if given) may be run on the views.
+
+        The default outlines the read boxes on the primary volume and shows the middle slice of
+        every 3D float view; methods override it to show their own geometry.
+        """
+        first = requests[0]
+        scene = PreviewScene(first.volume, f"volume {volumes[first.volume].id}: boxes read for this sample",
+                             box_centre(first.start, first.size),
+                             boxes=[request_box(r, "read box", f"{i}") for i, r in enumerate(requests)])
+        images = []
+        for key in sorted(views):
+            value = np.asarray(views[key])
+            if value.ndim >= 3 and np.issubdtype(value.dtype, np.floating):
+                for idx in list(np.ndindex(*value.shape[:-3]))[:4]:
+                    images.append(PreviewImage(f"{key}{list(idx) if idx else ''} (middle slice)", mid_slice(value[idx])))
+        return PreviewFigure(f"{self.name}: read boxes and views", [scene], images[:12])
 
     # ---- model side -----------------------------------------------------------------------
     @abstractmethod

@@ -19,10 +19,17 @@ from rayssl.methods.base import (
     ExportedBackbone,
     Method,
     MethodConfig,
+    PreviewBox,
+    PreviewFigure,
+    PreviewImage,
+    PreviewPoint,
+    PreviewScene,
     ReadRequest,
     StepInfo,
     VolumeInfo,
     cpu_state_dict,
+    mid_slice,
+    request_box,
     stored_in_hu,
 )
 from rayssl.nn.condconv import LocCondConv3d
@@ -637,6 +644,62 @@ class DrasCLR(Method):
             "landmark": np.asarray(j, dtype=np.int64),
             "n_landmarks": np.asarray(len(anatomy.atlas_coords), dtype=np.int64),
         }
+
+    def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
+                         views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
+        """The sample's landmark patch and its neighbours' patches on the subject, and the same
+        landmarks among all landmarks of the atlas (where the Loc-CondConv coordinates come from)."""
+        cfg = self.config
+        j = int(np.asarray(views["landmark"]).reshape(-1)[0])
+        subject = volumes[requests[0].volume]
+        neighbors = [int(n) for n in np.asarray(subject.extra[EXTRA_NEIGHBORS])[j]]
+        positions = np.asarray(subject.extra[EXTRA_POSITIONS], dtype=np.float64)
+        coords = np.asarray(subject.extra[EXTRA_ATLAS_COORDS], dtype=np.float64)
+        # Neighbours first, so the landmark's patch is drawn on top where they overlap.
+        boxes = [request_box(r, "neighbour patches", f"n={n}") for n, r in zip(neighbors, requests[1:])]
+        boxes.append(request_box(requests[0], "landmark patch", f"j={j}"))
+        # Centres as the patches are cut (landmark_starts rounds), so points sit in their boxes.
+        def centre(i: int) -> tuple[float, float, float]:
+            return tuple(float(v) for v in np.rint(positions[i]))  # type: ignore[return-value]
+
+        points = [PreviewPoint(centre(n), "neighbour patches") for n in neighbors]
+        points.append(PreviewPoint(centre(j), "landmark patch"))
+        scenes = [PreviewScene(subject.index, f"subject {subject.id}: landmark {j} of {len(positions)} and its "
+                               f"{len(neighbors)} nearest landmarks (atlas distance), {cfg.patch_size}^3 patches",
+                               centre(j), boxes, points)]
+        atlas_id = str(subject.extra.get("atlas", cfg.atlas))
+        atlas = next((v for v in volumes if v.id == atlas_id), None)
+        notes = [f"Atlas coordinates (Loc-CondConv input, [-1, 1]): landmark {j} at "
+                 f"({', '.join(f'{v:+.2f}' for v in coords[j])}). Landmarks come from a grid of step {cfg.landmark_step} "
+                 f"in the atlas {cfg.mask} mask, mapped to each subject by its affine registration "
+                 f"(Dice {float(subject.extra.get('atlas_dice', float('nan'))):.2f})."]
+        atlas_points: list[list[float]] = []
+        if atlas is not None:
+            # Atlas voxel centres from the scaled coordinates: c = (coord + 1) (shape - 1) / 2.
+            centres = (coords + 1.0) * (np.maximum(np.asarray(atlas.shape, dtype=np.float64) - 1.0, 1.0)) / 2.0
+            atlas_points = centres.tolist()
+            pts = [PreviewPoint(tuple(float(v) for v in c), "atlas landmarks") for i, c in enumerate(centres)
+                   if i != j and i not in neighbors]
+            pts += [PreviewPoint(tuple(float(v) for v in centres[n]), "neighbour patches", f"{n}") for n in neighbors]
+            pts += [PreviewPoint(tuple(float(v) for v in centres[j]), "landmark patch", f"{j}")]
+            half = cfg.patch_size / 2.0
+            atlas_boxes = [PreviewBox(tuple(float(v) - half for v in centres[i]), (float(cfg.patch_size),) * 3,  # type: ignore[arg-type]
+                                      "landmark patch" if i == j else "neighbour patches") for i in [*neighbors, j]]
+            scenes.append(PreviewScene(atlas.index, f"atlas {atlas.id}: all {len(centres)} landmarks (small dots), "
+                                       f"landmark {j} and its neighbours", tuple(float(v) for v in centres[j]),  # type: ignore[arg-type]
+                                       atlas_boxes, pts))
+        else:
+            notes.append(f"The atlas {atlas_id!r} is not in this split, so it is not drawn.")
+        unit = (-1.0, 1.0)  # views are scaled to [-1, 1]: one grey scale for all
+        images = [PreviewImage("view_q: landmark patch, augmentation 1\n(middle axial slice)", mid_slice(views["view_q"]), unit),
+                  PreviewImage("view_k: landmark patch, augmentation 2\n(middle axial slice)", mid_slice(views["view_k"]), unit)]
+        for i, n in enumerate(neighbors):
+            images.append(PreviewImage(f"neighbour patch {n} (jointly augmented)\n(middle axial slice)",
+                                       mid_slice(np.asarray(views["neighbors"])[i]), unit))
+        facts = {"landmark": j, "neighbors": neighbors, "n_landmarks": int(len(positions)),
+                 "subject_centres": {str(i): list(centre(i)) for i in [j, *neighbors]},
+                 "atlas": atlas_id, "atlas_centres": atlas_points, "patch_size": cfg.patch_size}
+        return PreviewFigure("DrasCLR: a landmark, its neighbours and the atlas", scenes, images, notes, facts)
 
     # ---- model side -------------------------------------------------------------------------
     def build_model(self) -> DrasCLRModel:
