@@ -267,16 +267,27 @@ def _mlsscl(store, out, *extra):
                           overrides=[f"data.store={store}", f"out={out}", *MLSSCL_TINY, *extra])
 
 
-def test_unknown_config_field_is_named_before_ray_starts():
-    from rayssl.config import RunConfig, resolve_config
+def test_unknown_config_field_is_named_before_ray_starts(tmp_path):
+    from rayssl.config import resolve_config
 
     with pytest.raises(ValueError) as info:
         resolve_config(method="mlsscl", profile="cpu", overrides=["train.stpes=3"])
-    assert "--set train.stpes: unknown field" in str(info.value)
-    assert "'steps'" in str(info.value)  # the valid train.* fields are listed
-    with pytest.raises(ValueError) as info:  # a config file's section with a typo
-        RunConfig.model_validate({"method": "mlsscl", "trian": {"steps": 3}})
-    assert "trian" in str(info.value) and "Extra inputs are not permitted" in str(info.value)
+    assert "train.stpes: unknown field (got 3); valid fields here: [" in str(info.value)
+    assert "'steps'" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        resolve_config(method="mlsscl", profile="cpu", overrides=["no_such_field=1"])
+    assert "--set no_such_field: unknown field" in str(info.value)
+    run_yaml = tmp_path / "run.yaml"  # a config file with a typo in a section and in a method field
+    run_yaml.write_text("method: mlsscl\ndata:\n  on_eror: skip\nmethod_config:\n  clip_lenght: 4\n")
+    with pytest.raises(ValueError) as info:
+        resolve_config(profile="cpu", file=str(run_yaml))
+    assert "data.on_eror: unknown field ('skip'); valid fields here: [" in str(info.value).replace("(got ", "(")
+    assert "'on_error'" in str(info.value)
+    run_yaml.write_text("method: mlsscl\nmethod_config:\n  clip_lenght: 4\n")
+    with pytest.raises(ValueError) as info:
+        resolve_config(profile="cpu", file=str(run_yaml))
+    assert "mlsscl.clip_lenght: unknown field (got 4); valid fields here: [" in str(info.value)
+    assert "'clip_length'" in str(info.value)
 
 
 def test_missing_or_empty_store_is_named(ray_local, tmp_path):
@@ -322,16 +333,17 @@ def test_corrupt_chunk_at_training_time_is_named_or_skipped(ray_local, store_wit
     import json
     import os
 
-    from rayssl.train.trainer import pretrain
+    from rayssl.train.trainer import DataReadError, pretrain
 
     store, bad = store_with_corrupt_volumes
-    with pytest.raises(Exception) as info:
+    with pytest.raises(DataReadError) as info:
         pretrain(_mlsscl(store, tmp_path / "runs", "name=raise", "train.steps=2", "train.checkpoint_every=2",
                          "data.on_error=raise", "train.max_failures=0"))
     message = str(info.value)
     named = [v for v in bad if f"volume '{v}' in store {store}: chunk {v}/image/c/" in message]
     assert named, message
     assert "is corrupt" in message and "re-convert this volume" in message, message
+    assert "--set data.on_error=skip" in message, message
     summary = json.load(open(os.path.join(tmp_path, "runs", "raise", "summary.json")))
     assert summary["status"] == "failed", summary
 

@@ -78,6 +78,10 @@ class _MemoryWatcher(threading.Thread):
         return (self.peak - self.base) / 2**20
 
 
+class DataReadError(RuntimeError):
+    """A sample's volume could not be read with data.on_error=raise; the message names the volume and chunk."""
+
+
 class PlacementError(RuntimeError):
     """The Train worker group could not be placed on the cluster within the bounded retries."""
 
@@ -221,6 +225,10 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         error = explain_placement_failure(err, tc, use_gpu) or err
     peak = watcher.stop()
     skipped = ray.get(ledger.summary.remote())
+    data_failure = ray.get(ledger.failure.remote()) if error is not None else None
+    if data_failure is not None:  # the volume and chunk, not Train's truncated traceback of the data actor
+        error = DataReadError(f"{data_failure} (data.on_error=raise; --set data.on_error=skip trains on the other "
+                              f"volumes and lists the unreadable ones in summary.json)")
     result = finish_run_folder(run_dir, cfg, wall_time_s=time.perf_counter() - t0, peak_memory_mb=peak,
                                skipped=skipped, error=error, data={"stores": per_store})
     if mlflow_run is not None:
