@@ -329,6 +329,7 @@ def store_with_corrupt_volumes(tmp_path_factory):
     return str(store), bad
 
 
+@pytest.mark.slow  # two short training runs
 def test_corrupt_chunk_at_training_time_is_named_or_skipped(ray_local, store_with_corrupt_volumes, tmp_path):
     import json
     import os

@@ -71,6 +71,7 @@ def _metrics_steps(run_dir):
         return [json.loads(line)["step"] for line in f if line.strip()]
 
 
+@pytest.mark.slow  # two pretrain subprocesses per case, each starting its own Ray runtime
 @pytest.mark.parametrize("victim", ["driver", "worker"])
 def test_kill_during_checkpoint_write_resumes_from_last_complete(victim, private_tmp, demo_store_path, tmp_path):
     out, run_dir = tmp_path / "runs", str(tmp_path / "runs" / "run")
