@@ -99,8 +99,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cpu = dict(GVSL.profiles["cpu"])
-    cpu.update(input_size=(args.size,) * 3, warmup_restoration_steps=args.warmup_restoration_steps, lr=args.lr,
+    cpu = GVSL.profile_config("cpu").model_dump()  # the method fields; the optimizer is this script's own
+    cpu.update(input_size=(args.size,) * 3, warmup_restoration_steps=args.warmup_restoration_steps,
                **elastic_settings(args.size))
     method = GVSL(GVSLConfig(**cpu))
     model = method.build_model()

@@ -80,7 +80,8 @@ def main() -> int:
     p.add_argument("--out", default=str(WORK / "pretrain_value"))
     args = p.parse_args()
 
-    from rayssl.eval.probe import ProbeConfig, mean_ci95, run_probe
+    from rayssl.eval.probe import ProbeConfig, mean_ci95
+    from rayssl.eval.report import run_probe
     from rayssl.train.trainer import pretrain
 
     methods = [m for m in args.methods.split(",") if m]

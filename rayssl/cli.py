@@ -55,6 +55,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         extra.append("train.use_gpu=true")
     if args.name:
         extra.append(f"name={args.name}")
+    if args.probe:
+        extra.append(f"eval.probe_store={args.probe}")
+    if args.probe_every:
+        extra.append(f"eval.probe_every={args.probe_every}")
     if args.resume and not args.config:
         config_path = os.path.join(args.resume, "config.yaml")
         if os.path.exists(config_path):
@@ -67,9 +71,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from rayssl.preview import preview
 
+    if args.run and not args.config and os.path.exists(os.path.join(args.run, "config.yaml")):
+        args.config = os.path.join(args.run, "config.yaml")  # the model must be built as the run built it
     cfg = _resolve(args, _data_overrides(args.data))
-    path = preview(cfg, samples=args.samples, out=args.out, address=args.address)
-    print(f"[rayssl] preview written to {path}")
+    paths = preview(cfg, samples=args.samples, out=args.out, address=args.address, run=args.run)
+    print(f"[rayssl] preview written to {', '.join(paths)} (geometry as numbers: "
+          f"{os.path.splitext(args.out)[0]}.json)")
     return 0
 
 
@@ -126,13 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="Ray Train workers")
     p.add_argument("--use-gpu", action="store_true", help="train on GPUs")
     p.add_argument("--resume", metavar="RUN", help="resume a run folder from its last checkpoint")
+    p.add_argument("--probe", nargs="?", const="demo", metavar="STORE",
+                   help="linear-probe checkpoints during pretraining, beside the training step, against random init: "
+                        "a named probe set (demo, the default; mni152) or a labelled Zarr store (eval.probe_store)")
+    p.add_argument("--probe-every", type=int, metavar="N",
+                   help="probe every N steps, a multiple of train.checkpoint_every (default: every checkpoint)")
     p.add_argument("--mlflow", metavar="URI", help="also log to this MLflow tracking URI (default: MLFLOW_TRACKING_URI "
                                                    "when set; a resumed run continues its MLflow run)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("preview", help="PNG montage of streamed crops and views (three orthogonal planes)")
+    p = sub.add_parser("preview", help="PNG of each streamed sample's geometry: the method's boxes and points "
+                       "on the volume (orthogonal planes) and its views")
     _add_run_options(p)
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--samples", type=int, default=1, help="samples to draw (one PNG each: OUT, OUT-1, ...)")
+    p.add_argument("--run", metavar="RUN", help="run folder whose newest checkpoint's model the preview uses "
+                   "(GVSL warps the moving image with it; default: a freshly initialised model); its config.yaml "
+                   "is the default --config")
     p.add_argument("--out", default="preview.png")
     p.set_defaults(func=cmd_preview)
 
@@ -176,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: local runtime)")
     p.set_defaults(func=cmd_convert)
     from rayssl.eval.cli import add_eval_parsers
+    from rayssl.tune.cli import add_tune_parser
     add_eval_parsers(sub)
+    add_tune_parser(sub)
     return parser
 
 

@@ -97,6 +97,17 @@ class TrainSection(_Strict):
     storage_path: str | None = Field(None, description="Ray Train storage (shared FS or s3://); default = the run's parent folder")
 
 
+class EvalSection(_Strict):
+    """Linear probes during pretraining (`rayssl pretrain --probe`), scored beside the training step."""
+
+    probe_store: str | None = Field(None, description="labelled Zarr store or named probe set (demo, mni152) to probe "
+                                    "during pretraining; None = no online probe")
+    probe_every: int | None = Field(None, ge=1, description="probe every N steps, a multiple of train.checkpoint_every "
+                                    "(the last step is always probed); None = at every checkpoint")
+    probe_cpus: float = Field(1.0, gt=0, description="logical CPUs the probe task reserves (its torch threads)")
+    probe_crops: int = Field(8, ge=1, description="probe crops per volume (fit and eval), as Tune's probe")
+
+
 class RunConfig(_Strict):
     """A whole pretraining run: method + its config, data, training, seed, where it goes."""
 
@@ -107,7 +118,16 @@ class RunConfig(_Strict):
     name: str | None = None
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     method_config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _probe_on_checkpoints(self) -> "RunConfig":
+        every = self.eval.probe_every
+        if every is not None and every % self.train.checkpoint_every:
+            raise ValueError(f"eval.probe_every={every} must be a multiple of train.checkpoint_every="
+                             f"{self.train.checkpoint_every}: the online probe scores checkpoints")
+        return self
 
     def method_cfg(self) -> MethodConfig:
         return get_method_class(self.method).config_cls.model_validate(self.method_config)
@@ -165,23 +185,25 @@ def _route(key: str, method: str, method_fields: set[str]) -> list[str]:
     """Where `--set key=...` goes: explicit sections, top-level fields, else a unique field name."""
     parts = key.split(".")
     head = parts[0]
-    if head in ("data", "train"):
+    if head in ("data", "train", "eval"):
         return parts
     if head in (method, "method_config"):
         return ["method_config", *parts[1:]]
-    if len(parts) == 1 and head in RunConfig.model_fields and head not in ("data", "train", "method_config"):
+    if len(parts) == 1 and head in RunConfig.model_fields and head not in ("data", "train", "eval", "method_config"):
         return parts
     if len(parts) == 1:
         homes = [s for s, fields in (("method_config", method_fields),
                                      ("data", set(DataSection.model_fields)),
-                                     ("train", set(TrainSection.model_fields))) if head in fields]
+                                     ("train", set(TrainSection.model_fields)),
+                                     ("eval", set(EvalSection.model_fields))) if head in fields]
         if len(homes) == 1:
             return [homes[0], head]
         if len(homes) > 1:
             raise ValueError(f"--set {key}: ambiguous, it names a field of {homes}; write e.g. {homes[0].replace('method_config', method)}.{key}")
     raise ValueError(
         f"--set {key}: unknown field. Method {method!r} fields: {sorted(method_fields)}; "
-        f"data.*: {sorted(DataSection.model_fields)}; train.*: {sorted(TrainSection.model_fields)}"
+        f"data.*: {sorted(DataSection.model_fields)}; train.*: {sorted(TrainSection.model_fields)}; "
+        f"eval.*: {sorted(EvalSection.model_fields)}"
     )
 
 
@@ -213,14 +235,15 @@ def resolve_config(
             raise ValueError(f"{method} has no {profile!r} profile: {why}; choose one of {sorted(method_cls.profiles)}")
         raise ValueError(f"unknown profile {profile!r} for {method}; choose one of {sorted(method_cls.profiles)}")
     # The profile is applied first; explicit values from the file override it.
-    merged: dict[str, Any] = {"method": method, "profile": profile, "data": {}, "train": {}, "method_config": {}}
+    merged: dict[str, Any] = {"method": method, "profile": profile, "data": {}, "train": {}, "eval": {},
+                              "method_config": {}}
     for key, value in method_cls.profiles[profile].items():
         if key in ("data", "train"):
             merged[key].update(value)
         else:
             merged["method_config"][key] = value
     for key, value in raw.items():
-        if key in ("data", "train", "method_config") and isinstance(value, dict):
+        if key in ("data", "train", "eval", "method_config") and isinstance(value, dict):
             merged[key].update(value)
         elif key not in ("method", "profile"):
             merged[key] = value
@@ -234,7 +257,8 @@ def resolve_config(
         path = _route(key.strip(), method, fields)
         # Text fields take the text as written: YAML would read a run name such as 20942_00000
         # (a Tune trial id) as the integer 2094200000.
-        section = {"data": DataSection, "train": TrainSection, "method_config": method_cls.config_cls}.get(path[0], RunConfig)
+        section = {"data": DataSection, "train": TrainSection, "eval": EvalSection,
+                   "method_config": method_cls.config_cls}.get(path[0], RunConfig)
         text_field = _is_text_field(section, path[-1]) if len(path) <= 2 else False
         _set_path(merged, path, value.strip() if text_field else _parse_value(value.strip()))
     try:
@@ -271,6 +295,9 @@ def _upgrade_legacy(raw: dict[str, Any]) -> None:
 def _explain(err: ValidationError, prefix: str, model: type[BaseModel] = RunConfig) -> str:
     lines = ["invalid configuration:"]
     for e in err.errors():
+        if not e["loc"]:  # a check across fields: its message names them
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
         loc = prefix + ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":  # a typo: say so and list the fields that exist there
             lines.append(f"  {loc.rstrip('.')}: unknown field (got {e.get('input')!r}); valid fields here: "

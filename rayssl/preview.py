@@ -1,71 +1,232 @@
-"""`rayssl preview`: stream a few samples through the real pipeline and draw their views as a PNG montage."""
+"""`rayssl preview`: stream samples through the real pipeline and draw each method's geometry as a PNG."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from rayssl.config import RunConfig
+from rayssl.methods.base import PreviewBox, PreviewFigure, PreviewScene, VolumeInfo
+
+# plane name -> (horizontal axis, vertical axis, axis across the plane); arrays are (x, y, z) RAS.
+PLANES: dict[str, tuple[int, int, int]] = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
+_AXIS_NAMES = "xyz"
 
 
-def _volumes_in(name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """3D volumes inside a view array of one sample: [..., D, H, W] with any leading dims."""
-    if array.ndim < 3 or not np.issubdtype(array.dtype, np.floating):
-        return []
-    lead = array.shape[:-3]
-    out = []
-    for idx in np.ndindex(*lead) if lead else [()]:
-        label = name + ("[" + ",".join(map(str, idx)) + "]" if idx else "")
-        out.append((label, array[idx]))
-    return out
+def _plane(reader: Any, volume: VolumeInfo, plane: str, at: int) -> np.ndarray:
+    """The volume's plane `plane` at index `at` (clamped into the volume), as [horizontal, vertical]."""
+    h, v, n = PLANES[plane]
+    start, size = [0, 0, 0], list(volume.shape)
+    start[n], size[n] = int(np.clip(at, 0, volume.shape[n] - 1)), 1
+    box = reader.read(volume.extra["group"], start, size, pad_value=volume.background, dtype=np.float32)
+    return np.take(box, 0, axis=n)  # the two remaining axes keep (x, y, z) order = (h, v)
 
 
-def render_montage(samples: list[dict[str, np.ndarray]], path: str, max_views: int = 8) -> str:
-    """One row per (sample, view): axial / coronal / sagittal centre planes of each 3D view."""
+def _display_range(image: np.ndarray) -> tuple[float, float]:
+    lo, hi = (float(x) for x in np.percentile(image, [1.0, 99.5]))
+    return lo, max(hi, lo + 1e-6)
+
+
+def _colours(figures: Sequence[PreviewFigure]) -> dict[str, Any]:
+    """One colour per box/point group, in order of first appearance."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    groups: list[str] = []
+    for fig in figures:
+        for scene in fig.scenes:
+            for item in [*scene.boxes, *scene.points]:
+                if item.group not in groups:
+                    groups.append(item.group)
+    return {g: palette[i % len(palette)] for i, g in enumerate(groups)}
+
+
+def _draw_box(ax: Any, box: PreviewBox, plane: str, at: float, colour: Any) -> bool:
+    """Outline `box` on a plane; solid when the plane cuts it, dashed (its projection) when not."""
+    from matplotlib.patches import Rectangle
+
+    h, v, n = PLANES[plane]
+    cuts = box.start[n] <= at + 0.5 < box.start[n] + box.size[n]
+    ax.add_patch(Rectangle((box.start[h], box.start[v]), box.size[h], box.size[v], fill=False, edgecolor=colour,
+                           linewidth=box.linewidth if cuts else 0.9, linestyle="-" if cuts else "--", alpha=1.0 if cuts else 0.6))
+    if box.slices is not None and box.slices[0] in (h, v):
+        axis = box.slices[0]
+        for p in box.slices[1]:
+            c = p + 0.5  # voxel centre
+            if axis == h:
+                ax.plot([c, c], [box.start[v], box.start[v] + box.size[v]], color=colour, linewidth=0.5, alpha=0.8)
+            else:
+                ax.plot([box.start[h], box.start[h] + box.size[h]], [c, c], color=colour, linewidth=0.5, alpha=0.8)
+    if box.label and cuts:
+        ax.text(box.start[h] + 0.5, box.start[v] + box.size[v] - 0.5, box.label, color=colour, fontsize=5.5,
+                va="top", ha="left")
+    if box.note and cuts:
+        ax.text(box.start[h] + box.size[h] / 2, box.start[v] + box.size[v] / 2, box.note, color="white",
+                fontsize=5, va="center", ha="center", bbox=dict(facecolor="black", alpha=0.45, pad=0.5, linewidth=0))
+    return cuts
+
+
+def _draw_scene_plane(ax: Any, scene: PreviewScene, volume: VolumeInfo, image: np.ndarray, plane: str,
+                      colours: dict[str, Any], grey: tuple[float, float]) -> bool:
+    """One plane of a scene: the volume slice `image` through the focus, its outline, boxes and points.
+    Returns whether some box was drawn as a projection (for the legend)."""
+    h, v, n = PLANES[plane]
+    at = int(np.floor(scene.focus[n]))
+    lo, hi = grey
+    ax.set_facecolor("#202020")
+    ax.imshow(image.T, cmap="gray", origin="lower", vmin=lo, vmax=hi,
+              extent=(0, volume.shape[h], 0, volume.shape[v]), interpolation="nearest")
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((0, 0), volume.shape[h], volume.shape[v], fill=False, edgecolor="#999999",
+                           linewidth=0.6, linestyle=":"))
+    projected = False
+    xs, ys = [0.0, float(volume.shape[h])], [0.0, float(volume.shape[v])]
+    for box in scene.boxes:
+        projected |= not _draw_box(ax, box, plane, at, colours[box.group])
+        xs += [box.start[h], box.start[h] + box.size[h]]
+        ys += [box.start[v], box.start[v] + box.size[v]]
+    for point in scene.points:
+        in_plane = abs(point.position[n] - (at + 0.5)) <= 1.0
+        colour = colours[point.group]
+        ax.plot(point.position[h], point.position[v], marker="o", markersize=4 if point.label else 2.5,
+                markerfacecolor=colour if in_plane else "none", markeredgecolor=colour, linestyle="none")
+        if point.label:
+            ax.text(point.position[h] + 1, point.position[v] + 1, point.label, color=colour, fontsize=6)
+        xs.append(point.position[h])
+        ys.append(point.position[v])
+    pad = 2.0
+    ax.set_xlim(min(xs) - pad, max(xs) + pad)
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    ax.set_aspect(volume.spacing[v] / volume.spacing[h])  # physical proportions
+    ax.set_xlabel(f"{_AXIS_NAMES[h]} (voxel)", fontsize=6, labelpad=1)
+    ax.set_ylabel(f"{_AXIS_NAMES[v]} (voxel)", fontsize=6, labelpad=1)
+    ax.tick_params(labelsize=5, length=2, pad=1)
+    ax.set_title(f"{plane} plane {_AXIS_NAMES[n]}={at}", fontsize=7)
+    return projected
+
+
+def _scene_rows(scenes: Sequence[PreviewScene], ncols: int) -> list[list[PreviewScene]]:
+    """Scenes packed into rows of at most `ncols` planes, in order (e.g. GVSL's pair side by side)."""
+    rows: list[list[PreviewScene]] = []
+    for scene in scenes:
+        if rows and sum(len(s.planes) for s in rows[-1]) + len(scene.planes) <= ncols:
+            rows[-1].append(scene)
+        else:
+            rows.append([scene])
+    return rows
+
+
+def render_preview(figure: PreviewFigure, volumes: Sequence[VolumeInfo], path: str, ncols: int = 4) -> str:
+    """Draw one sample's PreviewFigure: rows of scenes (their planes), then the images, legend and notes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    rows: list[tuple[str, np.ndarray]] = []
-    for i, sample in enumerate(samples):
-        for key in sorted(sample):
-            for label, vol in _volumes_in(key, sample[key])[:max_views]:
-                rows.append((f"s{i} {label}", vol))
-    if not rows:
-        raise ValueError("the samples hold no 3D views to draw")
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), squeeze=False)
-    for r, (label, vol) in enumerate(rows):
-        x, y, z = (s // 2 for s in vol.shape)
-        planes = {"axial (z)": vol[:, :, z].T, "coronal (y)": vol[:, y, :].T, "sagittal (x)": vol[x, :, :].T}
-        for c, (title, plane) in enumerate(planes.items()):
-            ax = axes[r, c]
-            ax.imshow(plane, cmap="gray", origin="lower")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-            if c == 0:
-                ax.set_ylabel(f"{label}\n{tuple(vol.shape)}", fontsize=7)
-    fig.tight_layout()
+    from rayssl.data.read import StoreReader
+
+    scene_rows = _scene_rows(figure.scenes, ncols)
+    image_rows = -(-len(figure.images) // ncols)
+    height = 3.0 * len(scene_rows) + 2.6 * image_rows + 0.9 + 0.12 * len(figure.notes)
+    fig = plt.figure(figsize=(3.0 * ncols, height), dpi=110, layout="constrained")
+    rows = fig.subfigures(len(scene_rows) + (1 if image_rows else 0), 1, squeeze=False,
+                          height_ratios=[3.0] * len(scene_rows) + ([2.6 * image_rows] if image_rows else []))[:, 0]
+    colours = _colours([figure])
+    readers: dict[str, StoreReader] = {}
+    projected = False
+    for row, scenes in zip(rows, scene_rows):
+        used = sum(len(s.planes) for s in scenes)
+        parts = row.subfigures(1, len(scenes) + (1 if used < ncols else 0), squeeze=False,
+                               width_ratios=[len(s.planes) for s in scenes] + ([ncols - used] if used < ncols else []))[0]
+        for part, scene in zip(parts, scenes):
+            volume = volumes[scene.volume]
+            store = str(volume.extra["store"])
+            reader = readers.setdefault(store, StoreReader(store))
+            part.suptitle(scene.title, fontsize=7.5, fontweight="bold", wrap=True)
+            images = [_plane(reader, volume, plane, int(np.floor(scene.focus[PLANES[plane][2]]))) for plane in scene.planes]
+            # One grey scale for all planes of a scene (a plane of air alone would otherwise show its noise).
+            grey = _display_range(np.concatenate([i.ravel() for i in images]))
+            for c, (plane, image) in enumerate(zip(scene.planes, images)):
+                ax = part.add_subplot(1, len(scene.planes), c + 1)
+                projected |= _draw_scene_plane(ax, scene, volume, image, plane, colours, grey)
+    if image_rows:
+        axes = rows[-1].subplots(image_rows, ncols, squeeze=False).ravel()
+        for ax in axes:
+            ax.set_axis_off()
+        for ax, item in zip(axes, figure.images):
+            image = np.asarray(item.image, dtype=np.float32)
+            lo, hi = item.display_range if item.display_range is not None else _display_range(image)
+            ax.imshow(image.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(item.title, fontsize=6.5)
+    handles = [Line2D([], [], color=colour, linewidth=1.4, label=group) for group, colour in colours.items()]
+    if projected:
+        handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=0.9,
+                              label="dashed: box does not cross this plane (its projection)"))
+    handles.append(Line2D([], [], color="#999999", linestyle=":", linewidth=0.8, label="volume edge"))
+    # The title heads the legend: constrained layout then keeps both above the panels, apart.
+    fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 4), fontsize=6.5, frameon=False,
+               title=figure.title, title_fontproperties={"size": 10, "weight": "bold"})
+    if figure.notes:
+        fig.supxlabel("\n".join(figure.notes), fontsize=6, x=0.01, ha="left")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def preview(cfg: RunConfig, samples: int = 4, out: str = "preview.png", address: str | None = None,
-            ray_init: dict[str, Any] | None = None) -> str:
-    """Stream `samples` samples of `cfg`'s method through Ray Data and draw them."""
+def _jsonable(figure: PreviewFigure) -> dict[str, Any]:
+    """The figure's geometry and facts (images reduced to their titles and shapes)."""
+    out = {
+        "title": figure.title,
+        "scenes": [dataclasses.asdict(s) for s in figure.scenes],
+        "images": [{"title": i.title, "shape": list(np.shape(i.image))} for i in figure.images],
+        "notes": list(figure.notes),
+        "facts": figure.facts,
+    }
+    return json.loads(json.dumps(out, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def sample_paths(out: str, n: int) -> list[str]:
+    """PNG paths of n samples: `out` for the first, `<stem>-<i><ext>` for the others."""
+    stem, ext = os.path.splitext(out)
+    return [out] + [f"{stem}-{i}{ext or '.png'}" for i in range(1, n)]
+
+
+def preview(cfg: RunConfig, samples: int = 1, out: str = "preview.png", address: str | None = None,
+            ray_init: dict[str, Any] | None = None, model: Any = None, run: str | None = None) -> list[str]:
+    """Stream `samples` samples of `cfg`'s method through Ray Data and draw each one's geometry.
+
+    Each sample's plan is rebuilt on the driver from its sample index (plans are deterministic in
+    (seed, sample)), and the method's `preview_geometry` turns plan + views (+ `model`, if given,
+    or the model of run folder `run`'s newest checkpoint) into boxes, points and images. Writes one PNG per sample and `<stem>.json` with the geometry
+    of all of them; returns the PNG paths.
+    """
     from rayssl.data.pipeline import build_dataset
+    from rayssl.data.plan import Planner
     from rayssl.data.volumes import check_volumes_in_split, load_volumes
     from rayssl.methods import get_method_class
     from rayssl.train.trainer import ensure_ray, resolve_store
 
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
     method = get_method_class(cfg.method)(cfg.method_cfg())
+    model_note = ""
+    if run is not None and model is None:
+        from rayssl.train.checkpoint import load_newest_state
+
+        state = load_newest_state(run)
+        if state is None:
+            raise FileNotFoundError(f"run folder {run} has no complete checkpoint_*/ to take the model from")
+        model = method.build_model()
+        model.load_state_dict(state["model"])  # strict: a config that does not match the run fails here
+        model_note = f"Model: {run}, checkpoint of step {int(state.get('step', -1))}."
     store = resolve_store(cfg)
     ensure_ray(address, **(ray_init or {}))
     volumes = method.prepare(store, load_volumes(store, cfg.data.split))
@@ -74,9 +235,23 @@ def preview(cfg: RunConfig, samples: int = 4, out: str = "preview.png", address:
                        actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
                        on_error=cfg.data.on_error, read_dtype=method.read_dtype)
     t0 = time.perf_counter()
-    rows = ds.take(samples)
+    rows = sorted(ds.take(samples), key=lambda row: int(row["sample"]))
     print(f"[rayssl] {len(rows)} {cfg.method} samples streamed from {store} in {time.perf_counter() - t0:.1f} s "
           f"(includes pipeline start-up)")
     for key, value in rows[0].items():
         print(f"  {key}: {getattr(value, 'shape', ())} {getattr(value, 'dtype', type(value).__name__)}")
-    return render_montage([{k: np.asarray(v) for k, v in r.items()} for r in rows], out)
+    planner = Planner(volumes, method.plan, seed=cfg.seed)  # the same plans the data actors made
+    paths, records = [], []
+    for row, path in zip(rows, sample_paths(out, len(rows))):
+        sample = int(row["sample"])
+        _, _, requests, _ = planner.plan_requests(sample)
+        views = {k: np.asarray(v) for k, v in row.items() if k != "sample"}
+        figure = method.preview_geometry(volumes, requests, views, model=model)
+        figure.title = f"{figure.title} (sample {sample}, seed {cfg.seed})"
+        if model_note:
+            figure.notes.append(model_note)
+        paths.append(render_preview(figure, volumes, path))
+        records.append({"sample": sample, "png": path, **_jsonable(figure)})
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump({"method": cfg.method, "store": store, "samples": records}, f, indent=1)
+    return paths

@@ -26,7 +26,7 @@ TINY = {
 
 def make_run(root, method, step=2):
     """A finished run folder as the training loop leaves it (config.yaml, a checkpoint, export/), without Ray."""
-    from rayssl.train.checkpoint import write_checkpoint_dir
+    from rayssl.checkpoint import write_checkpoint_dir
     from rayssl.train.loop import _export
     from rayssl.train.runfolder import start_run_folder
 

@@ -15,7 +15,7 @@ from helpers import load_export
 from rayssl.data.read import read_box
 from rayssl.methods import get_method_class
 from rayssl.methods.base import ReadRequest, VolumeInfo
-from rayssl.methods.mlsscl import MLSSCL, MLSSCLConfig, MLSSCLModel
+from rayssl.methods.mlsscl import ONLINE_VIEWS, MLSSCL, MLSSCLConfig, MLSSCLModel
 from rayssl.nn.contrastive import info_nce
 from rayssl.nn.momentum import cosine_momentum
 
@@ -147,6 +147,7 @@ class TestViews:
         first = int(z[0, 0, 0])
         assert np.array_equal(z, np.broadcast_to(first + 2 * k, z.shape))
         assert z0 <= first and first + 2 * 3 <= z0 + 3 * 3
+        assert int(views["short_offset"]) == first - z0  # what `rayssl preview` draws
         assert np.array_equal(x, np.broadcast_to(x0 + i, x.shape))
         assert np.array_equal(y, np.broadcast_to(y0 + j, y.shape))
 
@@ -157,6 +158,7 @@ class TestViews:
         x, y, z = decode(views["short"][0])
         x0, y0, z0 = requests[3].start
         assert np.array_equal(z[:, 0, 0], z0 + 2 * np.arange(4))
+        assert int(views["short_offset"]) == 0
         assert np.array_equal(x[0, :, 0], x0 + np.arange(12))
 
     def test_intensity_ct_window_and_mr_percentiles(self):
@@ -165,11 +167,11 @@ class TestViews:
         volume[10:15] = 1000.0
         ct = make_method(augment=False, intensity="auto")
         views, _ = sample_views(ct, volume, volume_info(volume, modality="CT", background=-1024.0), 0)
-        values = np.unique(np.concatenate([v.ravel() for v in views.values()]))
+        values = np.unique(np.concatenate([views[v].ravel() for v in ONLINE_VIEWS]))
         assert set(np.round(values, 6)) <= {0.0, 0.5, 1.0}
         mr = make_method(augment=False, intensity="mr")
         views, _ = sample_views(mr, coordinate_volume(), volume_info(coordinate_volume()), 0)
-        stacked = np.concatenate([v.ravel() for v in views.values()])
+        stacked = np.concatenate([views[v].ravel() for v in ONLINE_VIEWS])
         assert stacked.min() >= 0.0 and stacked.max() <= 1.0 and stacked.max() > 0.9
 
     def test_auto_intensity_without_plan_uses_data_rule(self):
@@ -177,7 +179,7 @@ class TestViews:
         crops = [np.full(s, -1000.0, np.float32) for s in [(12, 12, 10), (12, 10, 12), (10, 12, 12)]]
         requests = [ReadRequest(volume=5, start=(0, 0, 0), size=c.shape) for c in crops]
         views = method.views(crops, requests, np.random.default_rng(0))
-        assert all(np.allclose(v, 0.0) for v in views.values())  # HU window: air -> 0
+        assert all(np.allclose(views[v], 0.0) for v in ONLINE_VIEWS)  # HU window: air -> 0
 
     def test_prepare_carries_intensity_mode_to_a_pickled_views(self):
         # The data actors run `views` of a pickled copy made after `prepare`, never `plan`.
@@ -196,8 +198,10 @@ class TestViews:
         volume = np.random.default_rng(0).normal(size=(30, 30, 30)).astype(np.float32)
         a, _ = sample_views(method, volume, volume_info(volume), 7)
         b, _ = sample_views(method, volume, volume_info(volume), 7)
+        assert set(a) == {*ONLINE_VIEWS, "short_offset"}
         for name in a:
-            assert a[name].shape == (1, 4, 12, 12) and a[name].dtype == np.float32
+            if name in ONLINE_VIEWS:
+                assert a[name].shape == (1, 4, 12, 12) and a[name].dtype == np.float32
             np.testing.assert_array_equal(a[name], b[name])
 
 

@@ -166,21 +166,6 @@ def test_missing_store_is_explained(tmp_path):
         load_volumes(str(tmp_path / "nowhere.zarr"))
 
 
-def test_preview_draws_streamed_views(ray_local, demo_store_path, tmp_path):
-    from PIL import Image
-
-    from rayssl.config import resolve_config
-    from rayssl.preview import preview
-
-    cfg = resolve_config(method="voco", profile="cpu", overrides=[
-        f"data.store={demo_store_path}", "data.split=all", "n_x=2", "n_y=2", "region_size=[64,64,32]",
-        "input_size=32", "data.actors_max=1"])
-    path = preview(cfg, samples=2, out=str(tmp_path / "preview.png"))
-    image = Image.open(path)
-    assert image.size[0] > 200 and image.size[1] > 400  # 3 planes x (2 samples x 6 crops) rows
-    assert len(set(image.convert("L").getdata())) > 20  # real image content, not a blank canvas
-
-
 def test_data_actors_keep_freed_memory_for_reuse():
     """glibc's mallopt accepts the settings (data actors call this at start; see keep_freed_memory).
     In a child process: the setting lasts for the life of the process that makes it."""

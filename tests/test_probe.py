@@ -23,7 +23,7 @@ TINY_VOCO = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_r
 
 def make_run(root, step=3, export=True):
     """A run folder as the training loop leaves it (config.yaml, one checkpoint, export/), without Ray."""
-    from rayssl.train.checkpoint import write_checkpoint_dir
+    from rayssl.checkpoint import write_checkpoint_dir
     from rayssl.train.loop import _export
     from rayssl.train.runfolder import start_run_folder
 
@@ -149,6 +149,9 @@ class TestFeatures:
         mlsscl = get_method_class("mlsscl").config_cls()  # auto: CT stored as float was scaled at conversion
         scaled_ct = VolumeInfo(**{**ct.__dict__, "extra": {"dtype": "float32"}})
         np.testing.assert_allclose(intensity_scaler("mlsscl", mlsscl)(image * 0 + 0.25, scaled_ct).ravel(), [0.25, 0.25])
+        gvsl = get_method_class("gvsl").config_cls(intensity="stored_2048")  # the paper: stored [0, 2048] / 2048
+        stored = np.array([-5.0, 1024.0, 4096.0], dtype=np.float32).reshape(3, 1, 1)
+        np.testing.assert_allclose(intensity_scaler("gvsl", gvsl)(stored, ct).ravel(), [0.0, 0.5, 1.0])
 
 
 class TestProbes:
@@ -297,7 +300,7 @@ class TestConfidenceIntervals:
 def test_probes_with_different_seeds_agree_within_their_intervals(run_dir, demo_store_path):
     """The default repeat count is large enough that the same probe under two seeds gives overlapping
     intervals for the pretrained score, the random score and the gain."""
-    from rayssl.eval.probe import run_probe
+    from rayssl.eval.report import run_probe
 
     reports = [run_probe(run_dir, store=str(demo_store_path), write=False,
                          cfg=ProbeConfig(fractions=(0.3,), crops_per_volume=6, seed=seed, eval_on="crops",

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from rayssl.config import resolve_config
-from rayssl.train.checkpoint import complete_checkpoints, latest_checkpoint_step, load_newest_state
+from rayssl.checkpoint import complete_checkpoints, latest_checkpoint_step, load_newest_state
 from rayssl.train.trainer import pretrain
 
 from helpers import MLSSCL_TINY, corrupt_volume
@@ -58,7 +58,7 @@ def test_resume_picks_the_newest_complete_checkpoint_never_a_partial_one(tmp_pat
 
     import torch
 
-    from rayssl.train.checkpoint import write_checkpoint_dir
+    from rayssl.checkpoint import write_checkpoint_dir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -64,6 +64,10 @@ def test_mlflow_run_is_continued_after_resume(tracked_run):
     assert {"loss.png", "summary.json", "config.yaml", "export"} <= artifacts
     assert {a.path for a in client.list_artifacts(first_id, "export")} == {"export/backbone.pt", "export/model_card.json"}
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    # Artifacts sit beside the local database, never in ./mlruns of whatever folder the run started from.
+    root = os.path.dirname(uri.removeprefix("sqlite:///"))
+    assert client.get_experiment(run.info.experiment_id).artifact_location.startswith(f"file://{root}/mlartifacts")
+    assert os.path.exists(os.path.join(root, "mlartifacts"))
 
 
 @pytest.mark.slow

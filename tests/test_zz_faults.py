@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from rayssl.config import resolve_config
-from rayssl.train.checkpoint import latest_checkpoint_step, load_checkpoint_dir
+from rayssl.checkpoint import latest_checkpoint_step, load_checkpoint_dir
 from rayssl.train.trainer import PlacementError, pretrain
 
 from helpers import free_ports

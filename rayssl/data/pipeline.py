@@ -13,7 +13,7 @@ import ray
 from rayssl.data.plan import Planner, PlanFn
 from rayssl.data.read import StoreReader
 from rayssl.data.storage import storage_runtime_env
-from rayssl.methods.base import ReadRequest, VolumeInfo
+from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,7 @@ class ViewBuilder:
     def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, views_fn: ViewsFn, seed: int = 0,
                  samples_per_volume: int = 1, on_error: str = "raise", ledger: Any = None,
                  read_dtype: str | None = "float32", measure_cpu: bool = False,
-                 repeats: np.ndarray | None = None) -> None:
+                 repeats: np.ndarray | None = None, samples_per_step: int | None = None) -> None:
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             keep_freed_memory()  # a data actor process of its own (not a driver building views in-process)
         self.volumes = list(volumes)
@@ -93,7 +93,8 @@ class ViewBuilder:
         self.measure_cpu = measure_cpu
         self.plan_fn = plan_fn
         self.views_fn = views_fn
-        self.planner = Planner(self.volumes, plan_fn, seed=seed, samples_per_volume=samples_per_volume, repeats=repeats)
+        self.planner = Planner(self.volumes, plan_fn, seed=seed, samples_per_volume=samples_per_volume, repeats=repeats,
+                               samples_per_step=samples_per_step)
         self.on_error = on_error
         self.ledger = ledger
         self.readers: dict[str, StoreReader] = {}
@@ -128,7 +129,7 @@ class ViewBuilder:
         """Views of global sample index `sample` (planned here, deterministically)."""
         cpu_start = time.process_time()
         _, volume, requests, seed = self.planner.plan_requests(sample)
-        views = self._build_or_skip(requests, seed, volume)
+        views = self._build_or_skip(requests, seed, volume, self.planner.step_info(sample))
         views["sample"] = np.int64(sample)
         if self.measure_cpu:  # the trainer's data-stall report turns this into cores needed per worker
             views[BUILD_CPU_COLUMN] = np.float64(time.process_time() - cpu_start)
@@ -140,7 +141,8 @@ class ViewBuilder:
             return {k: np.asarray(v)[None] for k, v in samples[0].items()}
         return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
-    def _build_or_skip(self, requests: list[ReadRequest], seed: int, volume: int) -> dict[str, np.ndarray]:
+    def _build_or_skip(self, requests: list[ReadRequest], seed: int, volume: int,
+                       step: StepInfo | None = None) -> dict[str, np.ndarray]:
         last_error: Exception | None = None
         for attempt in range(len(self.volumes)):
             if volume not in self.bad_volumes:
@@ -158,7 +160,7 @@ class ViewBuilder:
             # Re-plan this sample on the next volume, deterministically.
             volume = (volume + 1) % len(self.volumes)
             rng = np.random.default_rng([seed, attempt + 1])
-            requests = self.plan_fn(self.volumes, volume, rng)
+            requests = self.planner.call_plan(volume, rng, step)  # same step: a step-shared choice holds
             seed = int(rng.integers(0, 2**62))
         raise RuntimeError(f"on_error=skip: every volume failed; last error: {last_error}") from last_error
 
@@ -180,6 +182,8 @@ def build_dataset(
     read_dtype: str | None = "float32",
     measure_cpu: bool = False,
     repeats: np.ndarray | None = None,
+    samples_per_step: int | None = None,
+    micro_batch: int | None = None,
 ) -> "ray.data.Dataset":
     """Ray Dataset of views for samples [start_sample, start_sample + num_samples).
 
@@ -188,6 +192,13 @@ def build_dataset(
     Consume it one sample at a time with `iter_samples` (views of the blocks, no copy) or in
     batches with Ray's `iter_torch_batches` (docs/streaming.md). `measure_cpu=True` adds a column
     `build_cpu_s`: the data actor's CPU seconds spent planning, reading and building each sample.
+
+    Step-shared plans (`samples_per_step` G = micro_batch x ranks x accumulate, `micro_batch` = the
+    per-rank batch): samples [k*G, (k+1)*G) are planned as optimizer step k, and the stream leaves
+    in blocks of exactly `micro_batch` consecutive samples. Ray Train's split (`equal=True`,
+    `preserve_order`) hands each block, in order, to the rank with the fewest rows so far: with
+    equal blocks that is rank i % W for block i, so rank r's m-th micro-batch is block m*W + r and
+    optimizer step k gets exactly samples [k*G, (k+1)*G) on every rank (tests/test_landmark_batches.py).
     """
     if num_samples <= 0:
         raise ValueError(f"num_samples must be > 0, got {num_samples}")
@@ -195,6 +206,13 @@ def build_dataset(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not volumes:
         raise ValueError("no volumes to sample from: the manifest (or the chosen split) is empty")
+    if samples_per_step is not None:
+        if micro_batch is None or micro_batch < 1 or samples_per_step % micro_batch:
+            raise ValueError(f"step-shared plans need a micro_batch that divides samples_per_step "
+                             f"({samples_per_step}), got {micro_batch}")
+        if start_sample % samples_per_step or num_samples % samples_per_step:
+            raise ValueError(f"step-shared plans need start_sample ({start_sample}) and num_samples "
+                             f"({num_samples}) to be whole steps of {samples_per_step} samples")
     # Sample indices live in the driver's object store (no read tasks, which would each want a CPU
     # next to the training workers); the actors plan them.
     ids = np.arange(start_sample, start_sample + num_samples, dtype=np.int64)
@@ -209,13 +227,18 @@ def build_dataset(
         ViewBuilder,
         fn_constructor_kwargs=dict(volumes=list(volumes), plan_fn=plan_fn, views_fn=views_fn, seed=seed,
                                    samples_per_volume=samples_per_volume, on_error=on_error, ledger=ledger,
-                                   read_dtype=read_dtype, measure_cpu=measure_cpu, repeats=repeats),
+                                   read_dtype=read_dtype, measure_cpu=measure_cpu, repeats=repeats,
+                                   samples_per_step=samples_per_step),
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_cpus=actor_cpus,
         batch_size=samples_per_call,
         batch_format="numpy",
         **({"runtime_env": runtime_env} if runtime_env else {}),
     )
+    if samples_per_step is not None:
+        # Exactly micro_batch rows per block, in order (strict: no short block but the last), so
+        # the split deals whole micro-batches round-robin (see above).
+        ds = ds.repartition(target_num_rows_per_block=micro_batch, strict=True)
     return ds
 
 

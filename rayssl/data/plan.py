@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rayssl.methods.base import ReadRequest, VolumeInfo
+from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo
 
 ARRAY_CODES = {"image": 0, "label": 1, "mask": 2}
 ARRAY_NAMES = {v: k for k, v in ARRAY_CODES.items()}
@@ -57,12 +57,14 @@ class Planner:
 
     Sample i belongs to epoch i // samples_per_epoch; its primary volume comes from that epoch's
     shuffled order; the method's `plan` picks its boxes with an RNG seeded by (seed, epoch, volume
-    id, position). The same (seed, volumes) always gives the same plans, so a resumed run that
-    starts at sample s sees exactly the samples an uninterrupted run would.
+    id, position). With `samples_per_step` G, the plan also gets the sample's optimizer step
+    (index // G), so a step-shared choice (DrasCLR's landmark) is one per step. The same (seed,
+    volumes) always gives the same plans, so a resumed run that starts at sample s sees exactly the
+    samples an uninterrupted run would.
     """
 
     def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, seed: int, samples_per_volume: int = 1,
-                 repeats: np.ndarray | None = None) -> None:
+                 repeats: np.ndarray | None = None, samples_per_step: int | None = None) -> None:
         if not volumes:
             raise ValueError("no volumes to sample from: the manifest (or the chosen split) is empty")
         self.volumes = list(volumes)
@@ -72,7 +74,24 @@ class Planner:
         self.repeats = None if repeats is None else np.asarray(repeats, dtype=np.int64)
         self.samples_per_epoch = (len(self.volumes) * self.samples_per_volume if self.repeats is None
                                   else int(self.repeats.sum()))
+        if samples_per_step is not None and samples_per_step < 1:
+            raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}")
+        self.samples_per_step = samples_per_step
         self._orders: dict[int, np.ndarray] = {}
+
+    def step_info(self, sample: int) -> StepInfo | None:
+        """The optimizer step of global sample `sample` (samples [k*G, (k+1)*G) make step k, G =
+        samples_per_step), or None when plans are not step-shared."""
+        if self.samples_per_step is None:
+            return None
+        return StepInfo(step=int(sample) // self.samples_per_step, samples_per_step=self.samples_per_step,
+                        seed=self.seed)
+
+    def call_plan(self, volume: int, rng: np.random.Generator, step: StepInfo | None) -> list[ReadRequest]:
+        """The method's plan for one sample; `step=` only for step-shared plans."""
+        if step is None:
+            return list(self.plan_fn(self.volumes, volume, rng))
+        return list(self.plan_fn(self.volumes, volume, rng, step=step))  # type: ignore[call-arg]
 
     def plan(self, sample: int) -> tuple[int, int, np.ndarray, int]:
         """(epoch, primary volume, encoded requests, views seed) of global sample index `sample`:
@@ -88,6 +107,6 @@ class Planner:
                                                self.repeats)}
         volume = int(self._orders[epoch][position])
         rng = sample_rng(self.seed, epoch, self.volumes[volume].id, position)
-        requests = self.plan_fn(self.volumes, volume, rng)
+        requests = self.call_plan(volume, rng, self.step_info(sample))
         views_seed = int(rng.integers(0, 2**62))
-        return epoch, volume, list(requests), views_seed
+        return epoch, volume, requests, views_seed

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rayssl.methods.base import VolumeInfo
+from rayssl.data.types import VolumeInfo
 
 
 def store_key(store: str) -> str:

@@ -10,7 +10,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from rayssl.methods.base import VolumeInfo
+from rayssl.data.types import VolumeInfo
 
 _BASE_COLUMNS = {"id", "store", "group", "shape", "spacing", "bbox", "background", "modality", "has_label", "has_mask"}
 

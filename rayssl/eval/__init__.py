@@ -2,7 +2,8 @@
 
 from rayssl.eval.features import FeatureNet, RunWeights, build_network, intensity_scaler, load_run_weights
 from rayssl.eval.finetune import FinetuneConfig, run_finetune
-from rayssl.eval.probe import ProbeConfig, ProbeData, ProbeReport, load_probe_data, probe_score, run_probe
+from rayssl.eval.probe import ProbeConfig, ProbeData, load_probe_data, probe_score
+from rayssl.eval.report import ProbeReport, run_probe
 
 __all__ = [
     "FeatureNet", "FinetuneConfig", "ProbeConfig", "ProbeData", "ProbeReport", "RunWeights", "build_network",

@@ -16,7 +16,7 @@ from torch import nn
 from rayssl.config import RunConfig, resolve_config
 from rayssl.methods import MethodConfig, VolumeInfo, get_method_class
 from rayssl.nn.backbones import global_pool
-from rayssl.train.checkpoint import META_FILE, STATE_FILE, load_checkpoint_dir
+from rayssl.checkpoint import complete_checkpoints, load_checkpoint_dir
 
 # Networks a model card may name: rebuilding one imports its module, so only these packages are trusted.
 _TRUSTED_PACKAGES = ("monai.", "rayssl.")
@@ -69,20 +69,6 @@ def _run_config(run_dir: str, card: dict[str, Any] | None = None) -> RunConfig |
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"stop_after": None})})
 
 
-def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint of a run folder, by step."""
-    found = []
-    if not os.path.isdir(run_dir):
-        return found
-    for entry in os.listdir(run_dir):
-        path = os.path.join(run_dir, entry)
-        meta = os.path.join(path, META_FILE)
-        if entry.startswith("checkpoint") and os.path.exists(meta) and os.path.exists(os.path.join(path, STATE_FILE)):
-            with open(meta) as f:
-                found.append((int(json.load(f)["step"]), path))
-    return sorted(found)
-
-
 def export_folder(run_dir: str) -> str:
     """Where a run's export lives: `run_dir/export`, or `run_dir` itself when it is an export folder
     (backbone.pt + model_card.json, e.g. a sweep's `best/`)."""
@@ -112,12 +98,16 @@ def load_run_weights(run_dir: str, source: str = "auto", checkpoint: str | None 
             card = json.load(f)
         state = torch.load(os.path.join(export_dir, card.get("weights", "backbone.pt")), map_location="cpu",
                            weights_only=True)
+        # Exports hold every key of the network; those the method did not pretrain are at a seeded init
+        # (the card's "initialized" group). Evaluation keeps only the pretrained ones, as from a checkpoint.
+        initialized = tuple(card.get("key_groups", {}).get("initialized", []))
+        state = {k: v for k, v in state.items() if not (initialized and k.startswith(initialized))}
         return RunWeights(method=card["method"], network=card["network"], network_kwargs=dict(card["network_kwargs"]),
                           state_dict=state, key_groups=card.get("key_groups", {}), source="export",
                           step=card.get("steps"), run_config=_run_config(run_dir, card), card=card)
 
     if checkpoint is None:
-        found = checkpoint_dirs(run_dir)
+        found = sorted(complete_checkpoints(run_dir))
         if not found:
             raise FileNotFoundError(f"{run_dir} has neither export/backbone.pt nor a complete checkpoint_*/ folder")
         step, checkpoint = found[-1]
@@ -295,64 +285,9 @@ def sample_levels(levels: Sequence[torch.Tensor], size: Sequence[int], points: l
 IntensityFn = Callable[[np.ndarray, VolumeInfo], np.ndarray]
 
 
-def _window(image: np.ndarray, low: float, high: float) -> np.ndarray:
-    return np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-
-
-def _percentiles(image: np.ndarray, lower: float, upper: float) -> np.ndarray:
-    low, high = (float(v) for v in np.percentile(image, (lower, upper)))
-    if high <= low:
-        return np.zeros(image.shape, dtype=np.float32)
-    return _window(image, low, high)
-
-
-def _stored_in_hu(image: np.ndarray, volume: VolumeInfo) -> bool:
-    dtype = str(volume.extra.get("dtype", ""))
-    if dtype:
-        return volume.modality.upper() == "CT" and not dtype.startswith("float")
-    return volume.modality.upper() == "CT" and float(image.min()) <= -500.0
-
-
 def intensity_scaler(method: str, config: MethodConfig) -> IntensityFn:
-    """Map a whole volume in stored units to the network's input range, as the method's views do.
-
-    The rule follows the method config's fields: `intensity` ("ct_window"/"ct" = the `ct_window`
-    HU window to [0, 1]; "percentile"/"mr" = its percentiles to [0, 1]; "none" = unchanged; "auto"
-    = the window for CT stored in HU, unchanged for CT scaled at conversion, percentiles otherwise).
-    DrasCLR maps its fixed HU window to [-1, 1] (`rayssl.methods.drasclr.scale_intensity`).
-    Percentiles are taken over the whole volume (methods take them over a crop).
-    """
-    if method == "drasclr":
-        from rayssl.methods.drasclr import CT_WINDOW, scale_intensity
-
-        def drasclr_scale(image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
-            if _stored_in_hu(image, volume):
-                return scale_intensity(image, CT_WINDOW)
-            low, high = (float(v) for v in np.percentile(image, (0.5, 99.5)))
-            return scale_intensity(image, (low, max(high, low + 1e-6)))
-
-        return drasclr_scale
-
-    mode = getattr(config, "intensity", "auto")
-    window = tuple(getattr(config, "ct_window", (-1000.0, 1000.0)))
-    pct = tuple(getattr(config, "percentiles", None) or getattr(config, "mr_percentiles", None) or (0.5, 99.5))
-
-    def scale(image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
-        chosen = mode
-        if chosen == "auto":
-            if _stored_in_hu(image, volume):
-                chosen = "ct"
-            elif volume.modality.upper() == "CT":
-                chosen = "none"
-            else:
-                chosen = "percentile"
-        if chosen in ("ct_window", "ct"):
-            return _window(image, *window)
-        if chosen in ("percentile", "mr"):
-            return _percentiles(image, *pct)
-        return image.astype(np.float32, copy=False)
-
-    return scale
+    """The method's own mapping of a volume in stored units to its network input (`Method.input_intensity`)."""
+    return get_method_class(method)(config).input_intensity
 
 
 def round_up(value: int, multiple: int) -> int:

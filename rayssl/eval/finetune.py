@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayssl.eval.features import SEGMENTATION_NETWORKS, FeatureNet, RunWeights, build_network
-
-if TYPE_CHECKING:
-    from rayssl.eval.probe import ProbeSetup
+from rayssl.eval.probe import ProbeSetup, dice_per_class, fraction_subset, summarise_dice
 
 
 @dataclass
@@ -82,7 +80,7 @@ def segmentation_network(weights: RunWeights, num_classes: int, pretrained: bool
     return LevelSumHead(features, channels, num_classes)
 
 
-def _crops(setup: "ProbeSetup", indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _crops(setup: ProbeSetup, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     from rayssl.data.read import read_box
 
     pool, size = setup.fit_pool, (setup.patch,) * 3
@@ -93,12 +91,10 @@ def _crops(setup: "ProbeSetup", indices: np.ndarray) -> tuple[torch.Tensor, torc
     return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(labels)[:, None])
 
 
-def finetune_once(setup: "ProbeSetup", cfg: FinetuneConfig, fraction: float, pretrained: bool) -> dict[str, Any]:
+def finetune_once(setup: ProbeSetup, cfg: FinetuneConfig, fraction: float, pretrained: bool) -> dict[str, Any]:
     """Train one network on one label fraction, then score it on the eval volumes."""
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
-
-    from rayssl.eval.probe import dice_per_class, fraction_subset, summarise_dice
 
     t0 = time.perf_counter()
     data = setup.data
@@ -140,7 +136,7 @@ def finetune_once(setup: "ProbeSetup", cfg: FinetuneConfig, fraction: float, pre
             "time_s": round(time.perf_counter() - t0, 2)}
 
 
-def run_finetune(setup: "ProbeSetup", cfg: FinetuneConfig, baseline: bool = True) -> list[dict[str, Any]]:
+def run_finetune(setup: ProbeSetup, cfg: FinetuneConfig, baseline: bool = True) -> list[dict[str, Any]]:
     """Rows for every label fraction: pretrained, and (baseline=True) random init."""
     rows = []
     for fraction in cfg.fractions or setup.cfg.fractions:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo  # noqa: F401 - StepInfo: plan()'s step argument
 
 
 class MethodConfig(BaseModel):
@@ -18,33 +20,38 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-@dataclass(frozen=True)
-class VolumeInfo:
-    """What a planner may know about a volume without reading it (one manifest row)."""
-
-    index: int  # row in the manifest
-    id: str
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    bbox: tuple[int, int, int, int, int, int]  # foreground box, half-open [x0,y0,z0,x1,y1,z1]
-    background: float  # value of voxels read outside the volume
-    modality: str
-    has_label: bool = False
-    has_mask: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)  # other manifest columns
+def _window(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
-@dataclass(frozen=True)
-class ReadRequest:
-    """One box to read: voxels [start, start+size) of `array` of volume `volume` (manifest row).
+def _percentile_window(image: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    low, high = (float(v) for v in np.percentile(image, (lower, upper)))
+    if high <= low:
+        return np.zeros(image.shape, dtype=np.float32)
+    return _window(image, low, high)
 
-    Boxes may reach outside the volume; outside voxels read as the volume's background value.
-    """
 
-    volume: int
-    start: tuple[int, int, int]
-    size: tuple[int, int, int]
-    array: str = "image"
+def stored_in_hu(image: np.ndarray, volume: VolumeInfo) -> bool:
+    """True for CT kept in HU (the store's integer dtype, or air far below -500 when the manifest has no dtype)."""
+    dtype = str(volume.extra.get("dtype", ""))
+    if dtype:
+        return volume.modality.upper() == "CT" and not dtype.startswith("float")
+    return volume.modality.upper() == "CT" and float(image.min()) <= -500.0
+
+
+def config_intensity(image: np.ndarray, volume: VolumeInfo, config: MethodConfig) -> np.ndarray:
+    """Stored units -> network input by a config's `intensity` field ("ct_window"/"ct": its `ct_window`
+    HU window to [0, 1]; "percentile"/"mr": its percentiles to [0, 1]; "none": unchanged; "auto":
+    the window for CT in HU, unchanged for CT scaled at conversion, percentiles otherwise)."""
+    mode = getattr(config, "intensity", "auto")
+    if mode == "auto":
+        mode = "ct" if stored_in_hu(image, volume) else ("none" if volume.modality.upper() == "CT" else "percentile")
+    if mode in ("ct_window", "ct"):
+        return _window(image, *tuple(getattr(config, "ct_window", (-1000.0, 1000.0))))
+    if mode in ("percentile", "mr"):
+        pct = getattr(config, "percentiles", None) or getattr(config, "mr_percentiles", None) or (0.5, 99.5)
+        return _percentile_window(image, *tuple(pct))
+    return image.astype(np.float32, copy=False)
 
 
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -61,6 +68,85 @@ class ExportedBackbone:
     network_kwargs: dict[str, Any]
     key_groups: dict[str, list[str]]  # e.g. {"encoder": [...prefixes], "stem": [...], "input_projection": [...]}
     notes: str = ""
+
+
+Vec3 = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class PreviewBox:
+    """A box to outline in a preview, in voxel coordinates of its scene's volume: [start, start+size).
+
+    `group` names what the box is (legend entry, one colour per group), `label` tags it in a corner,
+    `note` is written in its centre (e.g. overlap fractions). `slices` = (axis, positions): the
+    planes along `axis` a clip actually takes (drawn as lines across the box).
+    """
+
+    start: Vec3
+    size: Vec3
+    group: str
+    label: str = ""
+    note: str = ""
+    slices: tuple[int, tuple[float, ...]] | None = None
+    linewidth: float = 1.4
+
+
+@dataclass(frozen=True)
+class PreviewPoint:
+    """A point to mark in a preview, in voxel coordinates of its scene's volume."""
+
+    position: Vec3
+    group: str
+    label: str = ""
+
+
+@dataclass
+class PreviewScene:
+    """A volume (manifest row `volume`) drawn in orthogonal planes through `focus`, with boxes and points."""
+
+    volume: int
+    title: str
+    focus: Vec3
+    boxes: list[PreviewBox] = field(default_factory=list)
+    points: list[PreviewPoint] = field(default_factory=list)
+    planes: tuple[str, ...] = ("axial", "coronal", "sagittal")
+
+
+@dataclass
+class PreviewImage:
+    """A 2D image beside the scenes (a view, a mosaic): indexed [horizontal, vertical] like the planes."""
+
+    title: str
+    image: np.ndarray
+    display_range: tuple[float, float] | None = None  # grey-level range; None = the image's own percentiles
+
+
+@dataclass
+class PreviewFigure:
+    """What `Method.preview_geometry` returns for one sample: scenes on volumes, images, notes, and
+    JSON-able `facts` (the numbers behind the drawing, written beside the PNG for checking)."""
+
+    title: str
+    scenes: list[PreviewScene] = field(default_factory=list)
+    images: list[PreviewImage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def mid_slice(array: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The middle 2D slice of the last three dims of `array` (leading dims of size 1 dropped) across `axis`."""
+    vol = np.asarray(array, dtype=np.float32).reshape(array.shape[-3:])
+    return np.take(vol, vol.shape[axis] // 2, axis=axis)
+
+
+def request_box(request: ReadRequest, group: str, label: str = "", note: str = "") -> PreviewBox:
+    """A read request as a preview box."""
+    return PreviewBox(tuple(float(v) for v in request.start), tuple(float(v) for v in request.size),  # type: ignore[arg-type]
+                      group, label, note)
+
+
+def box_centre(start: Sequence[float], size: Sequence[float]) -> Vec3:
+    return tuple(float(a) + float(b) / 2.0 for a, b in zip(start, size))  # type: ignore[return-value]
 
 
 class Method(ABC):
@@ -87,6 +173,13 @@ class Method(ABC):
     # HU), for methods that convert per piece and would otherwise copy a whole region twice.
     read_dtype: ClassVar[str | None] = "float32"
 
+    @property
+    def step_shared_plans(self) -> bool:
+        """True when `plan` takes `step: StepInfo` and every sample of one optimizer step, on every
+        rank, must share what it draws from it (DrasCLR's landmark per batch). The trainer then
+        plans with the step and streams micro-batch blocks that Ray Train deals to ranks in turn."""
+        return False
+
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
@@ -99,11 +192,21 @@ class Method(ABC):
     # ---- CPU side -------------------------------------------------------------------------
     @abstractmethod
     def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
-        """Boxes to read for one sample whose primary volume is `volumes[index]`."""
+        """Boxes to read for one sample whose primary volume is `volumes[index]`.
+
+        Methods with `step_shared_plans` also take `step: StepInfo | None` (None outside training:
+        preview, streaming)."""
 
     @abstractmethod
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Build the sample's views from the crops read for `requests` (in `read_dtype`, same order)."""
+
+    def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
+        """`image` (a whole volume or a crop, in stored units) mapped to the network's input range as
+        this method's views map it. Every probe (`rayssl probe`, the online probe, Tune) uses it, so a
+        backbone is evaluated on the intensities it was pretrained on. Percentile rules take their
+        percentiles over `image` (views take them over a crop). Default: `config_intensity`."""
+        return config_intensity(image, volume, self.config)
 
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
         """Raise ValueError naming a volume this method cannot use (before any worker starts)."""
@@ -117,6 +220,26 @@ class Method(ABC):
         records the resolved config, so its model card and a resumed run use the same choice.
         """
         return list(volumes)
+
+    def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
+                         views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
+        """What `rayssl preview` draws for one streamed sample: `requests` is the sample's plan and
+        `views` what `views` built from it; `model` (if given) may be run on the views.
+
+        The default outlines the read boxes on the primary volume and shows the middle slice of
+        every 3D float view; methods override it to show their own geometry.
+        """
+        first = requests[0]
+        scene = PreviewScene(first.volume, f"volume {volumes[first.volume].id}: boxes read for this sample",
+                             box_centre(first.start, first.size),
+                             boxes=[request_box(r, "read box", f"{i}") for i, r in enumerate(requests)])
+        images = []
+        for key in sorted(views):
+            value = np.asarray(views[key])
+            if value.ndim >= 3 and np.issubdtype(value.dtype, np.floating):
+                for idx in list(np.ndindex(*value.shape[:-3]))[:4]:
+                    images.append(PreviewImage(f"{key}{list(idx) if idx else ''} (middle slice)", mid_slice(value[idx])))
+        return PreviewFigure(f"{self.name}: read boxes and views", [scene], images[:12])
 
     # ---- model side -----------------------------------------------------------------------
     @abstractmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, Sequence
@@ -14,7 +15,23 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from rayssl.data.read import read_box
-from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo, cpu_state_dict
+from rayssl.methods.base import (
+    ExportedBackbone,
+    Method,
+    MethodConfig,
+    PreviewBox,
+    PreviewFigure,
+    PreviewImage,
+    PreviewPoint,
+    PreviewScene,
+    ReadRequest,
+    StepInfo,
+    VolumeInfo,
+    cpu_state_dict,
+    mid_slice,
+    request_box,
+    stored_in_hu,
+)
 from rayssl.nn.condconv import LocCondConv3d
 from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat, is_distributed
@@ -54,6 +71,12 @@ class DrasCLRConfig(MethodConfig):
         description="a grid patch becomes a landmark when more than this fraction lies in the atlas mask",
     )
     n_neighbors: int = Field(2, ge=1, le=26, description="neighbouring landmarks per sample (paper: 2)")
+    landmark_sampling: Literal["per_batch", "per_sample"] = Field(
+        "per_batch", description="per_batch: every sample of an optimizer step, on every rank, shares one landmark, "
+        "kept for landmark_hold_steps steps (official: one landmark at a time); per_sample: each sample draws its own")
+    landmark_hold_steps: int | None = Field(
+        None, ge=1, description="per_batch: consecutive optimizer steps on one landmark before the next; None = "
+        "one pass over the volumes, ceil(volumes / effective batch) (the official sub-epoch)")
     spacing_mm: float | None = Field(
         None, gt=0.0, description="voxel size every volume must have (paper: 1 mm isotropic), so a patch covers "
         "the same tissue everywhere; None = any spacing, but one shared by all volumes")
@@ -327,12 +350,31 @@ def landmark_starts(positions: np.ndarray, patch_size: int) -> np.ndarray:
     return np.rint(np.asarray(positions, dtype=np.float64)).astype(np.int64) - patch_size // 2
 
 
+def _shuffled_landmarks(seed: int, cycle: int, n_landmarks: int) -> np.ndarray:
+    return np.random.default_rng([seed, cycle, 0x1A4D]).permutation(n_landmarks)
+
+
+@functools.lru_cache(maxsize=4)
+def _landmark_cycle(seed: int, cycle: int, n_landmarks: int) -> np.ndarray:
+    """Landmark order of one cycle (a seeded permutation); its first landmark is never the previous
+    cycle's last, so no landmark gets two turns in a row."""
+    if n_landmarks <= 2:
+        return np.arange(n_landmarks)
+    order = _shuffled_landmarks(seed, cycle, n_landmarks)
+    # The swap below only touches positions 0 and 1, so the previous cycle's last is its shuffle's last.
+    if cycle > 0 and order[0] == _shuffled_landmarks(seed, cycle - 1, n_landmarks)[-1]:
+        order[[0, 1]] = order[[1, 0]]
+    order.flags.writeable = False
+    return order
+
+
 class DrasCLR(Method):
     """DrasCLR: local (same landmark, two augmentations) and neighbouring contrast, per-landmark queues.
 
     Data: `prepare` computes lung masks, registers every volume to an atlas (affine, mask to mask)
     and places landmarks on a grid of overlapping patches inside the atlas lung; each sample is a
-    random landmark j of a subject: two augmented views of the patch at j, the patches at j's
+    landmark j of a subject (by default one j per optimizer step, shared by every rank, as the
+    official training; `landmark_sampling`): two augmented views of the patch at j, the patches at j's
     nearest landmarks, and the atlas coordinates that condition the Loc-CondConv encoder.
     Loss: L = L_local + β L_neighbor, negatives from the memory-bank queue of landmark j only.
     """
@@ -345,6 +387,9 @@ class DrasCLR(Method):
         "patch_size": 32, "landmark_step": 26, "n_neighbors": 2, "spacing_mm": 1.0, "widths": (8, 16, 32, 64, 128),
         "rep_dim": 128, "proj_dim": 128, "num_experts": 8, "queue_size": 4096, "momentum": 0.999,
         "temperature": 0.2, "neighbor_weight": 1.0,
+        # train.py trains one landmark at a time: num_iter_sub_epoch = iterations / num_patch steps of
+        # all subjects at patch_idx, then the next (data/copd_patch.py set_patch_idx).
+        "landmark_sampling": "per_batch", "landmark_hold_steps": None,
         # One official epoch visits every landmark of every subject (581 on the official atlas).
         "data": {"samples_per_volume": 581},
         # SGD(lr 0.01, momentum 0.9, weight decay 1e-4), cosine over 20 epochs, no warm-up, batch 128
@@ -360,6 +405,7 @@ class DrasCLR(Method):
             "patch_size": 16, "landmark_step": 8, "n_neighbors": 2, "spacing_mm": None, "widths": (4, 8, 16, 32, 64),
             "rep_dim": 64, "proj_dim": 64, "num_experts": 4, "queue_size": 32, "queue_dtype": "float32",
             "momentum": 0.99, "temperature": 0.2, "neighbor_weight": 1.0,
+            "landmark_sampling": "per_batch", "landmark_hold_steps": None,
             "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine",
                       "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
                       "steps": 40, "grad_clip": 1.0, "amp": True},
@@ -462,8 +508,37 @@ class DrasCLR(Method):
         self._anatomy = anatomy
 
     # ---- CPU side -------------------------------------------------------------------------
-    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
-        """Patch at a random landmark j of `volumes[index]`, then the patches at j's nearest landmarks."""
+    @property
+    def step_shared_plans(self) -> bool:
+        return self.config.landmark_sampling == "per_batch"
+
+    def landmark_hold(self, n_volumes: int, samples_per_step: int) -> int:
+        """Optimizer steps one landmark is kept for (per_batch): the configured value, or one pass over
+        the volumes, as the official sub-epoch (all subjects at one landmark, then the next)."""
+        if self.config.landmark_hold_steps is not None:
+            return self.config.landmark_hold_steps
+        return max(1, math.ceil(n_volumes / samples_per_step))
+
+    def step_landmark(self, step: StepInfo, n_landmarks: int, n_volumes: int) -> int:
+        """The landmark of every sample of optimizer step `step` (per_batch).
+
+        Steps go in runs of `landmark_hold` steps; run g takes landmark perm_c[g mod L] with
+        c = g // L and perm_c a permutation of the L landmarks seeded by (run seed, c): every
+        landmark one turn per cycle, in a shuffled order (the official code goes through 0..L-1).
+        """
+        run = step.step // self.landmark_hold(n_volumes, step.samples_per_step)
+        cycle, position = divmod(run, n_landmarks)
+        return int(_landmark_cycle(step.seed, cycle, n_landmarks)[position])
+
+    def plan(
+        self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator, step: StepInfo | None = None
+    ) -> list[ReadRequest]:
+        """Patch at landmark j of `volumes[index]`, then the patches at j's nearest landmarks.
+
+        j is the step's landmark (`step_landmark`) when landmarks are drawn per batch and the
+        trainer gives the step; otherwise (per_sample, or outside training: preview, streaming)
+        a random landmark of this sample.
+        """
         volume = volumes[index]
         if EXTRA_POSITIONS not in volume.extra:
             raise ValueError(
@@ -471,7 +546,9 @@ class DrasCLR(Method):
             )
         positions = np.asarray(volume.extra[EXTRA_POSITIONS])
         neighbors = np.asarray(volume.extra[EXTRA_NEIGHBORS])
-        j = int(rng.integers(len(positions)))
+        j = int(rng.integers(len(positions)))  # drawn in both modes: the rng stream stays the same
+        if step is not None and self.step_shared_plans:
+            j = self.step_landmark(step, len(positions), len(volumes))
         starts = landmark_starts(positions[[j, *neighbors[j]]], self.config.patch_size)
         size = (self.config.patch_size,) * 3
         return [ReadRequest(volume=volume.index, start=tuple(int(s) for s in start), size=size) for start in starts]
@@ -530,6 +607,10 @@ class DrasCLR(Method):
         out = augment(x)
         return np.asarray(out.detach().cpu().numpy() if torch.is_tensor(out) else out, dtype=np.float32)
 
+    def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
+        """As the views: CT in HU through the paper's window to [-1, 1], other data by its 0.5-99.5 percentiles."""
+        return scale_intensity(image, CT_WINDOW if stored_in_hu(image, volume) else _robust_window(image))
+
     def views(
         self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
@@ -563,6 +644,62 @@ class DrasCLR(Method):
             "landmark": np.asarray(j, dtype=np.int64),
             "n_landmarks": np.asarray(len(anatomy.atlas_coords), dtype=np.int64),
         }
+
+    def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
+                         views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
+        """The sample's landmark patch and its neighbours' patches on the subject, and the same
+        landmarks among all landmarks of the atlas (where the Loc-CondConv coordinates come from)."""
+        cfg = self.config
+        j = int(np.asarray(views["landmark"]).reshape(-1)[0])
+        subject = volumes[requests[0].volume]
+        neighbors = [int(n) for n in np.asarray(subject.extra[EXTRA_NEIGHBORS])[j]]
+        positions = np.asarray(subject.extra[EXTRA_POSITIONS], dtype=np.float64)
+        coords = np.asarray(subject.extra[EXTRA_ATLAS_COORDS], dtype=np.float64)
+        # Neighbours first, so the landmark's patch is drawn on top where they overlap.
+        boxes = [request_box(r, "neighbour patches", f"n={n}") for n, r in zip(neighbors, requests[1:])]
+        boxes.append(request_box(requests[0], "landmark patch", f"j={j}"))
+        # Centres as the patches are cut (landmark_starts rounds), so points sit in their boxes.
+        def centre(i: int) -> tuple[float, float, float]:
+            return tuple(float(v) for v in np.rint(positions[i]))  # type: ignore[return-value]
+
+        points = [PreviewPoint(centre(n), "neighbour patches") for n in neighbors]
+        points.append(PreviewPoint(centre(j), "landmark patch"))
+        scenes = [PreviewScene(subject.index, f"subject {subject.id}: landmark {j} of {len(positions)} and its "
+                               f"{len(neighbors)} nearest landmarks (atlas distance), {cfg.patch_size}^3 patches",
+                               centre(j), boxes, points)]
+        atlas_id = str(subject.extra.get("atlas", cfg.atlas))
+        atlas = next((v for v in volumes if v.id == atlas_id), None)
+        notes = [f"Atlas coordinates (Loc-CondConv input, [-1, 1]): landmark {j} at "
+                 f"({', '.join(f'{v:+.2f}' for v in coords[j])}). Landmarks come from a grid of step {cfg.landmark_step} "
+                 f"in the atlas {cfg.mask} mask, mapped to each subject by its affine registration "
+                 f"(Dice {float(subject.extra.get('atlas_dice', float('nan'))):.2f})."]
+        atlas_points: list[list[float]] = []
+        if atlas is not None:
+            # Atlas voxel centres from the scaled coordinates: c = (coord + 1) (shape - 1) / 2.
+            centres = (coords + 1.0) * (np.maximum(np.asarray(atlas.shape, dtype=np.float64) - 1.0, 1.0)) / 2.0
+            atlas_points = centres.tolist()
+            pts = [PreviewPoint(tuple(float(v) for v in c), "atlas landmarks") for i, c in enumerate(centres)
+                   if i != j and i not in neighbors]
+            pts += [PreviewPoint(tuple(float(v) for v in centres[n]), "neighbour patches", f"{n}") for n in neighbors]
+            pts += [PreviewPoint(tuple(float(v) for v in centres[j]), "landmark patch", f"{j}")]
+            half = cfg.patch_size / 2.0
+            atlas_boxes = [PreviewBox(tuple(float(v) - half for v in centres[i]), (float(cfg.patch_size),) * 3,  # type: ignore[arg-type]
+                                      "landmark patch" if i == j else "neighbour patches") for i in [*neighbors, j]]
+            scenes.append(PreviewScene(atlas.index, f"atlas {atlas.id}: all {len(centres)} landmarks (small dots), "
+                                       f"landmark {j} and its neighbours", tuple(float(v) for v in centres[j]),  # type: ignore[arg-type]
+                                       atlas_boxes, pts))
+        else:
+            notes.append(f"The atlas {atlas_id!r} is not in this split, so it is not drawn.")
+        unit = (-1.0, 1.0)  # views are scaled to [-1, 1]: one grey scale for all
+        images = [PreviewImage("view_q: landmark patch, augmentation 1\n(middle axial slice)", mid_slice(views["view_q"]), unit),
+                  PreviewImage("view_k: landmark patch, augmentation 2\n(middle axial slice)", mid_slice(views["view_k"]), unit)]
+        for i, n in enumerate(neighbors):
+            images.append(PreviewImage(f"neighbour patch {n} (jointly augmented)\n(middle axial slice)",
+                                       mid_slice(np.asarray(views["neighbors"])[i]), unit))
+        facts = {"landmark": j, "neighbors": neighbors, "n_landmarks": int(len(positions)),
+                 "subject_centres": {str(i): list(centre(i)) for i in [j, *neighbors]},
+                 "atlas": atlas_id, "atlas_centres": atlas_points, "patch_size": cfg.patch_size}
+        return PreviewFigure("DrasCLR: a landmark, its neighbours and the atlas", scenes, images, notes, facts)
 
     # ---- model side -------------------------------------------------------------------------
     def build_model(self) -> DrasCLRModel:
@@ -612,7 +749,8 @@ class DrasCLR(Method):
         assert self._enqueued is not None
         self._enqueued.index_add_(0, ids.to(self._enqueued.device), torch.ones_like(ids, device=self._enqueued.device))
         filled = self._enqueued.clamp(max=self._bank.length).float().mean() / self._bank.length
-        return {"bank_fill": float(filled)}
+        # Distinct landmarks in this optimizer step over all ranks and micro-batches: 1 with per_batch.
+        return {"bank_fill": float(filled), "step_landmarks": float(ids.unique().numel())}
 
     def state_dict(self) -> dict[str, Any]:
         if self._bank is None:
@@ -666,6 +804,9 @@ class DrasCLR(Method):
             "voxel spacing": f"{c.spacing_mm:g} mm isotropic" if c.spacing_mm is not None else "any, shared by all volumes",
             "landmark grid step": str(c.landmark_step),
             "neighbours": str(c.n_neighbors),
+            "landmark sampling": "one per sample" if c.landmark_sampling == "per_sample" else (
+                "one per optimizer step, kept ceil(volumes / effective batch) steps" if c.landmark_hold_steps is None
+                else f"one per optimizer step, kept {c.landmark_hold_steps} steps"),
             "loss form": f"L_local + {c.neighbor_weight:g} L_neighbor",
             "temperature": f"{c.temperature:g}",
             "queue size": f"{c.queue_size} per landmark",

@@ -16,7 +16,20 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from rayssl.data.genesis import genesis_corrupt
-from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo, cpu_state_dict
+from rayssl.methods.base import (
+    ExportedBackbone,
+    Method,
+    MethodConfig,
+    PreviewFigure,
+    PreviewImage,
+    PreviewScene,
+    ReadRequest,
+    VolumeInfo,
+    box_centre,
+    cpu_state_dict,
+    mid_slice,
+    request_box,
+)
 from rayssl.nn.backbones import global_pool
 from rayssl.nn.spatial import (
     N_AFFINE_PARAMS,
@@ -390,6 +403,11 @@ class GVSL(Method):
         cfg = self.config
         return [_pair_box(volumes[i], cfg.crop_fraction, cfg.bbox_margin, position) for i in (index, other)]
 
+    def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
+        """The views' own scaling (`intensity`, including the paper's stored [0, 2048] / 2048)."""
+        cfg = self.config
+        return _scale_intensity(image, _intensity_mode(volume, cfg.intensity), tuple(cfg.ct_window), tuple(cfg.percentiles))
+
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest],
               rng: np.random.Generator) -> dict[str, np.ndarray]:
         """image_a (clean x_A), image_a_corrupted (Models Genesis), image_b: each [1, *input_size] in [0, 1]."""
@@ -436,6 +454,46 @@ class GVSL(Method):
         transform.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
         out = transform(torch.from_numpy(stacked))
         return np.asarray(torch.as_tensor(out), dtype=np.float32)
+
+    def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
+                         views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
+        """The pair's boxes on both volumes; x_A, its Models Genesis corruption, x_B, and x_B warped
+        onto x_A by `model` (a freshly initialised GVSLModel when none is given)."""
+        cfg = self.config
+        a, b = (volumes[r.volume] for r in requests)
+        scenes = [PreviewScene(r.volume, f"{name}: volume {v.id}, box read (same relative position "
+                               f"in its foreground box{', whole box' if cfg.crop_fraction == 1 else ''})",
+                               box_centre(r.start, r.size), [request_box(r, group)], planes=("axial", "coronal"))
+                  for name, group, v, r in (("x_A (fixed)", "box of x_A", a, requests[0]),
+                                            ("x_B (moving)", "box of x_B", b, requests[1]))]
+        trained = model is not None
+        if model is None:
+            torch.manual_seed(0)
+            model = self.build_model()
+        model.eval()
+        batch = {k: torch.from_numpy(np.array(views[k], dtype=np.float32))[None]
+                 for k in ("image_a", "image_a_corrupted", "image_b")}
+        with torch.no_grad():
+            outputs = model(batch)
+        warped = outputs["warped"][0].numpy()
+        flow = outputs["flow"][0].numpy()
+        ncc = lambda x, y: float(np.corrcoef(x.ravel(), y.ravel())[0, 1])  # noqa: E731 - global NCC, for the title
+        a_img, b_img = views["image_a"], views["image_b"]
+        who = "the given model" if trained else "a freshly initialised model (untrained: near identity)"
+        unit = (0.0, 1.0)  # every view is in [0, 1]: one grey scale for all, so they compare
+        images = [PreviewImage("x_A (fixed)\nafter the shared spatial augmentation", mid_slice(a_img), unit),
+                  PreviewImage("x_A corrupted (Models Genesis)\nbackbone input; restoration target: x_A",
+                               mid_slice(views["image_a_corrupted"]), unit),
+                  PreviewImage(f"x_B (moving), same spatial augmentation\nNCC(x_B, x_A) = {ncc(b_img, a_img):.3f}",
+                               mid_slice(b_img), unit),
+                  PreviewImage(f"x_B warped onto x_A by\n{who}\nNCC(warped, x_A) = {ncc(warped, a_img):.3f}, "
+                               f"max |DVF| = {np.abs(flow).max():.2f} voxels", mid_slice(warped), unit)]
+        notes = ["Images: middle axial slice of each view ({} voxels after resize). The loss: NCC(warped x_B, x_A) + "
+                 "smoothness of the DVF + restoration of x_A from its corruption.".format("x".join(map(str, cfg.input_size)))]
+        facts = {"pair": [a.id, b.id], "boxes": [{"start": list(r.start), "size": list(r.size)} for r in requests],
+                 "model": "given" if trained else "fresh", "max_abs_flow_voxels": float(np.abs(flow).max())}
+        return PreviewFigure("GVSL: a pair of different volumes, the corrupted input and the warped moving image",
+                             scenes, images, notes, facts)
 
     # ---- model side -----------------------------------------------------------------------
     def build_model(self) -> nn.Module:

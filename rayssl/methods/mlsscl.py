@@ -73,7 +73,19 @@ from monai.transforms import (
 from pydantic import Field, model_validator
 from torch import nn
 
-from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo, cpu_state_dict
+from rayssl.methods.base import (
+    ExportedBackbone,
+    Method,
+    MethodConfig,
+    PreviewBox,
+    PreviewFigure,
+    PreviewImage,
+    PreviewScene,
+    ReadRequest,
+    VolumeInfo,
+    box_centre,
+    cpu_state_dict,
+)
 from rayssl.nn.backbones import ResNetEncoder, UNetEncoder, global_pool
 from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat
@@ -309,7 +321,8 @@ class MLSSCL(Method):
         return "mr"
 
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Four clips [1, C, H, W] float32: "axial" (= long), "coronal", "sagittal", "short"."""
+        """Four clips [1, C, H, W] float32: "axial" (= long), "coronal", "sagittal", "short"; and
+        "short_offset" (int64): the short clip's first slice, counted from the start of its read box."""
         cfg = self.config
         expected = 4 if cfg.short_clip_placement == "anywhere" else 3
         if len(crops) != expected:
@@ -328,6 +341,7 @@ class MLSSCL(Method):
             offset = int(rng.integers(0, self._span(long_stride) - short_span + 1))
             short = axial_crop[:, :, offset:offset + short_span:short_stride]
         else:
+            offset = 0
             short = crops[3][:, :, ::short_stride]
         clips["short"] = np.moveaxis(short, 2, 0)
         out = {}
@@ -336,7 +350,44 @@ class MLSSCL(Method):
             if clip.shape[0] != cfg.clip_length:
                 raise ValueError(f"{name} clip has {clip.shape[0]} slices, expected {cfg.clip_length}")
             out[name] = self._augment(np.ascontiguousarray(clip, dtype=np.float32), rng)[None]
+        # First slice of the short clip inside its box (the long clip's box when inside_long), in
+        # slices along z: where the short clip sits, for `rayssl preview` and tests.
+        out["short_offset"] = np.asarray(offset, dtype=np.int64)
         return out
+
+    def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
+                         views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
+        """The three view clips and the short clip on the volume: each read box, with the slices the
+        clip takes drawn across it (stride δL for the view clips, δS for the short clip)."""
+        cfg = self.config
+        C, long_stride, short_stride = cfg.clip_length, cfg.long_stride, cfg.short_stride
+        boxes = []
+        for (view, axis), request in zip(VIEW_AXES.items(), requests):
+            slices = tuple(float(request.start[axis] + i * long_stride) for i in range(C))
+            boxes.append(PreviewBox(tuple(float(v) for v in request.start), tuple(float(v) for v in request.size),  # type: ignore[arg-type]
+                                    f"{view} clip" + (" (= long clip)" if view == "axial" else ""), view,
+                                    slices=(axis, slices)))
+        offset = int(np.asarray(views["short_offset"]).reshape(-1)[0])
+        base = requests[0] if cfg.short_clip_placement == "inside_long" else requests[3]
+        short_start = (base.start[0], base.start[1], base.start[2] + offset)
+        short_size = (base.size[0], base.size[1], self._span(short_stride))
+        boxes.append(PreviewBox(tuple(float(v) for v in short_start), tuple(float(v) for v in short_size),  # type: ignore[arg-type]
+                                "short clip", "short",
+                                slices=(2, tuple(float(short_start[2] + i * short_stride) for i in range(C)))))
+        volume = volumes[requests[0].volume]
+        scene = PreviewScene(requests[0].volume, f"volume {volume.id}: {C}-slice clips, long stride δL={long_stride}, "
+                             f"short stride δS={short_stride} (short clip {cfg.short_clip_placement})",
+                             box_centre(requests[0].start, requests[0].size), boxes)
+        images = [PreviewImage(f"{view} clip, slice {C // 2} of {C}\n(augmented, {cfg.image_size}^2)",
+                               np.asarray(views[view], dtype=np.float32)[0, C // 2]) for view in ONLINE_VIEWS]
+        notes = [f"Boxes are the voxels read for each clip; lines across a box are the {C} slices the clip takes. "
+                 "In-plane, each clip is then randomly cropped and resized (augmentation), so a view shows part of its window.",
+                 "The short clip (δS) predicts the long axial clip (δL): L_long_short; the three views contrast each other: L_multiview."]
+        facts = {"clip_boxes": {view: {"start": list(r.start), "size": list(r.size)} for view, r in zip(VIEW_AXES, requests)},
+                 "short_box": {"start": list(short_start), "size": list(short_size)}, "short_offset": offset,
+                 "placement": cfg.short_clip_placement, "clip_length": C, "long_stride": long_stride,
+                 "short_stride": short_stride}
+        return PreviewFigure("MLSSCL: three view clips and the short clip", [scene], images, notes, facts)
 
     def _normalise_intensity(self, crops: list[np.ndarray], requests: list[ReadRequest]) -> list[np.ndarray]:
         cfg = self.config

@@ -82,7 +82,20 @@ from monai.transforms import (
 from pydantic import Field, model_validator
 from torch import nn
 
-from rayssl.methods.base import ExportedBackbone, Method, MethodConfig, ReadRequest, VolumeInfo, cpu_state_dict
+from rayssl.methods.base import (
+    ExportedBackbone,
+    Method,
+    MethodConfig,
+    PreviewBox,
+    PreviewFigure,
+    PreviewImage,
+    PreviewScene,
+    ReadRequest,
+    VolumeInfo,
+    box_centre,
+    cpu_state_dict,
+    mid_slice,
+)
 from rayssl.nn.backbones import SwinViTEncoder, UNetEncoder, global_pool
 from rayssl.nn.momentum import make_momentum_copy, momentum_update
 
@@ -605,6 +618,55 @@ class VoCo(Method):
             "labels": labels,
             "random_starts": starts.astype(np.int64),
         }
+
+    def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
+                         views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
+        """The region on its volume with the base grid and the random crops, each base crop noting
+        the overlap labels (fraction of random crop r inside it) that `views` computed."""
+        c = self.config
+        region = requests[0]
+        # Region voxels -> volume voxels (foreground_resize: the read box was resized to region_size).
+        scale = np.asarray(region.size, dtype=np.float64) / np.asarray(c.region_size, dtype=np.float64)
+        origin = np.asarray(region.start, dtype=np.float64)
+
+        def to_volume(start: Sequence[int], size: Sequence[int]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+            return (tuple(float(v) for v in origin + np.asarray(start) * scale),
+                    tuple(float(v) for v in np.asarray(size) * scale))
+
+        labels = np.asarray(views["labels"], dtype=np.float64)
+        starts = np.asarray(views["random_starts"], dtype=np.int64)
+        boxes = []
+        for i, (start, size) in enumerate(base_boxes(c.region_size, c.grid)):
+            note = "\n".join(f"r{r} {labels[r, i]:.2f}" for r in range(len(labels)) if labels[r, i] > 0)
+            boxes.append(PreviewBox(*to_volume(start, size), "base crop", f"b{i}", note))  # type: ignore[arg-type]
+        # The region's outline over the grid's outer edges, the random crops on top.
+        boxes.append(PreviewBox(*to_volume((0, 0, 0), c.region_size), "region", linewidth=2.5))  # type: ignore[arg-type]
+        for r, start in enumerate(starts):
+            boxes.append(PreviewBox(*to_volume(start, c.base_size), "random crop", f"r{r}"))  # type: ignore[arg-type]
+        volume = volumes[region.volume]
+        scene = PreviewScene(region.volume, f"volume {volume.id}: region {tuple(c.region_size)} ({c.region_mode}), "
+                             f"{'x'.join(map(str, c.grid))} base crops, {len(starts)} random crops",
+                             box_centre(*to_volume((0, 0, 0), c.region_size)), boxes, planes=("axial", "coronal"))
+        images = []
+        nx, ny, nz = c.grid
+        d = c.input_size
+        mosaic = np.zeros((nx * d, ny * d), dtype=np.float32)
+        for i in range(nx):
+            for j in range(ny):
+                mosaic[i * d:(i + 1) * d, j * d:(j + 1) * d] = mid_slice(views["bases"][(i * ny + j) * nz + nz // 2])
+        images.append(PreviewImage(f"base crops as streamed, z layer {nz // 2} (each resized to {d}^3\n"
+                                   f"and augmented on its own: flips, rot90)", mosaic))
+        for r in range(len(starts)):
+            top = np.argsort(-labels[r])[:3]
+            text = ", ".join(f"b{i} {labels[r, i]:.2f}" for i in top if labels[r, i] > 0)
+            images.append(PreviewImage(f"random crop r{r} (middle slice)\nlabels: {text}", mid_slice(views["randoms"][r])))
+        notes = [f"Overlap label of random crop r with base crop b = fraction of r's voxels inside b (rows sum to 1); "
+                 f"written inside each base crop. Crops of {c.base_size} region voxels, resized to {d}^3.",
+                 "Parts of the region outside the volume read as the volume's background value (padding)."]
+        facts = {"region": {"start": list(origin), "size": [float(v) for v in np.asarray(region.size, dtype=float)]},
+                 "region_size": list(c.region_size), "grid": list(c.grid), "base_size": list(c.base_size),
+                 "random_starts_in_region": starts.tolist(), "labels": labels.tolist()}
+        return PreviewFigure("VoCo: base crops and random crops of one region", [scene], images, notes, facts)
 
     # ---- model side ---------------------------------------------------------------------------
     def build_model(self) -> VoCoModel:

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from rayssl.config import RunConfig
 from rayssl.export import complete_state, export_card, write_export
 from rayssl.methods import get_method_class
-from rayssl.train.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
+from rayssl.nn.health import collapse_warnings, representation_health
+from rayssl.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
 from rayssl.train.optim import accumulate_gradients, build_optimizer, build_scheduler, effective_batch
 from rayssl.train.stall import DataWaitMeter, SteadyEta
 
@@ -167,6 +168,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_metrics: dict[str, float] = {}
     micro_batches: list[dict[str, torch.Tensor]] = []
     data_wait, eta = DataWaitMeter(world_size=world), SteadyEta()
+    last_warnings: list[str] = []
+    reports_since_warning = 0
     for batch in data_wait.timed(batches):
         if to_skip > 0:
             to_skip -= 1
@@ -230,6 +233,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = {k: float(v.detach()) for k, v in losses.items()}
             metrics.update({k: float(v) for k, v in extra.items()})
             metrics.update(data_wait.window(elapsed, samples_window))
+            embeddings = method.embeddings(outputs)  # the same keys on every rank: same method, same batch size
+            metrics.update(representation_health(embeddings) if embeddings is not None else {})
             metrics = _mean_across_ranks(metrics)
             metrics.update({
                 "step": step, "epoch": step * effective_batch(tc) // max(1, int(loop_config.get("samples_per_epoch", 1))),
@@ -264,6 +269,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                           actors_max=cfg.data.actors_max)
                 if advice:
                     _say(f"[rayssl] warning: {advice}")
+                warnings = collapse_warnings({k: v for k, v in metrics.items() if k.startswith("health_")})
+                # Said when it starts or changes, and again every 10 reports while it lasts.
+                if warnings and (warnings != last_warnings or reports_since_warning >= 10):
+                    for warning in warnings:
+                        _say(f"[rayssl] warning: step {step}: {warning}")
+                    reports_since_warning = 0
+                reports_since_warning += 1
+                last_warnings = warnings
             # The local copy goes once uploaded: otherwise every checkpoint stays in the node's /tmp
             # (a paper-size model + AdamW state is ~0.75 GB each).
             ray.train.report(metrics, checkpoint=ckpt_obj, delete_local_checkpoint_after_upload=True)

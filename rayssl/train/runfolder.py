@@ -82,8 +82,19 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str]) -> str | None:
-    """loss.png: the total loss and each term against the step."""
+def smooth(values: list[float], alpha: float = 0.2) -> list[float]:
+    """Exponential moving average (bias-corrected, so the first points are not pulled towards 0)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = alpha * value + (1 - alpha) * average
+        out.append(average / (1 - (1 - alpha) ** i))
+    return out
+
+
+def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str],
+                online_probe: dict[str, Any] | None = None) -> str | None:
+    """loss.png: the loss (raw and smoothed) and each term against the step; throughput and data
+    wait; and, with an online probe, the probe score against the step beside its random-init line."""
     if not metrics:
         return None
     import matplotlib
@@ -91,16 +102,19 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    probed = bool(online_probe and online_probe.get("points"))
     steps = [m["step"] for m in metrics]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].plot(steps, [m["loss"] for m in metrics], label="loss", color="black")
+    fig, axes = plt.subplots(1, 3 if probed else 2, figsize=(16 if probed else 11, 4))
+    losses = [m["loss"] for m in metrics]
+    axes[0].plot(steps, losses, color="black", alpha=0.25, linewidth=1, label="loss (raw)")
+    axes[0].plot(steps, smooth(losses), color="black", linewidth=2, label="loss (smoothed)")
     for key in loss_keys:
         if key != "loss":
-            axes[0].plot(steps, [m.get(key) for m in metrics], label=key, alpha=0.8)
+            axes[0].plot(steps, smooth([m.get(key, float("nan")) for m in metrics]), label=f"{key} (smoothed)", alpha=0.8)
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("loss")
     axes[0].set_title("training loss")
-    axes[0].legend()
+    axes[0].legend(fontsize="small")
     axes[1].plot(steps, [m.get("crops_per_s", 0) for m in metrics], label="crops/s")
     axes[1].plot(steps, [m.get("samples_per_s", 0) for m in metrics], label="samples/s")
     axes[1].set_xlabel("step")
@@ -117,6 +131,17 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
         extra_handles, extra_labels = wait_axis.get_legend_handles_labels()
         handles, labels = handles + extra_handles, labels + extra_labels
     axes[1].legend(handles, labels)
+    if probed:
+        points = online_probe["points"]
+        axes[2].plot([p["step"] for p in points], [p["score"] for p in points], "o-", color="tab:blue",
+                     label="pretrained")
+        if online_probe.get("random_init") is not None:
+            axes[2].axhline(online_probe["random_init"], color="tab:gray", linestyle="--", label="random init")
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel(online_probe.get("metric") or "probe score")
+        axes[2].set_title(f"linear probe on {posixpath.basename(str(online_probe.get('store', ''))).removesuffix('.zarr')}")
+        axes[2].set_xlim(0, max(steps) * 1.05)
+        axes[2].legend()
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -127,15 +152,18 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
 
 _NON_LOSS = {"step", "epoch", "lr", "grad_norm", "samples_per_s", "crops_per_s", "step_time_s",
              "worker_peak_rss_mb", "time_s", "data_wait_pct", "data_wait_s", "compute_s", "data_cpu_s_per_sample",
-             "data_cores_needed", "gpu_peak_mem_mb"}
+             "data_cores_needed", "gpu_peak_mem_mb", "build_cpu_s"}
+# Prefixes of reported values that are not loss terms (representation health, online probe).
+_NON_LOSS_PREFIXES = ("health_", "probe_")
 
 
 def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_memory_mb: float,
                       skipped: dict[str, Any], error: BaseException | None = None,
-                      data: dict[str, Any] | None = None) -> RunResult:
+                      data: dict[str, Any] | None = None, online_probe: dict[str, Any] | None = None) -> RunResult:
     metrics = read_metrics(run_dir)
-    loss_keys = [k for k in (metrics[-1] if metrics else {}) if k not in _NON_LOSS and "momentum" not in k and "fill" not in k]
-    plot_losses(run_dir, metrics, loss_keys)
+    loss_keys = [k for k in (metrics[-1] if metrics else {}) if k not in _NON_LOSS and "momentum" not in k
+                 and "fill" not in k and not k.startswith(_NON_LOSS_PREFIXES)]
+    plot_losses(run_dir, metrics, loss_keys, online_probe)
     last = metrics[-1] if metrics else {}
     status = "failed" if error else ("finished" if last.get("step", 0) >= cfg.train.steps else "stopped")
     exported = run_file_exists(run_dir, "export", "backbone.pt")
@@ -155,6 +183,7 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         "final_metrics": last,
         "skipped_volumes": skipped,
         "data": data or {},
+        "online_probe": online_probe,
         "exported": exported,
         "host": platform.node(),
     }

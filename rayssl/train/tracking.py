@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 import posixpath
 import tempfile
 import time
@@ -113,6 +114,17 @@ class MlflowRun:
     run_id: str
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts. A local database (sqlite:///path/mlflow.db) would
+    default to ./mlruns in whatever folder the run starts from; keep them beside the database
+    instead (<db folder>/mlartifacts). Servers and file stores keep their own default (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = uri.removeprefix("sqlite:///")
+    folder = os.path.dirname(os.path.abspath(database))
+    return pathlib.Path(folder, "mlartifacts").as_uri()
+
+
 def start_mlflow_run(run_dir: str, cfg: RunConfig, uri: str) -> MlflowRun:
     """Open (or, for a resumed run, reopen) the run's MLflow run and log the resolved config as params."""
     from mlflow.entities import Param
@@ -126,7 +138,8 @@ def start_mlflow_run(run_dir: str, cfg: RunConfig, uri: str) -> MlflowRun:
     else:
         experiment_name = f"rayssl-{cfg.method}"
         experiment = client.get_experiment_by_name(experiment_name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+        experiment_id = (experiment.experiment_id if experiment else
+                         client.create_experiment(experiment_name, artifact_location=_artifact_location(uri)))
         created = client.create_run(experiment_id, run_name=cfg.name,
                                     tags={"rayssl.run_dir": run_dir, "rayssl.method": cfg.method,
                                           "rayssl.profile": str(cfg.profile)})

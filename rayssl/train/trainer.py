@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import posixpath
 import secrets
@@ -22,9 +23,11 @@ from rayssl.data.pipeline import SkipLedger, build_dataset
 from rayssl.data.storage import apply_storage_options
 from rayssl.data.stores import stores_summary, volume_repeats
 from rayssl.data.volumes import check_volumes_in_split, load_volumes, manifest_digest, spacing_summary
+from rayssl.eval.online import OnlineProbe
+from rayssl.eval.online import record as record_online_probe
 from rayssl.methods import get_method_class
 from rayssl.runtime import attach_address, start_or_attach
-from rayssl.train.checkpoint import latest_checkpoint_step
+from rayssl.checkpoint import latest_checkpoint_step
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.optim import describe_batch, effective_batch, resolve_epochs
 from rayssl.train.runfolder import RunResult, finish_run_folder, start_run_folder
@@ -148,7 +151,12 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     weights = [e.weight for e in entries] or [None]
     store = stores[0]  # what single-store code paths (method.prepare, the run README) name
     apply_storage_options(stores, cfg.data.storage_options)
-    ensure_ray(address, **(ray_init or {}))
+    ray_init = dict(ray_init or {})
+    if cfg.eval.probe_store and not attach_address(address) and not ray.is_initialized():
+        # The online probe's task reserves its own CPUs; on a private local runtime they are logical
+        # CPUs on top of the cores, so the probe shares the cores with training instead of waiting for it.
+        ray_init.setdefault("num_cpus", (os.cpu_count() or 1) + math.ceil(cfg.eval.probe_cpus))
+    ensure_ray(address, **ray_init)
     volumes = load_volumes(stores, cfg.data.split)
     check_volumes_in_split(method.check_volumes, volumes, stores, cfg.data.split)
     volumes = method.prepare(store, volumes)
@@ -177,7 +185,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     # node would fail a run that Train itself recovered (cluster work, see docs/cluster.md).
     mlflow_run = start_tracking(run_dir, cfg, mlflow_uri, resumed=bool(resume))
     ledger = SkipLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=True)).remote()
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
     dataset = build_dataset(
         volumes, method.plan, method.views,
@@ -187,6 +195,9 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
         on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
         repeats=(repeats := volume_repeats(volumes, stores, weights, cfg.data.samples_per_volume)),
+        # Step-shared plans (DrasCLR's landmark per batch): samples [k*G, (k+1)*G) are step k on every
+        # rank, streamed in micro-batch blocks that the split below deals to ranks in turn.
+        **({"samples_per_step": global_batch, "micro_batch": tc.batch_size} if method.step_shared_plans else {}),
     )
     per_store = stores_summary(volumes, stores, weights, repeats, cfg.data.samples_per_volume)
     card = {
@@ -216,6 +227,9 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         datasets={"train": dataset},
         dataset_config=data_config,
     )
+    online = OnlineProbe(run_dir, cfg, start_step=start_step) if cfg.eval.probe_store else None
+    if online is not None:
+        online.start()
     watcher = _MemoryWatcher()
     watcher.start()
     error = None
@@ -224,13 +238,17 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     except Exception as err:  # noqa: BLE001 - recorded in the run folder, then re-raised
         error = explain_placement_failure(err, tc, use_gpu) or err
     peak = watcher.stop()
+    probe_summary = None
+    if online is not None:
+        probe_summary = online.finish(failed=error is not None)
+        record_online_probe(run_dir, probe_summary)
     skipped = ray.get(ledger.summary.remote())
     data_failure = ray.get(ledger.failure.remote()) if error is not None else None
     if data_failure is not None:  # the volume and chunk, not Train's truncated traceback of the data actor
         error = DataReadError(f"{data_failure} (data.on_error=raise; --set data.on_error=skip trains on the other "
                               f"volumes and lists the unreadable ones in summary.json)")
     result = finish_run_folder(run_dir, cfg, wall_time_s=time.perf_counter() - t0, peak_memory_mb=peak,
-                               skipped=skipped, error=error, data={"stores": per_store})
+                               skipped=skipped, error=error, data={"stores": per_store}, online_probe=probe_summary)
     if mlflow_run is not None:
         finish_mlflow_run(run_dir, mlflow_run, result.status)
     if error is not None:

@@ -1,0 +1,63 @@
+"""Linear probes during pretraining (`--probe`): Ray tasks on checkpoints, recorded in the run folder."""
+
+import json
+import os
+
+import matplotlib.image
+import pytest
+
+from rayssl.config import resolve_config
+from rayssl.eval.features import load_run_weights
+from rayssl.eval.online import online_probe_config, probe_steps_due
+from rayssl.eval.probe import load_probe_data, probe_score
+from rayssl.train.trainer import pretrain
+
+TINY_VOCO = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random_crops=2",
+             "unet_features=[4,4,8,8,16,4]", "proj_hidden_dim=32", "proj_dim=32",
+             "train.batch_size=1", "data.split=all", "data.actors_max=1"]
+
+
+def test_probe_points_follow_checkpoints_and_the_last_step():
+    cfg = resolve_config(method="voco", profile="cpu", overrides=[
+        "train.steps=50", "train.checkpoint_every=10", "eval.probe_store=demo", "eval.probe_every=20"])
+    assert [s for s in range(1, 51) if probe_steps_due(s, cfg)] == [20, 40, 50]
+    with pytest.raises(ValueError, match="multiple of train.checkpoint_every=10"):
+        resolve_config(method="voco", profile="cpu", overrides=["train.checkpoint_every=10", "eval.probe_every=15"])
+
+
+def test_online_probe_scores_two_checkpoints_against_random_init(ray_local, demo_store_path, tmp_path):
+    cfg = resolve_config(method="voco", profile="cpu", overrides=[
+        f"data.store={demo_store_path}", f"out={tmp_path}", *TINY_VOCO, "train.steps=4", "train.checkpoint_every=2",
+        f"eval.probe_store={demo_store_path}", "eval.probe_crops=4", "name=probed"])
+    result = pretrain(cfg)
+    run = result.run_dir
+    assert result.status == "finished"
+
+    with open(os.path.join(run, "online_probe.json")) as f:
+        online = json.load(f)
+    assert [p["step"] for p in online["points"]] == [2, 4]
+    assert online["metric"] == "dice" and not online["errors"]
+    assert 0.0 <= online["random_init"] <= 1.0
+    for point in online["points"]:
+        assert 0.0 <= point["score"] <= 1.0
+        assert point["gain"] == pytest.approx(point["score"] - online["random_init"])
+
+    # The metrics rows of the probed steps carry the probe; the others do not.
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = {row["step"]: row for row in map(json.loads, f)}
+    assert {s for s, row in rows.items() if "probe_score" in row} == {2, 4}
+    assert rows[4]["probe_random"] == online["random_init"]
+    assert "health_spread" in rows[1] and "health_effective_rank" in rows[1]
+
+    with open(os.path.join(run, "summary.json")) as f:
+        assert json.load(f)["online_probe"]["points"] == online["points"]
+    with open(os.path.join(run, "export", "model_card.json")) as f:
+        assert json.load(f)["online_probe"]["random_init"] == online["random_init"]
+    # loss.png gains a third panel: the probe against the step.
+    assert matplotlib.image.imread(os.path.join(run, "loss.png")).shape[1] == 1600
+
+    # The online score is what `probe_score` (the Tune objective) gives on that checkpoint.
+    probe_cfg = online_probe_config(cfg)
+    data = load_probe_data(str(demo_store_path), fit_fraction=probe_cfg.fit_fraction, seed=probe_cfg.seed)
+    again = probe_score(load_run_weights(run, source="checkpoint"), data, probe_cfg)
+    assert again["probe_score"] == pytest.approx(online["points"][-1]["score"], abs=1e-4)
