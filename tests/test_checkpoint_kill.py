@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rayssl.train.checkpoint import complete_checkpoints
+from rayssl.checkpoint import complete_checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
