@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -345,6 +346,10 @@ def prepare_and_write(store: str | os.PathLike, volume_id: str, scan: ScanVolume
     return attrs
 
 
+# A full disk, an exhausted quota, a file-size limit (RLIMIT_FSIZE): the volume, not the input, failed.
+WRITE_LIMIT_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 def convert_one(job: VolumeJob, store: str, options: ConversionOptions,
                 overwrite: bool = False) -> VolumeResult:
     """Convert one job into `STORE/<id>`, or skip it when the stored copy is current.
@@ -395,6 +400,15 @@ def convert_one(job: VolumeJob, store: str, options: ConversionOptions,
     except MemoryError:
         message = (f"{source}: ran out of memory converting this volume; give the tasks more "
                    "memory or resample it to a coarser spacing.")
+    except OSError as error:
+        if error.errno not in WRITE_LIMIT_ERRNOS:
+            message = (f"{source}: unexpected {type(error).__name__}: {error}\n"
+                       + traceback.format_exc(limit=6))
+        else:  # write_volume already removed its temporary: nothing of this volume is kept
+            message = (f"{source}: writing volume '{job.volume_id}' into {store} failed: "
+                       f"{error.strerror or error} (disk full, quota or file-size limit). Nothing "
+                       "of this volume was kept; free space and run the same conversion again: "
+                       "it converts only what is missing.")
     except Exception as error:  # a bug or an unforeseen file quirk: keep the traceback
         message = (f"{source}: unexpected {type(error).__name__}: {error}\n"
                    + traceback.format_exc(limit=6))

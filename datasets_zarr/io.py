@@ -496,6 +496,10 @@ def validate_volume(volume: ScanVolume) -> None:
     if volume.array.ndim != 3:
         raise ConversionError(
             f"{source}: array has shape {volume.array.shape}; a 3D volume is needed.", path=source)
+    if 0 in volume.array.shape:
+        raise ConversionError(
+            f"{source}: array has shape {volume.array.shape}: an axis of length 0 holds no voxels "
+            "(an empty or truncated export). Export the scan again.", path=source)
     if min(volume.array.shape) < 2:
         raise ConversionError(
             f"{source}: array has shape {volume.array.shape}; a 3D volume needs at least 2 voxels "

@@ -268,7 +268,7 @@ def resolve_config(
     try:
         method_cfg = cfg.method_cfg()
     except ValidationError as err:
-        raise ValueError(_explain(err, method + ".")) from None
+        raise ValueError(_explain(err, method + ".", method_cls.config_cls)) from None
     # Store every method field explicitly, so config.yaml shows the whole resolved method config.
     return cfg.model_copy(update={"method_config": method_cfg.model_dump(mode="json")})
 
@@ -292,12 +292,27 @@ def _upgrade_legacy(raw: dict[str, Any]) -> None:
     train.pop("effective_batch", None)
 
 
-def _explain(err: ValidationError, prefix: str) -> str:
+def _explain(err: ValidationError, prefix: str, model: type[BaseModel] = RunConfig) -> str:
     lines = ["invalid configuration:"]
     for e in err.errors():
         if not e["loc"]:  # a check across fields: its message names them
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
             continue
         loc = prefix + ".".join(str(p) for p in e["loc"])
-        lines.append(f"  {loc.rstrip('.')}: {e['msg']} (got {e.get('input')!r})")
+        if e["type"] == "extra_forbidden":  # a typo: say so and list the fields that exist there
+            lines.append(f"  {loc.rstrip('.')}: unknown field (got {e.get('input')!r}); valid fields here: "
+                         f"{sorted(_section_fields(model, e['loc'][:-1]))}")
+        else:
+            lines.append(f"  {loc.rstrip('.')}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def _section_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model section at `loc`, [] when it cannot be followed."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        inner = getattr(field, "annotation", None) if field else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return []
+        model = inner
+    return list(model.model_fields)

@@ -1,9 +1,27 @@
-"""Small test utilities shared by several test modules: free ports and 2-rank gloo process groups."""
+"""Small test utilities shared by several test modules: free ports, 2-rank gloo process groups, a tiny MLSSCL, corrupt chunks."""
 
 from __future__ import annotations
 
+import glob
+import os
 import socket
 from typing import Callable
+
+# A tiny MLSSCL (no driver-side preparation that would read the voxels of a corrupt volume).
+MLSSCL_TINY = ["clip_length=4", "long_stride=3", "short_stride=2", "plane_size=12", "image_size=12",
+               "resnet_widen_factor=0.125", "proj_dim=16", "queue_length=8", "intensity=none",
+               "train.batch_size=1", "data.split=all", "data.actors_max=1", "train.report_every=1"]
+
+
+def corrupt_volume(store, group):
+    """Overwrite every chunk of `group`'s image with bytes no codec can decode."""
+    chunks = [p for p in glob.glob(os.path.join(str(store), group, "image", "c", "**"), recursive=True)
+              if os.path.isfile(p)]
+    assert chunks, group
+    for chunk in chunks:
+        with open(chunk, "wb") as f:
+            f.write(b"not a blosc frame" * 3)
+    return chunks
 
 
 def free_ports(n: int = 1) -> list[int]:
@@ -97,3 +115,15 @@ class MotoServer:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def limit_file_size() -> None:
+    """Ray `worker_process_setup_hook`: cap this worker's file writes at RAYSSL_TEST_FSIZE bytes.
+
+    RLIMIT_FSIZE stands in for a full disk: a write past it fails with EFBIG (Python ignores SIGXFSZ).
+    Set per worker because a Ray runtime itself cannot start under the limit (its object store file is larger).
+    """
+    import resource
+
+    limit = int(os.environ["RAYSSL_TEST_FSIZE"])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -1,4 +1,9 @@
-"""Conversion-side bad input: each problem is a ConversionError naming the file and the fix, and failed volumes leave nothing visible."""
+"""The bad-input matrix (docs/errors.md): each case is a clear error naming the file, volume or chunk, and nothing is lost.
+
+Conversion cases are ConversionErrors naming the file and the fix, and a failed volume leaves nothing
+visible in the store; training-time cases (corrupt chunk, bad config, missing or empty store) name
+the field, path or chunk.
+"""
 
 import gzip
 import shutil
@@ -49,6 +54,12 @@ def test_many_bad_volumes_fail_alone_and_leave_nothing(ray_local, tmp_path, ct):
     with_nan = image.astype(np.float32)
     with_nan[3, 3, 3] = np.nan
     nib.save(nib.Nifti1Image(with_nan, affine), bad / "nan.nii.gz")
+    # +Inf and -Inf voxels
+    with_inf = image.astype(np.float32)
+    with_inf[1, 2, 3], with_inf[4, 5, 6] = np.inf, -np.inf
+    nib.save(nib.Nifti1Image(with_inf, affine), bad / "inf.nii.gz")
+    # an axis of length 0
+    np.save(bad / "zero_axis.npy", np.zeros((SHAPE[0], 0, SHAPE[2]), np.int16))
     # zero voxel size along y in a qform-only header (nibabel would silently assume 1 mm)
     qform_only = nib.Nifti1Image(image, affine)
     qform_only.set_sform(None, code=0)
@@ -74,6 +85,11 @@ def test_many_bad_volumes_fail_alone_and_leave_nothing(ray_local, tmp_path, ct):
     gap[3].unlink()
     dup = dicom_series(tmp_path / "dup_series", image, affine)
     shutil.copy(dup[2], tmp_path / "dup_series" / "copy_of_slice.dcm")
+    # DICOM series whose slices disagree on the in-plane spacing
+    spacing_files = dicom_series(tmp_path / "spacing_series", image, affine)
+    ds = pydicom.dcmread(spacing_files[4])
+    ds.PixelSpacing = [2.5, 2.5]
+    ds.save_as(spacing_files[4])
     # DICOM slice without geometry
     nogeo = dicom_series(tmp_path / "nogeo_series", image, affine)
     ds = pydicom.dcmread(nogeo[1])
@@ -83,10 +99,11 @@ def test_many_bad_volumes_fail_alone_and_leave_nothing(ray_local, tmp_path, ct):
     inputs = [good, bad / "truncated.nii.gz", bad / "four_d.nii.gz", bad / "nan.nii.gz",
               bad / "zero_spacing.nii", bad / "negative.mhd", bad / "mismatch.nii.gz", bad / "fraction.nii.gz",
               tmp_path / "gap_series", tmp_path / "dup_series", tmp_path / "nogeo_series",
-              tmp_path / "does_not_exist.nii.gz"]
-    labels = [None] * 6 + [bad / "mismatch_seg.nii.gz", bad / "fraction_seg.nii"] + [None] * 4
+              tmp_path / "does_not_exist.nii.gz", bad / "inf.nii.gz", bad / "zero_axis.npy",
+              tmp_path / "spacing_series"]
+    labels = [None] * 6 + [bad / "mismatch_seg.nii.gz", bad / "fraction_seg.nii"] + [None] * 7
     store = tmp_path / "s.zarr"
-    with pytest.warns(UserWarning, match="11 volume"):
+    with pytest.warns(UserWarning, match="14 volume"):
         manifest = dz.convert(inputs, store, labels=labels, on_error="skip", progress=False)
     assert list(manifest["id"]) == ["good"]
     assert visible_volumes(store) == ["good"]
@@ -104,6 +121,9 @@ def test_many_bad_volumes_fail_alone_and_leave_nothing(ray_local, tmp_path, ct):
         "dup_series": ["dup_series", "same position", "duplicate"],
         "nogeo_series": ["ImagePositionPatient is missing"],
         "does_not_exist": ["does_not_exist.nii.gz", "no such file"],
+        "inf": ["inf.nii.gz", "2 voxel(s) are NaN or Inf", "nan_to_num"],
+        "zero_axis": ["zero_axis.npy", "(12, 0, 8)", "axis of length 0"],
+        "spacing_series": ["spacing_series", "different image size or PixelSpacing", "one folder per series"],
     }
     assert set(errors) == set(expected)
     for volume_id, fragments in expected.items():
@@ -216,3 +236,122 @@ def test_id_taken_by_another_source(ray_local, tmp_path, ct):
         dz.convert([other], store, progress=False)
     manifest = dz.convert([other], store, overwrite=True, progress=False)
     assert list(manifest["source"]) == [str(other)]
+
+
+def test_two_series_in_one_folder_are_split_or_named(ray_local, tmp_path, ct):
+    """convert() makes one volume per series; reading the folder as one series names both series."""
+    _, image, affine = ct
+    folder = tmp_path / "patient"
+    write_dicom_series(image, affine, folder, series_uid="1.2.3.4.100", series_number=1, file_prefix="A")
+    write_dicom_series(image[:, :, :4], affine, folder, series_uid="1.2.3.4.200", series_number=2,
+                       file_prefix="B")
+    with pytest.raises(dz.ConversionError) as info:
+        dz.read_dicom_series(folder)
+    message = str(info.value)
+    assert str(folder) in message and "holds 2 DICOM series" in message and "series_uid=" in message
+    assert "1.2.3.4.100" in message and "1.2.3.4.200" in message
+    manifest = dz.convert([folder], tmp_path / "s.zarr", progress=False)
+    shapes = {row.id: tuple(row.shape) for row in manifest.itertuples()}
+    assert shapes == {"patient_s1": SHAPE, "patient_s2": SHAPE[:2] + (4,)}
+
+
+# ---- training time: config, store and chunk problems ----------------------------------------
+
+
+def _mlsscl(store, out, *extra):
+    from rayssl.config import resolve_config
+
+    from helpers import MLSSCL_TINY
+
+    return resolve_config(method="mlsscl", profile="cpu",
+                          overrides=[f"data.store={store}", f"out={out}", *MLSSCL_TINY, *extra])
+
+
+def test_unknown_config_field_is_named_before_ray_starts(tmp_path):
+    from rayssl.config import resolve_config
+
+    with pytest.raises(ValueError) as info:
+        resolve_config(method="mlsscl", profile="cpu", overrides=["train.stpes=3"])
+    assert "train.stpes: unknown field (got 3); valid fields here: [" in str(info.value)
+    assert "'steps'" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        resolve_config(method="mlsscl", profile="cpu", overrides=["no_such_field=1"])
+    assert "--set no_such_field: unknown field" in str(info.value)
+    run_yaml = tmp_path / "run.yaml"  # a config file with a typo in a section and in a method field
+    run_yaml.write_text("method: mlsscl\ndata:\n  on_eror: skip\nmethod_config:\n  clip_lenght: 4\n")
+    with pytest.raises(ValueError) as info:
+        resolve_config(profile="cpu", file=str(run_yaml))
+    assert "data.on_eror: unknown field ('skip'); valid fields here: [" in str(info.value).replace("(got ", "(")
+    assert "'on_error'" in str(info.value)
+    run_yaml.write_text("method: mlsscl\nmethod_config:\n  clip_lenght: 4\n")
+    with pytest.raises(ValueError) as info:
+        resolve_config(profile="cpu", file=str(run_yaml))
+    assert "mlsscl.clip_lenght: unknown field (got 4); valid fields here: [" in str(info.value)
+    assert "'clip_length'" in str(info.value)
+
+
+def test_missing_or_empty_store_is_named(ray_local, tmp_path):
+    from rayssl.train.trainer import pretrain
+
+    runs = tmp_path / "runs"
+    nowhere = tmp_path / "nowhere.zarr"
+    with pytest.raises(FileNotFoundError) as info:
+        pretrain(_mlsscl(nowhere, runs, "name=a", "train.steps=1"))
+    assert f"no manifest at {nowhere}/manifest.parquet" in str(info.value)
+    assert "is not a rayssl store" in str(info.value) and "rayssl convert" in str(info.value)
+
+    # A store every scan of whose conversion failed: a manifest with no rows.
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(gzip.compress(b"this is not a nifti file" * 20))
+    empty = tmp_path / "empty.zarr"
+    with pytest.warns(UserWarning, match="broken.nii.gz"):
+        manifest = dz.convert([broken], empty, on_error="skip", progress=False)
+    assert len(manifest) == 0
+    with pytest.raises(ValueError) as info:
+        pretrain(_mlsscl(empty, runs, "name=b", "train.steps=1"))
+    assert f"store {empty} holds no volumes (its manifest is empty)" in str(info.value)
+    assert "rayssl convert" in str(info.value)
+    assert not runs.exists() or not list(runs.iterdir())  # no run folder was started
+
+
+@pytest.fixture(scope="module")
+def store_with_corrupt_volumes(tmp_path_factory):
+    """3 small CT phantoms (32^3 voxels, chunks 16^3), every image chunk of 2 of them corrupt."""
+    from datasets_zarr import demo_store
+
+    from helpers import corrupt_volume
+
+    store = demo_store(root=tmp_path_factory.mktemp("corrupt"), n=3, shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0),
+                       chunks=16)
+    bad = ["phantom-000", "phantom-002"]
+    for group in bad:
+        corrupt_volume(store, group)
+    return str(store), bad
+
+
+@pytest.mark.slow  # two short training runs
+def test_corrupt_chunk_at_training_time_is_named_or_skipped(ray_local, store_with_corrupt_volumes, tmp_path):
+    import json
+    import os
+
+    from rayssl.train.trainer import DataReadError, pretrain
+
+    store, bad = store_with_corrupt_volumes
+    with pytest.raises(DataReadError) as info:
+        pretrain(_mlsscl(store, tmp_path / "runs", "name=raise", "train.steps=2", "train.checkpoint_every=2",
+                         "data.on_error=raise", "train.max_failures=0"))
+    message = str(info.value)
+    named = [v for v in bad if f"volume '{v}' in store {store}: chunk {v}/image/c/" in message]
+    assert named, message
+    assert "is corrupt" in message and "re-convert this volume" in message, message
+    assert "--set data.on_error=skip" in message, message
+    summary = json.load(open(os.path.join(tmp_path, "runs", "raise", "summary.json")))
+    assert summary["status"] == "failed", summary
+
+    result = pretrain(_mlsscl(store, tmp_path / "runs", "name=skip", "train.steps=3", "train.checkpoint_every=3",
+                              "data.on_error=skip"))
+    assert result.status == "finished" and result.steps == 3
+    summary = json.load(open(os.path.join(result.run_dir, "summary.json")))
+    assert sorted(summary["skipped_volumes"]) == bad, summary["skipped_volumes"]
+    for volume_id, entry in summary["skipped_volumes"].items():
+        assert entry["count"] >= 1 and f"chunk {volume_id}/image/c/" in entry["reason"], (volume_id, entry)

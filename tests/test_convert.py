@@ -366,3 +366,45 @@ def test_killed_conversion_leaves_nothing_visible(ray_local, tmp_path):
     assert sorted(manifest["id"]) == ["big", "small"]
     assert [p.name for p in incoming.iterdir()] == []  # stale entries and notes removed
     np.testing.assert_array_equal(stored(store, "big"), big)
+
+
+def test_write_limit_mid_volume_keeps_nothing_and_a_rerun_converts_only_what_is_missing(ray_local, tmp_path):
+    """`rayssl convert` whose processes may write no file past 256 KiB (RLIMIT_FSIZE standing in for a full
+    disk): the first 512 KiB chunk of `big` fails mid-volume."""
+    import resource
+
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(-1000, 1000, size=(128, 128, 64), dtype=np.int16)  # incompressible: 512 KiB per chunk
+    np.save(tmp_path / "big.npy", big)
+    np.save(tmp_path / "small.npy", big[:16, :16, :16])
+    store = tmp_path / "s.zarr"
+    dz.convert([tmp_path / "small.npy"], store, modality="CT", progress=False)
+    before = dz.read_manifest(store)
+
+    limit = 256 * 1024
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    # The conversion runs in Ray workers of the session runtime (a runtime cannot start under the limit);
+    # this job's workers set the limit on themselves (tests/helpers.py::limit_file_size), the driver via preexec_fn.
+    job_config = {"runtime_env": {"worker_process_setup_hook": "helpers.limit_file_size",
+                                  "env_vars": {"PYTHONPATH": tests_dir, "RAYSSL_TEST_FSIZE": str(limit)}}}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(job_config)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayssl.cli", "convert", str(tmp_path / "big.npy"), str(tmp_path / "small.npy"),
+         "--out", str(store), "--modality", "CT", "--address", ray_local.get_runtime_context().gcs_address],
+        env=env, capture_output=True, text=True, timeout=180,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"big.npy: writing volume 'big' into {store} failed: File too large" in proc.stderr, proc.stderr
+    assert "file-size limit" in proc.stderr and "converts only what is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["manifest.parquet", "small",
+                                                                                     "zarr.json"]
+    assert list((store / ".incoming").iterdir()) == []
+    pd.testing.assert_frame_equal(dz.read_manifest(store), before)
+
+    manifest = dz.convert([tmp_path / "big.npy", tmp_path / "small.npy"], store, modality="CT", progress=False)
+    assert manifest.attrs["converted"] == ["big"] and manifest.attrs["skipped"] == ["small"]
+    np.testing.assert_array_equal(stored(store, "big"), big)

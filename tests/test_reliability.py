@@ -1,6 +1,5 @@
 """Reliability on the local runtime: skipping several bad volumes, a killed training worker, resuming from the newest complete checkpoint."""
 
-import glob
 import json
 import os
 import signal
@@ -13,10 +12,7 @@ from rayssl.config import resolve_config
 from rayssl.checkpoint import complete_checkpoints, latest_checkpoint_step, load_newest_state
 from rayssl.train.trainer import pretrain
 
-# A tiny MLSSCL (no driver-side preparation that would read the voxels of a corrupt volume).
-MLSSCL_TINY = ["clip_length=4", "long_stride=3", "short_stride=2", "plane_size=12", "image_size=12",
-               "resnet_widen_factor=0.125", "proj_dim=16", "queue_length=8", "intensity=none",
-               "train.batch_size=1", "data.split=all", "data.actors_max=1", "train.report_every=1"]
+from helpers import MLSSCL_TINY, corrupt_volume
 
 
 def _cfg(store, out, *extra):
@@ -27,17 +23,6 @@ def _cfg(store, out, *extra):
 def _metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def corrupt_volume(store, group):
-    """Overwrite every chunk of `group`'s image with bytes no codec can decode."""
-    chunks = [p for p in glob.glob(os.path.join(str(store), group, "image", "c", "**"), recursive=True)
-              if os.path.isfile(p)]
-    assert chunks, group
-    for chunk in chunks:
-        with open(chunk, "wb") as f:
-            f.write(b"not a blosc frame" * 3)
-    return chunks
 
 
 @pytest.fixture(scope="module")

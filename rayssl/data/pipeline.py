@@ -26,10 +26,19 @@ ViewsFn = Callable[[list[np.ndarray], list[ReadRequest], np.random.Generator], d
 
 @ray.remote(num_cpus=0)
 class SkipLedger:
-    """Counts samples whose volume could not be read (on_error=skip), per volume, with the reason."""
+    """Counts samples whose volume could not be read (on_error=skip), per volume, with the reason;
+    with on_error=raise it keeps the first failure, which Train's error snippet would cut short."""
 
     def __init__(self) -> None:
         self.skips: dict[str, dict[str, Any]] = {}
+        self.first_failure: str | None = None
+
+    def fail(self, reason: str) -> None:
+        if self.first_failure is None:
+            self.first_failure = reason
+
+    def failure(self) -> str | None:
+        return self.first_failure
 
     def record(self, volume_id: str, reason: str) -> None:
         entry = self.skips.setdefault(volume_id, {"count": 0, "reason": reason})
@@ -141,6 +150,8 @@ class ViewBuilder:
                     return self.build(requests, seed)
                 except Exception as err:  # noqa: BLE001 - the on_error policy decides
                     if self.on_error != "skip":
+                        if self.ledger is not None:  # waited for: the driver reads it once the run fails
+                            ray.get(self.ledger.fail.remote(f"{type(err).__name__}: {err}"))
                         raise
                     last_error = err
                     self.bad_volumes.add(volume)

@@ -60,6 +60,10 @@ def load_volumes(stores: str | Sequence[str], split: str | None = "train") -> li
     # stores move (converted locally, then copied to s3:// or to a cluster's shared filesystem).
     for store, t in zip(stores, tables):
         t["store"] = str(store) if "://" in str(store) else os.path.abspath(store)
+    for store, t in zip(stores, tables):
+        if not len(t):  # e.g. every scan of its conversion failed: nothing to train on
+            raise ValueError(f"store {store} holds no volumes (its manifest is empty); convert scans into it "
+                             f"with `rayssl convert SCANS... --out {store}` and check its failures")
     table = pd.concat(tables, ignore_index=True)
     duplicated = table["id"][table["id"].duplicated()]
     if len(duplicated):

@@ -81,6 +81,10 @@ class _MemoryWatcher(threading.Thread):
         return (self.peak - self.base) / 2**20
 
 
+class DataReadError(RuntimeError):
+    """A sample's volume could not be read with data.on_error=raise; the message names the volume and chunk."""
+
+
 class PlacementError(RuntimeError):
     """The Train worker group could not be placed on the cluster within the bounded retries."""
 
@@ -239,6 +243,10 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         probe_summary = online.finish(failed=error is not None)
         record_online_probe(run_dir, probe_summary)
     skipped = ray.get(ledger.summary.remote())
+    data_failure = ray.get(ledger.failure.remote()) if error is not None else None
+    if data_failure is not None:  # the volume and chunk, not Train's truncated traceback of the data actor
+        error = DataReadError(f"{data_failure} (data.on_error=raise; --set data.on_error=skip trains on the other "
+                              f"volumes and lists the unreadable ones in summary.json)")
     result = finish_run_folder(run_dir, cfg, wall_time_s=time.perf_counter() - t0, peak_memory_mb=peak,
                                skipped=skipped, error=error, data={"stores": per_store}, online_probe=probe_summary)
     if mlflow_run is not None:
