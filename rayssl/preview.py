@@ -219,7 +219,7 @@ def preview(cfg: RunConfig, samples: int = 1, out: str = "preview.png", address:
     method = get_method_class(cfg.method)(cfg.method_cfg())
     model_note = ""
     if run is not None and model is None:
-        from rayssl.train.checkpoint import load_newest_state
+        from rayssl.checkpoint import load_newest_state
 
         state = load_newest_state(run)
         if state is None:

@@ -133,7 +133,7 @@ def test_gvsl_preview_warps_with_the_run_model(ray_local, demo_store_path, tmp_p
 
     from rayssl.config import resolve_config
     from rayssl.methods.gvsl import GVSL
-    from rayssl.train.checkpoint import write_checkpoint_dir
+    from rayssl.checkpoint import write_checkpoint_dir
 
     method = GVSL(resolve_config(method="gvsl", profile="cpu").method_cfg())
     model = method.build_model()

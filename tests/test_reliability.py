@@ -1,10 +1,8 @@
-"""Reliability on the local runtime: skipping several bad volumes, a killed training worker, resuming from the newest complete checkpoint."""
+"""Reliability on the local runtime: skipping several bad volumes, resuming from the newest complete checkpoint
+(a worker killed mid-checkpoint: tests/test_checkpoint_kill.py)."""
 
 import json
 import os
-import signal
-import threading
-import time
 
 import pytest
 
