@@ -106,9 +106,12 @@ def _no_boxes(volumes, index, rng, step=None):
 
 
 @pytest.mark.parametrize("world,batch,accumulate", [(2, 2, 2), (3, 1, 1)])
-def test_ray_train_split_gives_each_step_one_contiguous_block_of_samples(ray_local, world, batch, accumulate):
-    """The rule the planner relies on, checked on Ray Data's split as Ray Train configures it
-    (streaming_split(equal=True), preserve_order): rank r's m-th micro-batch is block m*W + r."""
+def test_ray_train_split_hands_out_whole_micro_batch_blocks(ray_local, world, batch, accumulate):
+    """On Ray Data's split as Ray Train configures it (streaming_split(equal=True), preserve_order),
+    every micro-batch a rank receives is one whole, aligned block of `batch` consecutive samples, and
+    every sample arrives once. Which rank gets which block is the splitter's choice: a CI run saw
+    rank 1 run two blocks ahead, so step-aligned landmarks are exact only with one worker (see
+    docs/methods/drasclr.md); `step_landmarks` reports what each step got."""
     import ray
 
     g, start_step, steps = world * batch * accumulate, 5, 9
@@ -132,19 +135,21 @@ def test_ray_train_split_gives_each_step_one_contiguous_block_of_samples(ray_loc
             t.join(timeout=120)
     finally:
         context.execution_options.preserve_order = saved
-    for k in range(steps):
-        step_samples = sorted(s for r in range(world) for m in range(accumulate) for s in got[r][k * accumulate + m])
-        first = (start_step + k) * g
-        assert step_samples == list(range(first, first + g)), (k, [r[:4] for r in got])
+    micro_batches = [m for rank in got for m in rank]
+    for m in micro_batches:
+        assert m == list(range(m[0], m[0] + batch)) and m[0] % batch == 0, m
+    delivered = sorted(s for m in micro_batches for s in m)
+    assert delivered == list(range(start_step * g, start_step * g + len(delivered)))
+    assert len(delivered) >= steps * g
 
 
 @pytest.mark.slow
-def test_pretrain_two_workers_each_step_sees_one_landmark(ray_local, demo_store_path, tmp_path):
-    """Ray Data + Ray Train, 2 workers x batch 2 x accumulate 2: the keys of every optimizer step
-    (gathered over ranks and micro-batches) come from a single landmark, and steps move on."""
+def test_pretrain_with_accumulation_each_step_sees_one_landmark(ray_local, demo_store_path, tmp_path):
+    """Ray Data + Ray Train, 1 worker x batch 2 x accumulate 2: the keys of every optimizer step (both
+    micro-batches) come from a single landmark, and its queue fills. (Several workers: see the split test.)"""
     cfg = resolve_config(method="drasclr", profile="cpu", overrides=[
         f"data.store={demo_store_path}", f"out={tmp_path / 'runs'}", "data.split=all", "data.actors_max=1",
-        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=2", "train.accumulate=2",
+        "train.num_workers=1", "train.batch_size=2", "train.accumulate=2",
         "train.max_failures=0",
         "train.steps=3", "train.report_every=1", "train.checkpoint_every=3", "drasclr.widths=[2,4,4,8,8]",
         "drasclr.rep_dim=8", "drasclr.proj_dim=8", "drasclr.num_experts=2", "drasclr.queue_size=8"])
@@ -156,6 +161,6 @@ def test_pretrain_two_workers_each_step_sees_one_landmark(ray_local, demo_store_
         metrics = [json.loads(line) for line in f]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert [m["step_landmarks"] for m in metrics] == [1.0, 1.0, 1.0]
-    # 4 volumes / 8 samples per step: a new landmark every step, whose queue (8 slots) each step fills.
+    # 4 volumes / 4 samples per step: a new landmark every step, whose queue (8 slots) each step fills.
     fills = [m["bank_fill"] for m in metrics]
     assert fills[0] < fills[1] < fills[2]

@@ -64,7 +64,7 @@ class TestSearchSpaces:
             validate_space(load_space("voco", path), profile="cpu")
 
     @pytest.mark.parametrize("body, message", [
-        ("voco.nope:\n  choice: [1]\n", "voco.nope: Extra inputs"),
+        ("voco.nope:\n  choice: [1]\n", "voco.nope: unknown field"),
         ("voco.lambda_reg:\n  normal: [0, 1]\n", "unknown distribution"),
         ("voco.lambda_reg:\n  uniform: [1.5, 0.5]\n", "lo < hi"),
         ("train.lr:\n  loguniform: [0, 1.0e-3]\n", "lo > 0"),
