@@ -53,6 +53,13 @@ def test_online_probe_scores_two_checkpoints_against_random_init(ray_local, demo
         assert json.load(f)["online_probe"]["points"] == online["points"]
     with open(os.path.join(run, "export", "model_card.json")) as f:
         assert json.load(f)["online_probe"]["random_init"] == online["random_init"]
+    # TensorBoard: the probe points (logged after training) and the health metrics (every report).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run, "tensorboard"))
+    events.Reload()
+    assert {"probe/probe_score", "probe/probe_random", "health/spread"} <= set(events.Tags()["scalars"])
+    assert sorted(e.step for e in events.Scalars("probe/probe_score")) == [2, 4]
     # loss.png gains a third panel: the probe against the step.
     assert matplotlib.image.imread(os.path.join(run, "loss.png")).shape[1] == 1600
 

@@ -27,7 +27,7 @@ from rayssl.config import RunConfig
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_FILE = "mlflow.json"
 # Run-folder files attached to the MLflow run when training ends (those that exist).
-MLFLOW_ARTIFACTS = ("README.md", "config.yaml", "loss.png", "summary.json", "metrics.jsonl")
+MLFLOW_ARTIFACTS = ("README.md", "config.yaml", "loss.png", "summary.json", "metrics.jsonl", "online_probe.json")
 _MLFLOW_PARAM_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 _MLFLOW_PARAM_CHARS = 6000  # and at most 6000 characters per value
 
@@ -61,6 +61,8 @@ def tensorboard_tag(key: str) -> str:
         return _TB_GROUPS[key]
     if key.startswith("probe"):
         return f"probe/{key}"
+    if key.startswith("health_"):
+        return f"health/{key.removeprefix('health_')}"
     if key == "loss" or "loss" in key or key in ("pred", "reg", "local", "neighbor", "ncc", "smooth", "restore"):
         return f"loss/{key}"
     return f"method/{key}"
@@ -180,6 +182,17 @@ def finish_mlflow_run(run_dir: str, run: MlflowRun, status: str) -> None:
             client.log_artifacts(run.run_id, os.path.join(local, "export"), artifact_path="export")
     mlflow_status = {"finished": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
     client.set_terminated(run.run_id, status=mlflow_status)
+
+
+def log_online_probe(run_dir: str, summary: dict[str, Any], mlflow_run: MlflowRun | None) -> None:
+    """The online probe's points (scored after their steps were reported) to TensorBoard and MLflow."""
+    if not summary.get("points"):
+        return
+    tracker = TrackingCallback(run_dir, start_step=0, mlflow_run=mlflow_run)  # no purge: earlier files stay
+    for point in summary["points"]:
+        tracker.log({"step": point["step"], "probe_score": point["score"], "probe_random": summary["random_init"],
+                     "probe_gain": point["gain"]})
+    tracker.close()
 
 
 class TrackingCallback(ray.train.UserCallback):

@@ -31,7 +31,7 @@ from rayssl.checkpoint import latest_checkpoint_step
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.optim import describe_batch, effective_batch, resolve_epochs
 from rayssl.train.runfolder import RunResult, finish_run_folder, start_run_folder
-from rayssl.train.tracking import TrackingCallback, finish_mlflow_run, start_tracking
+from rayssl.train.tracking import TrackingCallback, finish_mlflow_run, log_online_probe, start_tracking
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
@@ -242,6 +242,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     if online is not None:
         probe_summary = online.finish(failed=error is not None)
         record_online_probe(run_dir, probe_summary)
+        log_online_probe(run_dir, probe_summary, mlflow_run)
     skipped = ray.get(ledger.summary.remote())
     data_failure = ray.get(ledger.failure.remote()) if error is not None else None
     if data_failure is not None:  # the volume and chunk, not Train's truncated traceback of the data actor
