@@ -37,8 +37,9 @@ Method **{method}** (profile `{profile}`), {steps} steps, data: `{store}` ({volu
 | file | what it is |
 |---|---|
 | `config.yaml` | the resolved configuration of this run (re-run: `rayssl pretrain --config config.yaml`) |
-| `metrics.jsonl` | one JSON line per reported step: loss terms, lr, samples/s, crops/s, step time, `data_wait_pct` (share of the window the worker waited for its next batch), `data_cpu_s_per_sample` and `data_cores_needed` (data-actor cores that keep data wait under 5 %) |
-| `loss.png` | loss curves (total and each term); throughput with data wait % |
+| `metrics.jsonl` | one JSON line per reported step: loss terms, lr, samples/s, crops/s, step time, `data_wait_pct` (share of the window the worker waited for its next batch), `data_cpu_s_per_sample` and `data_cores_needed` (data-actor cores that keep data wait under 5 %), representation health (`health_spread`, `health_effective_rank`, `health_dead_fraction`), and on probed steps `probe_score` / `probe_random` / `probe_gain` |
+| `loss.png` | loss curves (raw and smoothed, total and each term); throughput with data wait %; with `--probe`, the probe score against the step beside its random-init line |
+| `online_probe.json` | with `--probe`: the linear probe of each probed checkpoint and of the random-init network (store, metric, points, gains) |
 | `summary.json` | status, wall time, peak memory, mean data wait, final metrics, skipped volumes |
 | `tensorboard/` | TensorBoard event files of the same metrics: `tensorboard --logdir {run_dir}` |
 | `mlflow.json` | when the run logs to MLflow (`--mlflow URI` or `MLFLOW_TRACKING_URI`): tracking URI, experiment and run id; a resumed run continues that MLflow run |
