@@ -8,6 +8,7 @@ import math
 import os
 import posixpath
 import random
+import re
 import resource
 import sys
 import time
@@ -270,13 +271,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if advice:
                     _say(f"[rayssl] warning: {advice}")
                 warnings = collapse_warnings({k: v for k, v in metrics.items() if k.startswith("health_")})
-                # Said when it starts or changes, and again every 10 reports while it lasts.
-                if warnings and (warnings != last_warnings or reports_since_warning >= 10):
+                # Said when it starts or changes kind (not value), and again every 10 reports while it lasts.
+                kinds = [re.sub(r"[\d.]+", "#", w.split(" (")[0]) for w in warnings]
+                if warnings and (kinds != last_warnings or reports_since_warning >= 10):
                     for warning in warnings:
                         _say(f"[rayssl] warning: step {step}: {warning}")
                     reports_since_warning = 0
                 reports_since_warning += 1
-                last_warnings = warnings
+                last_warnings = kinds
             # The local copy goes once uploaded: otherwise every checkpoint stays in the node's /tmp
             # (a paper-size model + AdamW state is ~0.75 GB each).
             ray.train.report(metrics, checkpoint=ckpt_obj, delete_local_checkpoint_after_upload=True)
