@@ -78,7 +78,7 @@ class OnlineProbe:
         self._data_ref = ray.put(data)
         self._task = ray.remote(_score).options(num_cpus=self.cfg.eval.probe_cpus, max_retries=0)
         self._pending: dict[Any, int] = {}  # object ref -> step (0 = the random-init baseline)
-        self._seen = {step for step, _ in complete_checkpoints(self.run_dir)}  # earlier segments' checkpoints
+        self._seen: set[int] = set()  # checkpoints already scanned (those up to start_step belong to earlier segments)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._submit(initial_weights(self.cfg, seed=self.cfg.seed), 0)

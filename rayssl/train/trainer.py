@@ -161,7 +161,9 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     check_volumes_in_split(method.check_volumes, volumes, stores, cfg.data.split)
     volumes = method.prepare(store, volumes)
     cfg = cfg.with_method_cfg(method.config)
-    cfg = resolve_epochs(cfg, len(volumes) * cfg.data.samples_per_volume)
+    repeats = volume_repeats(volumes, stores, weights, cfg.data.samples_per_volume)
+    samples_per_epoch = len(volumes) * cfg.data.samples_per_volume if repeats is None else int(repeats.sum())
+    cfg = resolve_epochs(cfg, samples_per_epoch)
     print(describe_batch(cfg.train))
 
     tc = cfg.train
@@ -194,7 +196,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
         actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
         on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
-        repeats=(repeats := volume_repeats(volumes, stores, weights, cfg.data.samples_per_volume)),
+        repeats=repeats,
         # Step-shared plans (DrasCLR's landmark per batch): samples [k*G, (k+1)*G) are step k on every
         # rank, streamed in micro-batch blocks that the split below deals to ranks in turn.
         **({"samples_per_step": global_batch, "micro_batch": tc.batch_size} if method.step_shared_plans else {}),
@@ -211,8 +213,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "run_dir": run_dir, "data_start_step": start_step,
-                           "card": card, "samples_per_epoch": len(volumes) * cfg.data.samples_per_volume
-                           if repeats is None else int(repeats.sum())},
+                           "card": card, "samples_per_epoch": samples_per_epoch},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
