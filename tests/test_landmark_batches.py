@@ -1,14 +1,16 @@
 """DrasCLR landmark per batch: every sample of one optimizer step, on every rank, shares one landmark.
 
-The planner gives each sample its step (index // effective batch); the stream leaves in micro-batch
-blocks that Ray Train's split deals to ranks in turn, so step k is samples [k*G, (k+1)*G) everywhere.
+The planner gives each sample its step (index // effective batch); every rank streams its own
+micro-batches (rank r's m-th = block m*W + r), so step k is samples [k*G, (k+1)*G) everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from rayssl.config import resolve_config
 from rayssl.data.pipeline import build_dataset
 from rayssl.data.plan import Planner
 from rayssl.methods.base import VolumeInfo
+from rayssl.train.shards import rank_data_config, rank_dataset_name, rank_datasets, rank_pool, rank_sample_ids
 from rayssl.methods.drasclr import EXTRA_ATLAS_COORDS, EXTRA_NEIGHBORS, EXTRA_POSITIONS, DrasCLR, DrasCLRConfig
 
 N_LANDMARKS = 12
@@ -89,12 +92,39 @@ class TestPlanner:
         js = {method._landmark_of(method.plan(_volumes(), 0, np.random.default_rng(i))) for i in range(20)}
         assert len(js) > 1
 
-    def test_step_shared_streams_must_be_whole_steps(self, ray_local):
-        with pytest.raises(ValueError, match="whole steps"):
-            build_dataset(_volumes(), _method().plan, _views, num_samples=8, start_sample=2, samples_per_step=4,
-                          micro_batch=2)
-        with pytest.raises(ValueError, match="micro_batch"):
-            build_dataset(_volumes(), _method().plan, _views, num_samples=8, samples_per_step=4, micro_batch=3)
+    def test_rank_streams_interleave_whole_micro_batches(self):
+        """Rank r's m-th micro-batch is block m*W + r: step k is [k*G, (k+1)*G) on every rank."""
+        world, batch, accumulate, start_step, steps = 3, 2, 2, 4, 5
+        g = world * batch * accumulate
+        ids = [rank_sample_ids(start_step * g, steps * g, batch, world, r).reshape(-1, batch) for r in range(world)]
+        for k in range(steps):
+            step = np.concatenate([ids[r][k * accumulate:(k + 1) * accumulate] for r in range(world)], axis=None)
+            assert sorted(step) == list(range((start_step + k) * g, (start_step + k + 1) * g))
+        assert ids[1][0].tolist() == [start_step * g + 2, start_step * g + 3]
+        with pytest.raises(ValueError, match="whole rounds"):
+            rank_sample_ids(2, 12, batch, 2, 0)
+        with pytest.raises(ValueError, match="outside"):
+            rank_sample_ids(0, 12, batch, 2, 2)
+
+    @pytest.mark.parametrize("actors,cpus,world,expected", [
+        ((1, 2), 0.5, 2, ((1, 1), 0.5)),       # the default pool split between 2 ranks
+        ((2, 4), 1.0, 2, ((1, 2), 1.0)),
+        ((1, 1), 0.5, 2, ((1, 1), 0.25)),      # one actor's CPUs shared by two rank pools
+        ((1, 3), 1.0, 2, ((1, 2), 0.75)),      # 4 actors x 0.75 = the 3 CPUs of one pool of 3
+        ((1, 2), 0.5, 1, ((1, 2), 0.5)),
+    ])
+    def test_rank_pools_reserve_what_one_pool_would(self, actors, cpus, world, expected):
+        pool, per_actor = rank_pool(actors, cpus, world)
+        assert (pool, pytest.approx(per_actor)) == (expected[0], expected[1])
+        assert world * pool[1] * per_actor == pytest.approx(actors[1] * cpus)
+
+    def test_build_dataset_takes_a_range_or_sample_ids(self):
+        with pytest.raises(ValueError, match="either num_samples"):
+            build_dataset(_volumes(), _method().plan, _views, num_samples=8, sample_ids=[1, 2])
+        with pytest.raises(ValueError, match="either num_samples"):
+            build_dataset(_volumes(), _method().plan, _views)
+        with pytest.raises(ValueError, match="sample_ids"):
+            build_dataset(_volumes(), _method().plan, _views, sample_ids=[3, -1])
 
 
 def _views(crops, requests, rng) -> dict[str, np.ndarray]:
@@ -105,62 +135,79 @@ def _no_boxes(volumes, index, rng, step=None):
     return []
 
 
-@pytest.mark.parametrize("world,batch,accumulate", [(2, 2, 2), (3, 1, 1)])
-def test_ray_train_split_hands_out_whole_micro_batch_blocks(ray_local, world, batch, accumulate):
-    """On Ray Data's split as Ray Train configures it (streaming_split(equal=True), preserve_order),
-    every micro-batch a rank receives is one whole, aligned block of `batch` consecutive samples, and
-    every sample arrives once. Which rank gets which block is the splitter's choice: a CI run saw
-    rank 1 run two blocks ahead, so step-aligned landmarks are exact only with one worker (see
-    docs/methods/drasclr.md); `step_landmarks` reports what each step got."""
+def _uneven_views(crops, requests, rng) -> dict[str, np.ndarray]:
+    """Some samples take 20x longer to build than others (as a slow chunk or a big volume would)."""
+    time.sleep(0.04 if rng.random() < 0.3 else 0.002)
+    return {"x": np.zeros((2,), np.float32)}
+
+
+def test_rank_streams_through_train_data_config_under_uneven_timing(ray_local):
+    """Per-rank datasets through Ray Train's own DataConfig.configure (as TorchTrainer's dataset
+    manager calls it), consumed concurrently with uneven build times and one rank much slower to
+    consume: every rank's m-th micro-batch is exactly block m*W + r, so each optimizer step holds
+    exactly samples [k*G, (k+1)*G) across ranks, each rank's micro-batches in order."""
     import ray
 
-    g, start_step, steps = world * batch * accumulate, 5, 9
-    ds = build_dataset(_volumes(), _no_boxes, _views, num_samples=(steps + 1) * g, start_sample=start_step * g,
-                       actors=(1, 2), samples_per_step=g, micro_batch=batch)
-    context = ray.data.DataContext.get_current()
-    saved = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True
-    try:
-        splits = ds.streaming_split(world, equal=True)
-        got: list[list[list[int]]] = [[] for _ in range(world)]
+    world, batch, accumulate = 3, 1, 2
+    g, start_step, steps = world * batch * accumulate, 5, 6
+    build = functools.partial(build_dataset, _volumes(), _no_boxes, _uneven_views, samples_per_step=g)
+    datasets = rank_datasets(build, start_sample=start_step * g, num_samples=steps * g, micro_batch=batch,
+                             world=world, actors=(1, world), actor_cpus=0.5)
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    config = rank_data_config(ingest)
+    iterators = {}
+    for name, ds in datasets.items():  # Train's DatasetManager configures one dataset at a time
+        iterators[name] = config.configure({name: ds}, world_size=world, worker_handles=None,
+                                           worker_node_ids=None)
+    got: list[list[list[int]]] = [[] for _ in range(world)]
+    errors: list[BaseException] = []
 
-        def consume(rank: int) -> None:
-            got[rank] = [b["sample"].tolist() for b in
-                         splits[rank].iter_batches(batch_size=batch, drop_last=True, batch_format="numpy")]
+    def consume(rank: int) -> None:
+        shard = iterators[rank_dataset_name(rank)][rank][rank_dataset_name(rank)]
+        try:
+            for b in shard.iter_batches(batch_size=batch, drop_last=True, batch_format="numpy", prefetch_batches=1):
+                got[rank].append(b["sample"].tolist())
+                if rank == 0:
+                    time.sleep(0.05)  # rank 0 lags: the others run ahead of it
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread below
+            errors.append(err)
 
-        threads = [threading.Thread(target=consume, args=(r,)) for r in range(world)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-    finally:
-        context.execution_options.preserve_order = saved
-    micro_batches = [m for rank in got for m in rank]
-    for m in micro_batches:
-        assert m == list(range(m[0], m[0] + batch)) and m[0] % batch == 0, m
-    delivered = sorted(s for m in micro_batches for s in m)
-    assert delivered == list(range(start_step * g, start_step * g + len(delivered)))
-    assert len(delivered) >= steps * g
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    for rank in range(world):
+        assert len(got[rank]) == steps * accumulate
+        for m, micro in enumerate(got[rank]):
+            first = start_step * g + (m * world + rank) * batch
+            assert micro == list(range(first, first + batch)), (rank, m, micro)
+    for k in range(steps):
+        step = sorted(s for r in range(world) for m in got[r][k * accumulate:(k + 1) * accumulate] for s in m)
+        assert step == list(range((start_step + k) * g, (start_step + k + 1) * g))
 
 
 @pytest.mark.slow
-def test_pretrain_with_accumulation_each_step_sees_one_landmark(ray_local, demo_store_path, tmp_path):
-    """Ray Data + Ray Train, 1 worker x batch 2 x accumulate 2: the keys of every optimizer step (both
-    micro-batches) come from a single landmark, and its queue fills. (Several workers: see the split test.)"""
+def test_two_worker_pretrain_trains_every_step_on_one_landmark(ray_local, demo_store_path, tmp_path):
+    """Ray Data + Ray Train, 2 ranks x batch 2 x accumulate 2: the keys of every optimizer step, over both
+    ranks and both micro-batches (gathered in after_step), come from a single landmark, and its queue fills."""
+    steps = 4
     cfg = resolve_config(method="drasclr", profile="cpu", overrides=[
-        f"data.store={demo_store_path}", f"out={tmp_path / 'runs'}", "data.split=all", "data.actors_max=1",
-        "train.num_workers=1", "train.batch_size=2", "train.accumulate=2",
-        "train.max_failures=0",
-        "train.steps=3", "train.report_every=1", "train.checkpoint_every=3", "drasclr.widths=[2,4,4,8,8]",
-        "drasclr.rep_dim=8", "drasclr.proj_dim=8", "drasclr.num_experts=2", "drasclr.queue_size=8"])
+        f"data.store={demo_store_path}", f"out={tmp_path / 'runs'}", "data.split=all", "data.actors_max=2",
+        "data.actor_cpus=0.2", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=2",
+        "train.accumulate=2", "train.max_failures=0", f"train.steps={steps}", "train.report_every=1",
+        f"train.checkpoint_every={steps}", "drasclr.widths=[2,4,4,8,8]", "drasclr.rep_dim=8", "drasclr.proj_dim=8",
+        "drasclr.num_experts=2", "drasclr.queue_size=8"])
     from rayssl.train.trainer import pretrain
 
     result = pretrain(cfg)
-    assert result.status == "finished" and result.steps == 3
+    assert result.status == "finished" and result.steps == steps
     with open(os.path.join(result.run_dir, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
-    assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert [m["step_landmarks"] for m in metrics] == [1.0, 1.0, 1.0]
-    # 4 volumes / 4 samples per step: a new landmark every step, whose queue (8 slots) each step fills.
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert [m["step_landmarks"] for m in metrics] == [1.0] * steps
+    # 4 volumes / 8 samples per step: a new landmark every step, whose queue (8 slots) each step fills.
     fills = [m["bank_fill"] for m in metrics]
-    assert fills[0] < fills[1] < fills[2]
+    assert all(a < b for a, b in zip(fills, fills[1:])), fills

@@ -170,8 +170,9 @@ def build_dataset(
     plan_fn: PlanFn,
     views_fn: ViewsFn,
     *,
-    num_samples: int,
+    num_samples: int | None = None,
     start_sample: int = 0,
+    sample_ids: "Sequence[int] | np.ndarray | None" = None,
     seed: int = 0,
     samples_per_volume: int = 1,
     actors: tuple[int, int] = (1, 2),
@@ -183,9 +184,9 @@ def build_dataset(
     measure_cpu: bool = False,
     repeats: np.ndarray | None = None,
     samples_per_step: int | None = None,
-    micro_batch: int | None = None,
 ) -> "ray.data.Dataset":
-    """Ray Dataset of views for samples [start_sample, start_sample + num_samples).
+    """Ray Dataset of views for samples [start_sample, start_sample + num_samples), or for the global
+    sample indices `sample_ids`, streamed in that order (with `preserve_order`).
 
     Rows are sample indices; planning, reading and view building run on an autoscaling actor pool
     (`ActorPoolStrategy(min_size, max_size)`), so a cluster grows the pool with CPU nodes.
@@ -193,29 +194,29 @@ def build_dataset(
     batches with Ray's `iter_torch_batches` (docs/streaming.md). `measure_cpu=True` adds a column
     `build_cpu_s`: the data actor's CPU seconds spent planning, reading and building each sample.
 
-    Step-shared plans (`samples_per_step` G = micro_batch x ranks x accumulate, `micro_batch` = the
-    per-rank batch): samples [k*G, (k+1)*G) are planned as optimizer step k, and the stream leaves
-    in blocks of exactly `micro_batch` consecutive samples. Ray Train's split (`equal=True`,
-    `preserve_order`) hands each block, in order, to the rank with the fewest rows so far: with
-    equal blocks that is rank i % W for block i, so rank r's m-th micro-batch is block m*W + r and
-    optimizer step k gets exactly samples [k*G, (k+1)*G) on every rank (tests/test_landmark_batches.py).
+    Step-shared plans (`samples_per_step` G): sample i is planned as optimizer step i // G, whatever
+    stream it is in, so several streams of interleaved `sample_ids` (one per DDP rank, built by
+    rayssl.train.shards) plan the same step alike.
     """
-    if num_samples <= 0:
+    if (num_samples is None) == (sample_ids is None):
+        raise ValueError("give either num_samples (with start_sample) or sample_ids")
+    if sample_ids is not None:
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0 or (ids < 0).any():
+            raise ValueError(f"sample_ids must be non-empty and >= 0, got {ids.size} ids (min {ids.min(initial=0)})")
+        num_samples = int(ids.size)
+    elif num_samples <= 0:
         raise ValueError(f"num_samples must be > 0, got {num_samples}")
+    else:
+        ids = np.arange(start_sample, start_sample + num_samples, dtype=np.int64)
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not volumes:
         raise ValueError("no volumes to sample from: the manifest (or the chosen split) is empty")
-    if samples_per_step is not None:
-        if micro_batch is None or micro_batch < 1 or samples_per_step % micro_batch:
-            raise ValueError(f"step-shared plans need a micro_batch that divides samples_per_step "
-                             f"({samples_per_step}), got {micro_batch}")
-        if start_sample % samples_per_step or num_samples % samples_per_step:
-            raise ValueError(f"step-shared plans need start_sample ({start_sample}) and num_samples "
-                             f"({num_samples}) to be whole steps of {samples_per_step} samples")
+    if samples_per_step is not None and samples_per_step < 1:
+        raise ValueError(f"samples_per_step must be >= 1, got {samples_per_step}")
     # Sample indices live in the driver's object store (no read tasks, which would each want a CPU
     # next to the training workers); the actors plan them.
-    ids = np.arange(start_sample, start_sample + num_samples, dtype=np.int64)
     # Blocks of ~16 samples, at most 4 per actor of the largest pool (and at least 64): an actor
     # task builds a whole input block, so the block count bounds how many actors work at once
     # (a flat cap of 64 idled larger pools); each block costs the driver one put (~4 ms).
@@ -235,10 +236,6 @@ def build_dataset(
         batch_format="numpy",
         **({"runtime_env": runtime_env} if runtime_env else {}),
     )
-    if samples_per_step is not None:
-        # Exactly micro_batch rows per block, in order (strict: no short block but the last), so
-        # the split deals whole micro-batches round-robin (see above).
-        ds = ds.repartition(target_num_rows_per_block=micro_batch, strict=True)
     return ds
 
 

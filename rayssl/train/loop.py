@@ -105,7 +105,7 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker. `loop_config`: {"run": RunConfig dict, "run_dir", "data_start_step", "card"}."""
+    """Runs on every Ray Train worker. `loop_config`: {"run": RunConfig dict, "run_dir", "data_start_step", "dataset", "card"}."""
     cfg = RunConfig.model_validate(loop_config["run"])
     run_dir: str = loop_config["run_dir"]
     tc = cfg.train
@@ -147,7 +147,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     stop = min(tc.stop_after or tc.steps, tc.steps)
-    shard = ray.train.get_dataset_shard("train")
+    # "train" (split by Ray Train) or, for step-shared plans, this rank's own stream "train_{rank}".
+    shard = ray.train.get_dataset_shard(str(loop_config.get("dataset", "train")).format(rank=rank))
     batches = shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=True,
                                        prefetch_batches=cfg.data.prefetch_batches)
     # The driver starts the dataset at the step it resumes from; after an in-run restart (node

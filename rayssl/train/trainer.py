@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import posixpath
@@ -31,6 +32,7 @@ from rayssl.checkpoint import latest_checkpoint_step
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.optim import describe_batch, effective_batch, resolve_epochs
 from rayssl.train.runfolder import RunResult, finish_run_folder, start_run_folder
+from rayssl.train.shards import RANK_DATASET, rank_data_config, rank_datasets
 from rayssl.train.tracking import TrackingCallback, finish_mlflow_run, log_online_probe, start_tracking
 
 
@@ -189,31 +191,37 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     ledger = SkipLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
-    dataset = build_dataset(
-        volumes, method.plan, method.views,
-        num_samples=(stop - start_step) * global_batch + global_batch,
-        start_sample=start_step * global_batch,
+    build = functools.partial(
+        build_dataset, volumes, method.plan, method.views,
         seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
-        actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
         on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
         repeats=repeats,
-        # Step-shared plans (DrasCLR's landmark per batch): samples [k*G, (k+1)*G) are step k on every
-        # rank, streamed in micro-batch blocks that the split below deals to ranks in turn.
-        **({"samples_per_step": global_batch, "micro_batch": tc.batch_size} if method.step_shared_plans else {}),
     )
+    start_sample, num_samples = start_step * global_batch, (stop - start_step) * global_batch + global_batch
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # reproducible sample order => exact resume
+    if method.step_shared_plans:
+        # Step-shared plans (DrasCLR's landmark per batch): samples [k*G, (k+1)*G) are step k, so
+        # every rank streams exactly its own micro-batches of them (rayssl/train/shards.py).
+        datasets = rank_datasets(functools.partial(build, samples_per_step=global_batch),
+                                 start_sample=start_sample, num_samples=num_samples, micro_batch=tc.batch_size,
+                                 world=tc.num_workers, actors=(cfg.data.actors_min, cfg.data.actors_max),
+                                 actor_cpus=cfg.data.actor_cpus)
+        data_config, dataset_name = rank_data_config(ingest), RANK_DATASET
+    else:
+        datasets = {"train": build(num_samples=num_samples, start_sample=start_sample,
+                                   actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus)}
+        data_config, dataset_name = ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest), "train"
     per_store = stores_summary(volumes, stores, weights, repeats, cfg.data.samples_per_volume)
     card = {
         "data": {"store": store, "manifest_sha256": manifest_digest(stores), "volumes": len(volumes),
                  "split": cfg.data.split, "stores": per_store},
         "pretraining_spacing_mm": spacing_summary(volumes),
     }
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # reproducible sample order => exact resume
-    data_config = ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "run_dir": run_dir, "data_start_step": start_step,
-                           "card": card, "samples_per_epoch": samples_per_epoch},
+                           "dataset": dataset_name, "card": card, "samples_per_epoch": samples_per_epoch},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -225,7 +233,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
             # Our loop prints one progress line per report; Train's own INFO lines would repeat it.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
         dataset_config=data_config,
     )
     online = OnlineProbe(run_dir, cfg, start_step=start_step) if cfg.eval.probe_store else None
