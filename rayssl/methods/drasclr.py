@@ -410,7 +410,8 @@ class DrasCLR(Method):
                       "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
                       "steps": 40, "grad_clip": 1.0, "amp": True},
         },
-        # The paper (Sec. 3 / 4.1) states the official run's values: 32^3 patches, 2 neighbours,
+        # Issue 13 records that the paper (Sec. 3 / 4.1; not readable from the build machine) states
+        # the official run's values: 32^3 patches, 2 neighbours,
         # 8 experts, K = 4096 per landmark, m = 0.999, tau = 0.2, SGD lr 0.01, batch 128, cosine.
         "paper": _published,
         "official": _published,

@@ -233,7 +233,8 @@ class MLSSCL(Method):
                       "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
                       "steps": 40, "grad_clip": 1.0, "amp": True},
         },
-        # Published values: C, δL, δS, K, momentum from 0.99, α, β, ResNet-18, 128-d heads, SGD lr
+        # Published values as recorded in issue 13 (only the paper's abstract was readable from the
+        # build machine): C, δL, δS, K, momentum from 0.99, α, β, ResNet-18, 128-d heads, SGD lr
         # 0.03 with cosine decay, batch 64, 100 epochs. Not in the paper, and no code to read, so
         # rayssl's choices: τ = 0.2 (MoCo v2's value), SGD momentum 0.9 and weight decay 1e-4 (MoCo's),
         # no warm-up, fp32, no clipping, the whole foreground plane resized to 128 x 128.

@@ -461,8 +461,9 @@ class VoCo(Method):
         "proj_dim": 2048, "region_mode": "foreground_resize", "n_x": 4, "n_y": 4, "n_z": 1, "input_size": 64,
     }
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
-        # Paper (Sec. 4.1 / implementation details): 384x384x64 region, 4x4 base crops resized to
-        # 64^3, 4 random crops (sw batch 4), batch 4, lr 1e-3, 100 warm-up steps, 100k steps, λ = 1,
+        # Paper (Sec. 4.1 as recorded in issue 13; that section's text was not readable from the build
+        # machine): 384x384x64 region, 4x4 base crops resized to 64^3, 4 random crops (sw batch 4),
+        # batch 4, lr 1e-3, 100 warm-up steps, 100k steps, λ = 1,
         # the paper's loss (Sec. 3, L_reg Eq. 5). Where the paper is silent, the official code's value:
         # AdamW with amsgrad and torch's default weight decay 0.01, cosine decay, AMP, no clipping.
         "paper": {
