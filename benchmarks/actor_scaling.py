@@ -135,7 +135,7 @@ def main() -> int:
     cfg = resolve_config(method=args.method, profile=args.profile, overrides=["data.split=all", *args.overrides])
     store = str(demo_store(n=cfg.data.demo_volumes)) if not cfg.data.store else cfg.data.store
     method = get_method_class(cfg.method)(cfg.method_cfg())
-    volumes = method.prepare(store, load_volumes(store, "all"))
+    volumes = method.prepare(load_volumes(store, "all"))
     results: dict = {"method": cfg.method, "profile": cfg.profile, "overrides": args.overrides, "store": store,
                      "machine": machine_info(), "load_before": os.getloadavg()}
     print(f"[actor_scaling] {cfg.method}/{cfg.profile} on {store} ({len(volumes)} volumes); "

@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
     volumes_of = {}
     for p, method in methods.items():
         method.prepare_with_ray = False  # Ray is not running yet; the resize is written once and reused
-        volumes_of[p] = method.prepare(str(vols.store), volumes)
+        volumes_of[p] = method.prepare(volumes)
 
     # Official path first (no Ray running), one per distinct size set.
     official: dict = {}

@@ -197,10 +197,12 @@ def prepare_anatomy(
     refs = [_ref(v) for v in volumes]
     ids = {ref: v.id for ref, v in zip(refs, volumes)}
     if atlas is not None and not any(ref[1] == atlas for ref in refs):
-        # An atlas outside this split (e.g. a validation volume): take it from the first store.
-        store = refs[0][0]
-        if atlas not in list_volume_ids(store):
-            raise ConversionError(f"atlas={atlas!r} is not a volume of {store}")
+        # An atlas outside this split (e.g. a validation volume): take it from the first of the
+        # volumes' stores that holds it.
+        stores = list(dict.fromkeys(ref[0] for ref in refs))
+        store = next((s for s in stores if atlas in list_volume_ids(s)), None)
+        if store is None:
+            raise ConversionError(f"atlas={atlas!r} is not a volume of {' or '.join(stores)}")
         refs_all = refs + [(store, atlas)]
     else:
         refs_all = refs

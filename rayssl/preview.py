@@ -210,9 +210,10 @@ def preview(cfg: RunConfig, samples: int = 1, out: str = "preview.png", address:
     """
     from rayssl.data.pipeline import build_dataset
     from rayssl.data.plan import Planner
+    from rayssl.data.storage import apply_storage_options
     from rayssl.data.volumes import check_volumes_in_split, load_volumes
     from rayssl.methods import get_method_class
-    from rayssl.train.trainer import ensure_ray, resolve_store
+    from rayssl.train.trainer import ensure_ray, prepare_volumes, resolve_stores
 
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
@@ -227,16 +228,19 @@ def preview(cfg: RunConfig, samples: int = 1, out: str = "preview.png", address:
         model = method.build_model()
         model.load_state_dict(state["model"])  # strict: a config that does not match the run fails here
         model_note = f"Model: {run}, checkpoint of step {int(state.get('step', -1))}."
-    store = resolve_store(cfg)
+    stores, _ = resolve_stores(cfg)
+    apply_storage_options(stores, cfg.data.storage_options)
     ensure_ray(address, **(ray_init or {}))
-    volumes = method.prepare(store, load_volumes(store, cfg.data.split))
-    check_volumes_in_split(method.check_volumes, volumes, store, cfg.data.split)
+    loaded = load_volumes(stores, cfg.data.split)
+    check_volumes_in_split(method.check_volumes, loaded, stores, cfg.data.split)
+    volumes = prepare_volumes(method, loaded)  # each volume in its own store
+    where = ", ".join(stores)
     ds = build_dataset(volumes, method.plan, method.views, num_samples=samples, seed=cfg.seed,
                        actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus,
                        on_error=cfg.data.on_error, read_dtype=method.read_dtype)
     t0 = time.perf_counter()
     rows = sorted(ds.take(samples), key=lambda row: int(row["sample"]))
-    print(f"[rayssl] {len(rows)} {cfg.method} samples streamed from {store} in {time.perf_counter() - t0:.1f} s "
+    print(f"[rayssl] {len(rows)} {cfg.method} samples streamed from {where} in {time.perf_counter() - t0:.1f} s "
           f"(includes pipeline start-up)")
     for key, value in rows[0].items():
         print(f"  {key}: {getattr(value, 'shape', ())} {getattr(value, 'dtype', type(value).__name__)}")
@@ -253,5 +257,5 @@ def preview(cfg: RunConfig, samples: int = 1, out: str = "preview.png", address:
         paths.append(render_preview(figure, volumes, path))
         records.append({"sample": sample, "png": path, **_jsonable(figure)})
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump({"method": cfg.method, "store": store, "samples": records}, f, indent=1)
+        json.dump({"method": cfg.method, "stores": stores, "samples": records}, f, indent=1)
     return paths

@@ -151,10 +151,10 @@ class TestViews:
                               modality="CT", extra={"dtype": "float32"})
         mr = VolumeInfo(index=2, id="m", shape=ct.shape, spacing=ct.spacing, bbox=ct.bbox, background=0.0,
                         modality="MR")
-        method.prepare("store", [ct, ct_float, mr])
+        method.prepare([ct, ct_float, mr])
         assert method._intensity_by_volume == {0: "ct", 1: "none", 2: "percentile"}
         fixed = GVSL(GVSLConfig(**TINY, intensity="percentile"))
-        fixed.prepare("store", [ct])
+        fixed.prepare([ct])
         assert fixed._intensity_by_volume == {0: "percentile"}
 
     def test_intensity_scaling(self):

@@ -187,7 +187,7 @@ class TestViews:
         info = volume_info(volume, modality="CT", background=-1024.0)
         method = make_method(augment=False, intensity="auto")
         requests = make_method(intensity="auto").plan([info], 0, np.random.default_rng(0))
-        method.prepare("store", [info])
+        method.prepare([info])
         views_fn = pickle.loads(pickle.dumps(method.views))
         crops = [read_box(volume, r.start, r.size, -1024.0, np.float32) for r in requests]
         views = views_fn(crops, requests, np.random.default_rng(0))

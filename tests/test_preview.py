@@ -78,7 +78,7 @@ def test_mlsscl_preview_places_the_short_clip_where_the_plan_and_views_put_it(ra
     facts = record["facts"]
     cfg = resolve_config(method="mlsscl", profile="cpu", overrides=[f"data.store={demo_store_path}"])
     method = MLSSCL(cfg.method_cfg())
-    volumes = method.prepare(str(demo_store_path), load_volumes(str(demo_store_path), cfg.data.split))
+    volumes = method.prepare(load_volumes(str(demo_store_path), cfg.data.split))
     _, _, requests, _ = Planner(volumes, method.plan, seed=cfg.seed).plan_requests(record["sample"])
     for view, request in zip(("axial", "coronal", "sagittal"), requests):
         assert facts["clip_boxes"][view] == {"start": list(request.start), "size": list(request.size)}
@@ -161,7 +161,7 @@ def test_gvsl_geometry_without_a_model_uses_a_fresh_one(demo_store_path):
     from rayssl.methods.gvsl import GVSL
 
     method = GVSL(resolve_config(method="gvsl", profile="cpu").method_cfg())
-    volumes = method.prepare(str(demo_store_path), load_volumes(str(demo_store_path), "train"))
+    volumes = method.prepare(load_volumes(str(demo_store_path), "train"))
     builder = ViewBuilder(volumes, method.plan, method.views, seed=0)
     _, _, requests, _ = builder.planner.plan_requests(0)
     figure = method.preview_geometry(volumes, requests, builder.build_sample(0))

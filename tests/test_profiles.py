@@ -286,4 +286,4 @@ def test_drasclr_refuses_volumes_whose_spacing_breaks_its_patches():
     with pytest.raises(ValueError, match=r"volume 'p1' has spacing \(1.0, 1.0, 1.0\) mm.*one spacing"):
         cpu.check_volumes([volumes[0], iso[1]])
     with pytest.raises(ValueError, match="'p0'"):  # prepare checks before any registration starts
-        paper.prepare("/nowhere.zarr", volumes)
+        paper.prepare(volumes)

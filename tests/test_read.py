@@ -132,6 +132,34 @@ def test_shard_index_is_read_once_and_neighbours_coalesce(tmp_path, volume):
     assert small.stats.requests == 6 and len(small._indexes) == 1
 
 
+def test_local_shards_read_only_the_inner_chunks_a_box_needs(tmp_path):
+    """On a local file the gap between two inner chunks of a shard is not read (one read per
+    chunk), and the fetch/decode buffers reused across calls never leak into earlier crops."""
+    noise = np.random.default_rng(2).integers(-1000, 1000, (64, 64, 64)).astype(np.int16)  # ~64 KiB per chunk
+    store = str(tmp_path / "s.zarr")
+    _write(store, "v", noise, chunks=(32, 32, 32), shards=(64, 64, 64))
+    data = open(os.path.join(store, "v", "image", "c", "0", "0", "0"), "rb").read()
+    index = np.frombuffer(data[-(16 * 8 + 4):-4], dtype="<u8").reshape(-1, 2)
+    # A neighbour of inner chunk (0,0,0) that is not next to it in the shard file (zarr writes
+    # inner chunks in Morton order, so some face neighbours lie other chunks apart).
+    axis = next(a for a in range(3) if index[2 ** (2 - a), 0] != index[0].sum())
+    neighbour = int(np.ravel_multi_index(tuple(int(a == axis) for a in range(3)), (2, 2, 2)))
+    reader = StoreReader(store)
+    reader.read("v", (0, 0, 0), (4, 4, 4))  # the index + inner chunk (0, 0, 0)
+    assert reader.stats.requests == 2
+    before = reader.stats.bytes_fetched
+    start, size = [0, 0, 0], [4, 4, 4]
+    start[axis], size[axis] = 28, 8  # straddles inner chunks (0,0,0) and the neighbour
+    first = reader.read("v", start, size, pad_value=0)
+    assert reader.stats.requests == 4  # one read each: the chunks between them are not read
+    assert reader.stats.bytes_fetched - before == int(index[0, 1] + index[neighbour, 1])
+    kept = first.copy()
+    for other in ((40, 40, 40), (0, 30, 30), (60, 0, 10)):  # other chunks through the same buffers
+        reader.read("v", other, (8, 8, 8))
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_array_equal(first, _reference(noise, start, size, 0))
+
+
 def test_truncated_or_corrupt_shard_is_named(tmp_path, volume):
     store = str(tmp_path / "s.zarr")
     _write(store, "v", volume, chunks=(8, 8, 8), shards=(16, 16, 16))
@@ -152,6 +180,13 @@ def test_truncated_or_corrupt_shard_is_named(tmp_path, volume):
     with open(shard, "wb") as f:
         f.write(data[:-(16 * 8 + 4)] + body + google_crc32c.value(body).to_bytes(4, "little"))
     with pytest.raises(ChunkReadError, match=r"'w'.*image/c/0/0/0\[inner chunk 0,0,0\]"):
+        StoreReader(store).read("w", (0, 0, 0), (4, 4, 4))
+    # An index entry claiming an absurd size is refused before any buffer is sized for it.
+    index[0] = (0, 2**62)
+    body = index.tobytes()
+    with open(shard, "wb") as f:
+        f.write(data[:-(16 * 8 + 4)] + body + google_crc32c.value(body).to_bytes(4, "little"))
+    with pytest.raises(ChunkReadError, match=r"inner chunk 0,0,0\].*truncated"):
         StoreReader(store).read("w", (0, 0, 0), (4, 4, 4))
     # A shard never written (all fill value) reads as fill, like a missing unsharded chunk.
     os.remove(os.path.join(store, "v", "image", "c", "0", "0", "0"))

@@ -1,8 +1,9 @@
-"""Several stores in one run: per-store sampling weights, unique ids across stores, `--data A --data B`, and per-store counts in summary.json and the model card."""
+"""Several stores in one run: per-store sampling weights, unique ids across stores, `--data A --data B`, per-store counts in summary.json and the model card, and `Method.prepare` writing into each volume's own store."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -104,3 +105,123 @@ def test_pretrain_on_two_stores_records_per_store_counts(ray_local, demo_store_p
     for rows in (summary["data"]["stores"], card["data"]["stores"]):
         assert [(r["volumes"], r["weight"], r["sample_share"], r["modalities"]) for r in rows] == [
             (4, 1.0, 0.25, ["CT"]), (2, 3.0, 0.75, ["MR"])]
+
+
+def _ct_store_without_masks(root, ids=("b-000", "b-001"), seed=20) -> str:
+    """CT phantoms of the demo fixture's size and spacing (chunks 32^3) under other ids, converted
+    without masks, so a method that needs lung masks must generate them into this store."""
+    import hashlib
+
+    from datasets_zarr.convert import ConversionOptions, prepare_and_write
+    from datasets_zarr.demo import make_phantom, phantom_affine
+    from datasets_zarr.io import ScanVolume
+    from datasets_zarr.manifest import write_manifest
+    from datasets_zarr.store import ensure_store
+
+    ensure_store(root)
+    shape, spacing = (64, 64, 48), (6.0, 6.0, 20.0 / 3.0)
+    options = ConversionOptions.build(modality="CT", chunks=32)
+    for i, volume_id in enumerate(ids):
+        image, _ = make_phantom(seed + i, shape, spacing)
+        prepare_and_write(root, volume_id, ScanVolume(image, phantom_affine(shape, spacing), f"test:{volume_id}", "CT"),
+                          options, source_sha256=hashlib.sha256(image.tobytes()).hexdigest())
+    write_manifest(root)
+    return str(root)
+
+
+def _two_ct_stores(demo_store_path, tmp_path) -> tuple[str, str]:
+    """A: a copy of the demo store (4 phantoms with their own lung masks); B: 2 phantoms without masks."""
+    import shutil
+
+    from datasets_zarr.manifest import read_manifest, write_manifest
+
+    a = tmp_path / "a.zarr"
+    shutil.copytree(demo_store_path, a)
+    old = read_manifest(demo_store_path)
+    write_manifest(a, splits=dict(zip(old["id"], old["split"])))
+    return str(a), _ct_store_without_masks(tmp_path / "b.zarr")
+
+
+def _assert_prepared_in_own_store(store: str, ids: list[str], atlas: str) -> None:
+    """Every volume of `store` carries its registration, mask and manifest columns there, and
+    the store holds no other volume."""
+    from datasets_zarr.manifest import read_manifest
+    from datasets_zarr.register import ATTRS_KEY
+    from datasets_zarr.store import list_volume_ids, read_volume_attrs
+
+    assert list_volume_ids(store) == sorted(ids)
+    manifest = read_manifest(store).set_index("id")
+    for volume_id in ids:
+        entry = read_volume_attrs(store, volume_id)[ATTRS_KEY]
+        assert entry["atlas"] == atlas and len(entry["atlas_to_subject_voxel"]) == 4
+        assert os.path.isdir(os.path.join(store, volume_id, "mask"))
+        row = manifest.loc[volume_id]
+        assert row["atlas"] == atlas and bool(row["has_mask"]) and len(row["atlas_to_subject_voxel"]) == 16
+
+
+def test_drasclr_prepares_each_volume_in_its_own_store(demo_store_path, tmp_path):
+    """`Method.prepare(volumes)` over two stores: DrasCLR's lung masks, atlas registrations and
+    manifest columns land in each volume's own store (store B's masks are generated there)."""
+    from rayssl.data.volumes import load_volumes
+    from rayssl.methods.drasclr import EXTRA_POSITIONS, DrasCLR, DrasCLRConfig
+
+    a, b = _two_ct_stores(demo_store_path, tmp_path)
+    volumes = load_volumes([a, b], split="all")
+    method = DrasCLR(DrasCLRConfig(patch_size=8, landmark_step=4, widths=(2, 4, 4, 8, 8), rep_dim=8, proj_dim=6,
+                                   num_experts=3, queue_size=4, queue_dtype="float32", spacing_mm=None))
+    method.prepare_with_ray = False
+    with pytest.raises(TypeError):  # the old prepare(store, volumes) cannot name a store any more
+        method.prepare(a, volumes)
+    prepared = method.prepare(volumes)
+    assert [v.id for v in prepared] == [v.id for v in volumes]
+    assert [v.extra["store"] for v in prepared] == [v.extra["store"] for v in volumes]
+    assert all(EXTRA_POSITIONS in v.extra for v in prepared)
+    atlas = method.config.atlas
+    a_ids = [v.id for v in volumes if v.extra["store"] == a]
+    b_ids = [v.id for v in volumes if v.extra["store"] == b]
+    assert len(a_ids) == 4 and b_ids == ["b-000", "b-001"]
+    _assert_prepared_in_own_store(a, a_ids, atlas)
+    _assert_prepared_in_own_store(b, b_ids, atlas)
+
+
+def test_voco_prepares_regions_beside_each_volumes_store(demo_store_path, tmp_path):
+    """VoCo's resized foreground regions go beside each volume's own store, one regions store per store."""
+    from datasets_zarr.store import list_volume_ids
+    from rayssl.data.volumes import load_volumes
+    from rayssl.methods.voco import VoCo, VoCoConfig
+
+    a, b = _two_ct_stores(demo_store_path, tmp_path)
+    volumes = load_volumes([a, b], split="all")
+    method = VoCo(VoCoConfig(backbone="unet", region_mode="foreground_resize", region_size=(64, 64, 32), n_x=2, n_y=2, n_z=1,
+                             input_size=32))
+    method.prepare_with_ray = False
+    prepared = method.prepare(volumes)
+    assert [v.id for v in prepared] == [v.id for v in volumes]
+    for store in (a, b):
+        own = [v.id for v in volumes if v.extra["store"] == store]
+        assert list_volume_ids(f"{store}.fg-64x64x32.zarr") == sorted(own)
+    for v, p in zip(volumes, prepared):
+        assert p.extra["store"] == f"{v.extra['store']}.fg-64x64x32.zarr" and p.extra["resized_from_store"] == v.extra["store"]
+
+
+@pytest.mark.slow
+def test_drasclr_pretrains_over_two_stores(ray_local, demo_store_path, tmp_path):
+    """`--data A --data B` with DrasCLR: prepare (Ray tasks) writes into each store, 2 steps train
+    over both, and the run's README, summary and model card name both stores."""
+    from rayssl.cli import main
+
+    a, b = _two_ct_stores(demo_store_path, tmp_path)
+    tiny = ["data.split=all", "data.actors_max=1", "train.report_every=1", "train.checkpoint_every=2"]
+    assert main(["pretrain", "--method", "drasclr", "--profile", "cpu", "--data", a, "--data", b, "--steps", "2",
+                 "--out", str(tmp_path / "runs"), "--name", "two", *[x for o in tiny for x in ("--set", o)]]) == 0
+    run = tmp_path / "runs" / "two"
+    card = json.load(open(run / "export" / "model_card.json"))
+    summary = json.load(open(run / "summary.json"))
+    atlas = card["landmarks"]["atlas"]
+    _assert_prepared_in_own_store(a, ["phantom-000", "phantom-001", "phantom-002", "phantom-003"], atlas)
+    _assert_prepared_in_own_store(b, ["b-000", "b-001"], atlas)
+    assert summary["status"] == "finished" and summary["steps"] == 2
+    assert [(r["store"], r["volumes"]) for r in summary["data"]["stores"]] == [(a, 4), (b, 2)]
+    assert card["data"]["store"] is None and [r["store"] for r in card["data"]["stores"]] == [a, b]
+    readme = (run / "README.md").read_text()
+    assert f"`{a}`, `{b}` (6 volumes)" in readme

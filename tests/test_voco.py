@@ -460,7 +460,7 @@ class TestPreparedRegions:
 
         method, volumes = self._setup(demo_store_path, tmp_path, flip_prob=0.0, rot90_prob=0.0,
                                       shift_intensity_prob=0.0)
-        prepared = method.prepare(str(demo_store_path), volumes)
+        prepared = method.prepare(volumes)
         assert [v.id for v in prepared] == [v.id for v in volumes]
         assert [v.index for v in prepared] == [v.index for v in volumes]
         for v, p in zip(volumes, prepared):
@@ -470,7 +470,7 @@ class TestPreparedRegions:
             np.testing.assert_allclose(p.spacing, [(x1 - x0) * v.spacing[0] / 64, (y1 - y0) * v.spacing[1] / 64,
                                                    (z1 - z0) * v.spacing[2] / 32])
         per_sample = VoCo(method.config.model_copy(update={"prepare_regions": False}))
-        assert per_sample.prepare(str(demo_store_path), volumes) == volumes
+        assert per_sample.prepare(volumes) == volumes
         a_builder = ViewBuilder(prepared, method.plan, method.views, seed=3, read_dtype=method.read_dtype)
         b_builder = ViewBuilder(volumes, per_sample.plan, per_sample.views, seed=3, read_dtype=per_sample.read_dtype)
         for sample in range(len(volumes)):
@@ -485,13 +485,13 @@ class TestPreparedRegions:
         from dataclasses import replace
 
         method, volumes = self._setup(demo_store_path, tmp_path)
-        method.prepare(str(demo_store_path), volumes)
+        method.prepare(volumes)
         arrays = {v.id: tmp_path / "regions.zarr" / v.id / "image" / "zarr.json" for v in volumes}
         stamps = {k: p.stat().st_mtime_ns for k, p in arrays.items()}
-        method.prepare(str(demo_store_path), volumes)  # unchanged: nothing rewritten
+        method.prepare(volumes)  # unchanged: nothing rewritten
         assert {k: p.stat().st_mtime_ns for k, p in arrays.items()} == stamps
         changed = [replace(volumes[0], bbox=(0, 0, 0, *volumes[0].shape))] + volumes[1:]
-        method.prepare(str(demo_store_path), changed)  # a new box for the first volume: only it is rebuilt
+        method.prepare(changed)  # a new box for the first volume: only it is rebuilt
         assert arrays[volumes[0].id].stat().st_mtime_ns != stamps[volumes[0].id]
         assert all(arrays[v.id].stat().st_mtime_ns == stamps[v.id] for v in volumes[1:])
 

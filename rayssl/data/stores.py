@@ -1,4 +1,4 @@
-"""Several stores in one run: per-store sampling weights turned into per-volume sample counts, and the per-store summary a run records."""
+"""Several stores in one run: which store each volume lives in, per-store sampling weights turned into per-volume sample counts, and the per-store summary a run records."""
 
 from __future__ import annotations
 
@@ -13,6 +13,27 @@ from rayssl.data.types import VolumeInfo
 def store_key(store: str) -> str:
     """How a store is named in VolumeInfo.extra["store"]: the URL, or the absolute local path."""
     return str(store) if "://" in str(store) else os.path.abspath(store)
+
+
+def volume_store(volume: VolumeInfo) -> str:
+    """The store `volume` is read from (its `extra["store"]`, filled by rayssl.data.volumes.load_volumes).
+
+    Volumes of one run may come from several stores: whatever is derived from a volume (masks,
+    registrations, resized regions) belongs to this store, never to the run's first one.
+    """
+    store = volume.extra.get("store")
+    if not store:
+        raise ValueError(f"volume {volume.id!r} carries no store (VolumeInfo.extra['store']); load volumes with "
+                         f"rayssl.data.volumes.load_volumes(stores) so each one knows where it lives")
+    return str(store)
+
+
+def group_by_store(volumes: Sequence[VolumeInfo]) -> dict[str, list[VolumeInfo]]:
+    """`volumes` grouped by `volume_store`, stores and volumes in first-seen order."""
+    groups: dict[str, list[VolumeInfo]] = {}
+    for volume in volumes:
+        groups.setdefault(volume_store(volume), []).append(volume)
+    return groups
 
 
 def _largest_remainder(total: int, shares: Sequence[float]) -> np.ndarray:

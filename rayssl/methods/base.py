@@ -211,13 +211,16 @@ class Method(ABC):
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
         """Raise ValueError naming a volume this method cannot use (before any worker starts)."""
 
-    def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
         """Driver-side data preparation before streaming (e.g. DrasCLR's atlas registration).
 
-        May write derived arrays/attributes into the store and return the volumes with extra
-        per-volume facts in `VolumeInfo.extra` (they travel to the data actors with the plans).
-        May also replace `self.config` to pin an automatic choice (DrasCLR's atlas): the run
-        records the resolved config, so its model card and a resumed run use the same choice.
+        `volumes` may come from several stores (`--data A --data B`): each volume's own store is
+        `rayssl.data.stores.volume_store(volume)` (its `extra["store"]`), and whatever is derived
+        from a volume (arrays, attributes, manifest columns) is written there. Returns one
+        VolumeInfo per input volume, in the same order, with extra per-volume facts in
+        `VolumeInfo.extra` (they travel to the data actors with the plans). May also replace
+        `self.config` to pin an automatic choice (DrasCLR's atlas): the run records the resolved
+        config, so its model card and a resumed run use the same choice.
         """
         return list(volumes)
 

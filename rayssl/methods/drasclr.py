@@ -447,9 +447,9 @@ class DrasCLR(Method):
                     f"Resample the store (`rayssl convert ... --spacing {wanted or reference[0]:g}`) or set "
                     f"drasclr.spacing_mm to the store's spacing (null = any spacing shared by all volumes)")
 
-    def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
-        """Spacing check, lung masks, atlas registration (Ray tasks) and landmarks; see
-        datasets_zarr.landmarks.
+    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+        """Spacing check, lung masks, atlas registration (Ray tasks) and landmarks, each written into
+        the volume's own store (one atlas for all stores); see datasets_zarr.landmarks.
 
         Imports datasets_zarr lazily: it runs on the driver only and starts Ray tasks there.
         """
@@ -496,7 +496,7 @@ class DrasCLR(Method):
         first = volumes[0].extra
         if EXTRA_ATLAS_COORDS not in first:
             raise ValueError(
-                f"volume {volumes[0].id!r} has no DrasCLR landmarks: run DrasCLR.prepare(store, volumes) first"
+                f"volume {volumes[0].id!r} has no DrasCLR landmarks: run DrasCLR.prepare(volumes) first"
             )
         anatomy = _Anatomy(
             atlas_coords=np.asarray(first[EXTRA_ATLAS_COORDS], dtype=np.float32),
@@ -543,7 +543,7 @@ class DrasCLR(Method):
         volume = volumes[index]
         if EXTRA_POSITIONS not in volume.extra:
             raise ValueError(
-                f"volume {volume.id!r} has no DrasCLR landmarks: DrasCLR.prepare(store, volumes) must run first"
+                f"volume {volume.id!r} has no DrasCLR landmarks: DrasCLR.prepare(volumes) must run first"
             )
         positions = np.asarray(volume.extra[EXTRA_POSITIONS])
         neighbors = np.asarray(volume.extra[EXTRA_NEIGHBORS])

@@ -386,7 +386,7 @@ class GVSL(Method):
                 f"GVSL registers pairs of different volumes and needs at least 2 volumes, got {len(volumes)}"
             )
 
-    def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
         """Record each volume's intensity mode on the driver (see `_intensity_by_volume`)."""
         for volume in volumes:
             self._intensity_by_volume[volume.index] = _intensity_mode(volume, self.config.intensity)

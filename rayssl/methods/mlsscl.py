@@ -270,7 +270,7 @@ class MLSSCL(Method):
                     "set intensity to 'ct', 'mr' or 'none'"
                 )
 
-    def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
         """Record each volume's intensity mode on the driver.
 
         The data actors call `views` on a pickled copy of this method made after `prepare`, and

@@ -82,6 +82,7 @@ from monai.transforms import (
 from pydantic import Field, model_validator
 from torch import nn
 
+from rayssl.data.stores import volume_store
 from rayssl.methods.base import (
     ExportedBackbone,
     Method,
@@ -517,16 +518,27 @@ class VoCo(Method):
         self.prepare_with_ray = True  # tests and benchmarks may prepare in-process
 
     # ---- CPU side ---------------------------------------------------------------------------
-    def prepare(self, store: str, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
         """foreground_resize with prepare_regions: write every foreground box resized to region_size
-        once (datasets_zarr.resized; reused by later runs) and stream from those regions."""
+        once (datasets_zarr.resized; reused by later runs) and stream from those regions.
+
+        The regions go to `prepared_store` when set, else beside each volume's own store
+        (`<store>.fg-XxYxZ.zarr`), so a run over several stores derives one regions store per store."""
         c = self.config
         if c.region_mode != "foreground_resize" or not c.prepare_regions:
             return list(volumes)
         from datasets_zarr.resized import default_resized_store, resize_foreground_boxes
 
-        out = c.prepared_store or default_resized_store(store, c.region_size)
-        return resize_foreground_boxes(volumes, c.region_size, out, use_ray=self.prepare_with_ray)
+        targets: dict[str, list[int]] = {}
+        for i, volume in enumerate(volumes):
+            out = c.prepared_store or default_resized_store(volume_store(volume), c.region_size)
+            targets.setdefault(out, []).append(i)
+        prepared: dict[int, VolumeInfo] = {}
+        for out, members in targets.items():
+            resized = resize_foreground_boxes([volumes[i] for i in members], c.region_size, out,
+                                              use_ray=self.prepare_with_ray)
+            prepared.update(zip(members, resized))
+        return [prepared[i] for i in range(len(volumes))]
 
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
         if self.config.intensity == "ct_window":

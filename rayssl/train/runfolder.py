@@ -7,7 +7,7 @@ import json
 import platform
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -32,7 +32,7 @@ def run_file_exists(run_dir: str, *parts: str) -> bool:
 
 GUIDE = """# rayssl run {name}
 
-Method **{method}** (profile `{profile}`), {steps} steps, data: `{store}` ({volumes} volumes).
+Method **{method}** (profile `{profile}`), {steps} steps, data: {stores} ({volumes} volumes).
 
 | file | what it is |
 |---|---|
@@ -63,12 +63,14 @@ class RunResult:
     error: str | None = None
 
 
-def start_run_folder(run_dir: str, cfg: RunConfig, store: str, volumes: int, resumed_from: int | None) -> None:
+def start_run_folder(run_dir: str, cfg: RunConfig, stores: Sequence[str], volumes: int,
+                     resumed_from: int | None) -> None:
     fs, path = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(path, exist_ok=True)
     write_run_file(run_dir, "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
     write_run_file(run_dir, "README.md", GUIDE.format(name=cfg.name, method=cfg.method, profile=cfg.profile,
-                                                      steps=cfg.train.steps, store=store, volumes=volumes,
+                                                      steps=cfg.train.steps,
+                                                      stores=", ".join(f"`{s}`" for s in stores), volumes=volumes,
                                                       run_dir=run_dir))
     if resumed_from is not None:
         print(f"[rayssl] resuming {run_dir} from step {resumed_from}")

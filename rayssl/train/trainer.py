@@ -23,10 +23,12 @@ from rayssl.config import RunConfig
 from rayssl.data.pipeline import SkipLedger, build_dataset
 from rayssl.data.storage import apply_storage_options
 from rayssl.data.stores import stores_summary, volume_repeats
+from rayssl.data.types import VolumeInfo
 from rayssl.data.volumes import check_volumes_in_split, load_volumes, manifest_digest, spacing_summary
 from rayssl.eval.online import OnlineProbe
 from rayssl.eval.online import record as record_online_probe
 from rayssl.methods import get_method_class
+from rayssl.methods.base import Method
 from rayssl.runtime import attach_address, start_or_attach
 from rayssl.checkpoint import latest_checkpoint_step
 from rayssl.train.loop import train_loop_per_worker
@@ -56,12 +58,25 @@ def new_run_name(method: str) -> str:
     return f"{method}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def resolve_store(cfg: RunConfig) -> str:
-    if cfg.data.store:
-        return cfg.data.store
+def resolve_stores(cfg: RunConfig) -> tuple[list[str], list[float | None]]:
+    """The run's stores and their sampling weights (`data.stores`, or `data.store`, or the demo
+    store, built on first use)."""
+    entries = cfg.data.store_entries()
+    if entries:
+        return [e.uri for e in entries], [e.weight for e in entries]
     from datasets_zarr.demo import demo_store
 
-    return str(demo_store(n=cfg.data.demo_volumes))
+    return [str(demo_store(n=cfg.data.demo_volumes))], [None]
+
+
+def prepare_volumes(method: Method, volumes: list[VolumeInfo]) -> list[VolumeInfo]:
+    """`method.prepare(volumes)`, checked to return one VolumeInfo per volume in the same order
+    (sample plans, store shares and resumed runs index volumes by their manifest row)."""
+    prepared = method.prepare(volumes)
+    if [v.id for v in prepared] != [v.id for v in volumes]:
+        raise RuntimeError(f"{type(method).__name__}.prepare returned volumes {[v.id for v in prepared][:5]}... for "
+                           f"{[v.id for v in volumes][:5]}...: it must return one VolumeInfo per volume, same order")
+    return prepared
 
 
 class _MemoryWatcher(threading.Thread):
@@ -148,10 +163,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     cfg = cfg.model_copy(update={"name": name})
 
     method = get_method_class(cfg.method)(cfg.method_cfg())
-    entries = cfg.data.store_entries()
-    stores = [e.uri for e in entries] or [resolve_store(cfg)]
-    weights = [e.weight for e in entries] or [None]
-    store = stores[0]  # what single-store code paths (method.prepare, the run README) name
+    stores, weights = resolve_stores(cfg)
     apply_storage_options(stores, cfg.data.storage_options)
     ray_init = dict(ray_init or {})
     if cfg.eval.probe_store and not attach_address(address) and not ray.is_initialized():
@@ -159,11 +171,15 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         # CPUs on top of the cores, so the probe shares the cores with training instead of waiting for it.
         ray_init.setdefault("num_cpus", (os.cpu_count() or 1) + math.ceil(cfg.eval.probe_cpus))
     ensure_ray(address, **ray_init)
-    volumes = load_volumes(stores, cfg.data.split)
-    check_volumes_in_split(method.check_volumes, volumes, stores, cfg.data.split)
-    volumes = method.prepare(store, volumes)
+    loaded = load_volumes(stores, cfg.data.split)
+    check_volumes_in_split(method.check_volumes, loaded, stores, cfg.data.split)
+    # Each volume is prepared in its own store (VolumeInfo.extra["store"]).
+    volumes = prepare_volumes(method, loaded)
     cfg = cfg.with_method_cfg(method.config)
-    repeats = volume_repeats(volumes, stores, weights, cfg.data.samples_per_volume)
+    # Store shares are taken from the loaded volumes: prepare may point a volume's reads at a derived
+    # store (VoCo's resized regions), but it still counts for the store it came from.
+    repeats = volume_repeats(loaded, stores, weights, cfg.data.samples_per_volume)
+    per_store = stores_summary(loaded, stores, weights, repeats, cfg.data.samples_per_volume)
     samples_per_epoch = len(volumes) * cfg.data.samples_per_volume if repeats is None else int(repeats.sum())
     cfg = resolve_epochs(cfg, samples_per_epoch)
     print(describe_batch(cfg.train))
@@ -172,7 +188,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     start_step = (latest_checkpoint_step(run_dir) or 0) if resume else 0
     stop = min(tc.stop_after or tc.steps, tc.steps)
-    start_run_folder(run_dir, cfg, store=store, volumes=len(volumes), resumed_from=start_step if resume else None)
+    start_run_folder(run_dir, cfg, stores=stores, volumes=len(volumes), resumed_from=start_step if resume else None)
     if start_step >= stop:
         print(f"[rayssl] {run_dir} is already at step {start_step} >= {stop}: nothing to do "
               f"(raise train.steps with --set train.steps=N to continue training)")
@@ -212,10 +228,10 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         datasets = {"train": build(num_samples=num_samples, start_sample=start_sample,
                                    actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus)}
         data_config, dataset_name = ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest), "train"
-    per_store = stores_summary(volumes, stores, weights, repeats, cfg.data.samples_per_volume)
     card = {
-        "data": {"store": store, "manifest_sha256": manifest_digest(stores), "volumes": len(volumes),
-                 "split": cfg.data.split, "stores": per_store},
+        # "store": the store of a single-store run; "stores" lists every store of the run.
+        "data": {"store": stores[0] if len(stores) == 1 else None, "manifest_sha256": manifest_digest(stores),
+                 "volumes": len(volumes), "split": cfg.data.split, "stores": per_store},
         "pretraining_spacing_mm": spacing_summary(volumes),
     }
     trainer = TorchTrainer(

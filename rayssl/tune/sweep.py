@@ -185,7 +185,7 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
     from rayssl.data.volumes import load_volumes
     from rayssl.eval.features import initial_weights
     from rayssl.eval.probe import ProbeConfig, default_probe_store, probe_score
-    from rayssl.train.trainer import resolve_store
+    from rayssl.train.trainer import resolve_stores
 
     t0 = time.perf_counter()
     check_address(address)  # an unreachable cluster fails now, not after the baseline probe
@@ -211,7 +211,9 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
     if os.path.exists(sweep_dir):
         raise FileExistsError(f"sweep folder {sweep_dir} already exists; choose another --name")
     # Build the (cached) demo stores here once, so trials do not race to build them.
-    store = resolve_store(cfg)
+    stores, _ = resolve_stores(cfg)
+    # Trials use the sweep's data.store / data.stores as given; the demo store is pinned here.
+    data_overrides = [] if cfg.data.store_entries() else [f"data.store={stores[0]}"]
     probe_store = probe_store or default_probe_store()
     labelled = [v for v in load_volumes(probe_store, split="all") if v.has_label]
     if len(labelled) < 2:
@@ -231,7 +233,7 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
     os.environ.setdefault(_STRICT_METRIC_ENV, "1")
     setup = {
         "method": method, "profile": cfg.profile, "config_file": config_file,
-        "overrides": [*base_overrides, f"data.store={store}"], "runs_dir": runs_dir, "points": points,
+        "overrides": [*base_overrides, *data_overrides], "runs_dir": runs_dir, "points": points,
         "probe_store": probe_store, "probe": probe_settings,
     }
     scheduler = scheduler or ASHAScheduler(time_attr="step", max_t=cfg.train.steps,
@@ -258,7 +260,7 @@ def run_sweep(method: str, num_samples: int = 4, steps: int | None = None, out: 
     result = SweepResult(sweep_dir=sweep_dir, trials=trials, best=best, best_dir=best_dir, wall_time_s=wall,
                          extra={"method": method, "space": search.source, "points": points, "steps": cfg.train.steps,
                                 "untrained_probe_score": baseline,
-                                "max_concurrent": max_concurrent, "probe_store": probe_store, "store": store})
+                                "max_concurrent": max_concurrent, "probe_store": probe_store, "stores": stores})
     write_results(result, search)
     print(format_trials(trials, search.paths))
     print(f"[rayssl] untrained network (reference): probe_score {baseline:.4f}")
