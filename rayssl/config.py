@@ -84,6 +84,10 @@ class TrainSection(_Strict):
     amp: bool = Field(True, description="bfloat16/float16 autocast on GPU (ignored on CPU)")
     report_every: int = Field(1, ge=1, description="report metrics every k steps")
     checkpoint_every: int = Field(20, ge=1, description="checkpoint every N steps (and at the end)")
+    heldout_samples: int = Field(4, ge=0, description="samples (other crops of the training volumes, never trained "
+                                 "on) on which the objective is evaluated during the run; 0 = off")
+    heldout_every: int | None = Field(None, ge=1, description="evaluate the held-out objective every N steps "
+                                      "(None = about ten points per run: steps // 10)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them")

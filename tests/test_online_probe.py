@@ -28,7 +28,8 @@ def test_probe_points_follow_checkpoints_and_the_last_step():
 def test_online_probe_scores_two_checkpoints_against_random_init(ray_local, demo_store_path, tmp_path):
     cfg = resolve_config(method="voco", profile="cpu", overrides=[
         f"data.store={demo_store_path}", f"out={tmp_path}", *TINY_VOCO, "train.steps=4", "train.checkpoint_every=2",
-        f"eval.probe_store={demo_store_path}", "eval.probe_crops=4", "name=probed"])
+        f"eval.probe_store={demo_store_path}", "eval.probe_crops=4", "name=probed",
+        "train.heldout_samples=2", "train.heldout_every=2"])
     result = pretrain(cfg)
     run = result.run_dir
     assert result.status == "finished"
@@ -48,9 +49,18 @@ def test_online_probe_scores_two_checkpoints_against_random_init(ray_local, demo
     assert {s for s, row in rows.items() if "probe_score" in row} == {2, 4}
     assert rows[4]["probe_random"] == online["random_init"]
     assert "health_spread" in rows[1] and "health_effective_rank" in rows[1]
+    # The held-out objective: at the first report, every 2 steps and at the end, with every loss term.
+    assert {s for s, row in rows.items() if "heldout_loss" in row} == {1, 2, 4}
+    for step in (1, 2, 4):
+        terms = rows[step]
+        assert terms["heldout_loss"] == pytest.approx(
+            terms["heldout_pos"] + terms["heldout_neg"] + cfg.method_cfg().lambda_reg * terms["heldout_reg"], rel=1e-5)
 
     with open(os.path.join(run, "summary.json")) as f:
-        assert json.load(f)["online_probe"]["points"] == online["points"]
+        summary = json.load(f)
+    assert summary["online_probe"]["points"] == online["points"]
+    assert summary["heldout"]["first_step"] == 1 and summary["heldout"]["last_step"] == 4
+    assert summary["heldout"]["last_loss"] == rows[4]["heldout_loss"]
     with open(os.path.join(run, "export", "model_card.json")) as f:
         assert json.load(f)["online_probe"]["random_init"] == online["random_init"]
     # TensorBoard: the probe points (logged after training) and the health metrics (every report).
@@ -58,7 +68,7 @@ def test_online_probe_scores_two_checkpoints_against_random_init(ray_local, demo
 
     events = EventAccumulator(os.path.join(run, "tensorboard"))
     events.Reload()
-    assert {"probe/probe_score", "probe/probe_random", "health/spread"} <= set(events.Tags()["scalars"])
+    assert {"probe/probe_score", "probe/probe_random", "health/spread", "heldout/loss"} <= set(events.Tags()["scalars"])
     assert sorted(e.step for e in events.Scalars("probe/probe_score")) == [2, 4]
     # loss.png gains a third panel: the probe against the step.
     assert matplotlib.image.imread(os.path.join(run, "loss.png")).shape[1] == 1600

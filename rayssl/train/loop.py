@@ -26,6 +26,7 @@ from rayssl.export import complete_state, export_card, write_export
 from rayssl.methods import get_method_class
 from rayssl.nn.health import collapse_warnings, representation_health
 from rayssl.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
+from rayssl.train.heldout import evaluate_heldout, heldout_due, restore_running_norm_stats, running_norm_stats
 from rayssl.train.optim import accumulate_gradients, build_optimizer, build_scheduler, effective_batch
 from rayssl.train.stall import DataWaitMeter, SteadyEta
 
@@ -58,22 +59,6 @@ def count_crops(batch: dict[str, torch.Tensor]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() >= 5 and value.is_floating_point():
             crops += int(np.prod(value.shape[:-4])) if value.dim() > 5 else value.shape[0]
     return crops
-
-
-def _running_norm_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(buffer, copy) of every running statistic of the model's norm layers (BatchNorm and the like)."""
-    saved = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
-                if buffer is not None:
-                    saved.append((buffer, buffer.detach().clone()))
-    return saved
-
-
-def _restore_running_norm_stats(saved: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-    for buffer, copy in saved or []:
-        buffer.copy_(copy)
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -154,6 +139,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The driver starts the dataset at the step it resumes from; after an in-run restart (node
     # loss) the dataset restarts at its own beginning, so skip what the checkpoint already covered.
     to_skip = (step - int(loop_config.get("data_start_step", 0))) * tc.accumulate
+    # Fixed samples never trained on (built by the driver): the objective's low-noise curve.
+    heldout_batches = ray.get(loop_config["heldout"]) if loop_config.get("heldout") is not None else []
+    heldout_reported = False
 
     metrics_path = posixpath.join(run_dir, "metrics.jsonl")
     history: list[str] = []
@@ -186,7 +174,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ddp_model.train()
         # nan_policy=skip: a skipped step must leave no trace, but a train-mode forward has already
         # folded the bad batch into BatchNorm running statistics; keep them to put back.
-        norm_stats = _running_norm_stats(model) if tc.nan_policy == "skip" else None
+        norm_stats = running_norm_stats(model) if tc.nan_policy == "skip" else None
         optimizer.zero_grad(set_to_none=True)
         losses, outputs = accumulate_gradients(
             ddp_model, method.loss, step_batches, scale=scaler.scale,
@@ -200,7 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"stopping. The last good checkpoint in {run_dir} is kept; lower train.lr, check the data, "
                     f"or set train.nan_policy=skip")
             optimizer.zero_grad(set_to_none=True)
-            _restore_running_norm_stats(norm_stats)
+            restore_running_norm_stats(norm_stats)
             if rank == 0:
                 _say(f"[rayssl] step {step + 1}: non-finite loss, step skipped (nan_policy=skip)")
             continue
@@ -214,7 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"non-finite gradient norm at step {step + 1}; stopping, the last good checkpoint is kept "
                     f"(lower train.lr or set train.nan_policy=skip)")
             optimizer.zero_grad(set_to_none=True)
-            _restore_running_norm_stats(norm_stats)
+            restore_running_norm_stats(norm_stats)
             scaler.update()
             continue
         scaler.step(optimizer)
@@ -237,6 +225,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.update(data_wait.window(elapsed, samples_window))
             embeddings = method.embeddings(outputs)  # the same keys on every rank: same method, same batch size
             metrics.update(representation_health(embeddings) if embeddings is not None else {})
+            # Every rank reports at the same steps, so all evaluate together (a forward may use collectives).
+            if heldout_batches and heldout_due(step, stop, tc, first_report=not heldout_reported):
+                heldout_reported = True
+                metrics.update(evaluate_heldout(
+                    model, method.loss, heldout_batches, device,
+                    autocast=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp)))
             metrics = _mean_across_ranks(metrics)
             metrics.update({
                 "step": step, "epoch": step * effective_batch(tc) // max(1, int(loop_config.get("samples_per_epoch", 1))),
@@ -266,7 +260,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _say(f"[rayssl] step {step}/{stop} | loss {metrics['loss']:.4f} ({terms}) | "
                      f"{metrics['samples_per_s']:.2f} samples/s {metrics['crops_per_s']:.1f} crops/s | "
                      f"data wait {metrics['data_wait_pct']:.0f}% | lr {metrics['lr']:.2e} | "
-                     f"ETA {_fmt_eta(remaining) if remaining is not None else '--'}")
+                     f"ETA {_fmt_eta(remaining) if remaining is not None else '--'}"
+                     + (f" | held-out loss {metrics['heldout_loss']:.4f}" if "heldout_loss" in metrics else ""))
                 advice = data_wait.advice(metrics, data_cpus=cfg.data.actors_max * cfg.data.actor_cpus,
                                           actors_max=cfg.data.actors_max)
                 if advice:

@@ -37,10 +37,10 @@ Method **{method}** (profile `{profile}`), {steps} steps, data: {stores} ({volum
 | file | what it is |
 |---|---|
 | `config.yaml` | the resolved configuration of this run (re-run: `rayssl pretrain --config config.yaml`) |
-| `metrics.jsonl` | one JSON line per reported step: loss terms, lr, samples/s, crops/s, step time, `data_wait_pct` (share of the window the worker waited for its next batch), `data_cpu_s_per_sample` and `data_cores_needed` (data-actor cores that keep data wait under 5 %), representation health (`health_spread`, `health_effective_rank`, `health_dead_fraction`), and on probed steps `probe_score` / `probe_random` / `probe_gain` |
-| `loss.png` | loss curves (raw and smoothed, total and each term); throughput with data wait %; with `--probe`, the probe score against the step beside its random-init line |
+| `metrics.jsonl` | one JSON line per reported step: loss terms, lr, samples/s, crops/s, step time, `data_wait_pct` (share of the window the worker waited for its next batch), `data_cpu_s_per_sample` and `data_cores_needed` (data-actor cores that keep data wait under 5 %), representation health (`health_spread`, `health_effective_rank`, `health_dead_fraction`), on held-out steps `heldout_loss` and `heldout_<term>` (`train.heldout_samples` fixed samples, every `train.heldout_every` steps), and on probed steps `probe_score` / `probe_random` / `probe_gain` |
+| `loss.png` | loss curves (raw and smoothed, total and each term) and the held-out loss (the objective on fixed samples never trained on: the curve to read for a trend); throughput with data wait %; with `--probe`, the probe score against the step beside its random-init line |
 | `online_probe.json` | with `--probe`: the linear probe of each probed checkpoint and of the random-init network (store, metric, points, gains) |
-| `summary.json` | status, wall time, peak memory, mean data wait, final metrics, skipped volumes |
+| `summary.json` | status, wall time, peak memory, mean data wait, held-out loss first -> last, final metrics, skipped volumes |
 | `tensorboard/` | TensorBoard event files of the same metrics: `tensorboard --logdir {run_dir}` |
 | `mlflow.json` | when the run logs to MLflow (`--mlflow URI` or `MLFLOW_TRACKING_URI`): tracking URI, experiment and run id; a resumed run continues that MLflow run |
 | `checkpoint_*/` | Ray Train checkpoints (`state.pt`: model, optimizer, scheduler, step, RNG, method state such as queues) |
@@ -114,6 +114,9 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
     for key in loss_keys:
         if key != "loss":
             axes[0].plot(steps, smooth([m.get(key, float("nan")) for m in metrics]), label=f"{key} (smoothed)", alpha=0.8)
+    heldout = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
+    if heldout:  # the same objective on fixed samples never trained on (rayssl/train/heldout.py)
+        axes[0].plot(*zip(*heldout), color="tab:blue", marker="o", linewidth=2, label="held-out loss (fixed samples)")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("loss")
     axes[0].set_title("training loss")
@@ -156,8 +159,8 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
 _NON_LOSS = {"step", "epoch", "lr", "grad_norm", "samples_per_s", "crops_per_s", "step_time_s",
              "worker_peak_rss_mb", "time_s", "data_wait_pct", "data_wait_s", "compute_s", "data_cpu_s_per_sample",
              "data_cores_needed", "gpu_peak_mem_mb", "build_cpu_s"}
-# Prefixes of reported values that are not loss terms (representation health, online probe).
-_NON_LOSS_PREFIXES = ("health_", "probe_")
+# Prefixes of reported values that are not training-loss terms (representation health, online probe, held-out objective).
+_NON_LOSS_PREFIXES = ("health_", "probe_", "heldout_")
 
 
 def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_memory_mb: float,
@@ -183,6 +186,7 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         "mean_data_wait_pct": _mean(metrics, "data_wait_pct"),
         "data_cpu_s_per_sample": _mean(metrics, "data_cpu_s_per_sample"),
         "data_cores_needed": _mean(metrics, "data_cores_needed"),
+        "heldout": heldout_summary(metrics),
         "final_metrics": last,
         "skipped_volumes": skipped,
         "data": data or {},
@@ -196,12 +200,28 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         print(f"[rayssl] on_error=skip: {total} samples re-planned away from {len(skipped)} unreadable volume(s):")
         for vid, info in skipped.items():
             print(f"  - {vid}: {info['count']}x {info['reason']}")
+    if summary["heldout"]:
+        h = summary["heldout"]
+        print(f"[rayssl] held-out loss (the objective on {cfg.train.heldout_samples} fixed samples never trained on): "
+              f"{h['first_loss']:.4f} at step {h['first_step']} -> {h['last_loss']:.4f} at step {h['last_step']} "
+              f"({h['change']:+.4f})")
     print(f"[rayssl] {status}: {summary['steps']}/{cfg.train.steps} steps in {wall_time_s:.1f} s, "
           f"peak memory +{peak_memory_mb:.0f} MiB, {summary['mean_crops_per_s']:.1f} crops/s, "
           f"data wait {summary['mean_data_wait_pct']:.0f} %. Run folder: {run_dir}")
     return RunResult(run_dir=run_dir, status=status, steps=summary["steps"], wall_time_s=wall_time_s,
                      peak_memory_mb=peak_memory_mb, metrics=last, skipped=skipped,
                      error=str(error) if error else None)
+
+
+def heldout_summary(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """First and last held-out loss of a run (and their change), or None without held-out points."""
+    points = [m for m in metrics if "heldout_loss" in m]
+    if not points:
+        return None
+    first, last = points[0], points[-1]
+    return {"first_step": first["step"], "first_loss": first["heldout_loss"], "last_step": last["step"],
+            "last_loss": last["heldout_loss"], "change": last["heldout_loss"] - first["heldout_loss"],
+            "points": len(points)}
 
 
 def _mean(metrics: list[dict[str, Any]], key: str) -> float:

@@ -56,11 +56,13 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def tensorboard_tag(key: str) -> str:
-    """loss terms under loss/, the rest grouped by kind (optim/, throughput/, data/, health/, probe/, method/)."""
+    """loss terms under loss/, the rest grouped by kind (optim/, throughput/, data/, health/, heldout/, probe/, method/)."""
     if key in _TB_GROUPS:
         return _TB_GROUPS[key]
     if key.startswith("probe"):
         return f"probe/{key}"
+    if key.startswith("heldout_"):
+        return f"heldout/{key.removeprefix('heldout_')}"
     if key.startswith("health_"):
         return f"health/{key.removeprefix('health_')}"
     if key == "loss" or "loss" in key or key in ("pred", "reg", "local", "neighbor", "ncc", "smooth", "restore"):

@@ -31,6 +31,7 @@ from rayssl.methods import get_method_class
 from rayssl.methods.base import Method
 from rayssl.runtime import attach_address, start_or_attach
 from rayssl.checkpoint import latest_checkpoint_step
+from rayssl.train.heldout import build_heldout_batches
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.optim import describe_batch, effective_batch, resolve_epochs
 from rayssl.train.runfolder import RunResult, finish_run_folder, start_run_folder
@@ -77,6 +78,21 @@ def prepare_volumes(method: Method, volumes: list[VolumeInfo]) -> list[VolumeInf
         raise RuntimeError(f"{type(method).__name__}.prepare returned volumes {[v.id for v in prepared][:5]}... for "
                            f"{[v.id for v in volumes][:5]}...: it must return one VolumeInfo per volume, same order")
     return prepared
+
+
+def _heldout_samples(volumes, method, cfg: RunConfig, global_batch: int, repeats) -> "ray.ObjectRef | None":
+    """The held-out samples (rayssl/train/heldout.py) in the object store, or None when off or unbuildable:
+    an unreadable volume is the data path's to report (with on_error), not this curve's."""
+    if cfg.train.heldout_samples <= 0:
+        return None
+    try:
+        batches = build_heldout_batches(volumes, method.plan, method.views, cfg, read_dtype=method.read_dtype,
+                                        samples_per_step=global_batch if method.step_shared_plans else None,
+                                        global_batch=global_batch, repeats=repeats)
+    except Exception as err:  # noqa: BLE001 - the curve is optional; training reports bad data itself
+        print(f"[rayssl] warning: no held-out objective for this run: its samples could not be built ({err})")
+        return None
+    return ray.put(batches)
 
 
 class _MemoryWatcher(threading.Thread):
@@ -213,6 +229,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
         repeats=repeats,
     )
+    heldout_ref = _heldout_samples(volumes, method, cfg, global_batch, repeats)
     start_sample, num_samples = start_step * global_batch, (stop - start_step) * global_batch + global_batch
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # reproducible sample order => exact resume
@@ -237,7 +254,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "run_dir": run_dir, "data_start_step": start_step,
-                           "dataset": dataset_name, "card": card, "samples_per_epoch": samples_per_epoch},
+                           "dataset": dataset_name, "card": card, "samples_per_epoch": samples_per_epoch,
+                           "heldout": heldout_ref},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
