@@ -12,9 +12,15 @@ Side by side in one run, on the same volumes and the same crop positions:
    a bucket; rayssl's reader: requests and bytes fetched per crop, crops/s; zarr-python over
    fsspec: crops/s.
 
+Decode limit (issue #2's definition, computed by crop_throughput.decode_limit): the chunk objects
+each crop of the same plan touches, blosc-decoded whole in a tight loop on `--actors` processes at
+once, as crops/s; also the block-decode limit (only the blosc blocks each crop needs, as rayssl's
+reader decodes). The codec and chunks are the same in both layouts, so one limit serves both; the
+Ray rows print their share of each (issue 15's third target: through Ray >= 75 % of the decode limit).
+
 Crops come back in the stored dtype (int16) from every reader, so no reader pays a cast the
 others skip. Targets (issue 15): rayssl in-process >= tensorstore on both layouts; sharded within
-10 % of unsharded. Run on a quiet machine (timings under load are worthless; the load is recorded):
+10 % of unsharded; rayssl through Ray >= 75 % of the decode limit. Run on a quiet machine (timings under load are worthless; the load is recorded):
 
     python benchmarks/store_readers.py            # CT-sized volumes (512x512x~300), ~5 min
     python benchmarks/store_readers.py --quick    # smoke check on small volumes, < 1 min
@@ -167,6 +173,31 @@ def _reset_zarr_pipeline() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The codec's decode limit (crop_throughput's measurement, on these crops)
+# ---------------------------------------------------------------------------------------------
+def decode_limits(store: Path, shapes: list[tuple[int, int, int]], plans, processes: int, seconds: float) -> dict:
+    """Crops/s of `processes` processes blosc-decoding exactly the chunks each crop touches (whole
+    chunks: the decode limit; only the needed blosc blocks: the block-decode limit), read from the
+    unsharded store's chunk objects (the same compressed bytes as the sharded store's inner chunks)."""
+    from types import SimpleNamespace
+
+    from crop_throughput import CHUNK, chunk_reads_of, decode_limit
+
+    def volume(volume_id: str) -> SimpleNamespace:
+        # crop_plans names volume i "ct_<i>", as ensure_volumes wrote it.
+        return SimpleNamespace(shape=shapes[int(volume_id.split("_")[1])], extra={"store": str(store), "group": volume_id})
+
+    reads = [chunk_reads_of(volume(v), start, (CROP,) * 3, CHUNK) for v, start in plans]
+    out = {}
+    for name, blocks_only in (("whole_chunks", False), ("blocks", True)):
+        limit = decode_limit(reads, processes, seconds, blocks_only=blocks_only)
+        out[name] = {"crops_per_s": limit["crops_per_s_direct"], "cpu_ms_per_crop": limit["cpu_ms_per_crop"],
+                     "cpu_share": limit["cpu_share"], "decoded_GB_per_s": limit["decoded_GB_per_s"]}
+    out["chunks_per_crop"] = sum(len(r) for r in reads) / len(reads)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Through Ray: 2 actors, one reader each
 # ---------------------------------------------------------------------------------------------
 def through_ray(cls, store: str, plans, actors: int) -> dict:
@@ -210,6 +241,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--decode-seconds", type=float, default=None, help="decode-limit loop length (default 5; quick 1.5)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this many s for load < --max-load")
     parser.add_argument("--max-load", type=float, default=2.5)
     parser.add_argument("--json", default=None)
@@ -239,7 +271,9 @@ def main(argv=None) -> dict:
     results["readers_agree"] = len(checksums) == 1
 
     if not args.skip_ray:
-        print(f"[2/3] local disk through Ray, {args.actors} actors")
+        print(f"[2/3] decode limit ({args.actors} processes), then local disk through Ray, {args.actors} actors")
+        results["decode_limit"] = decode_limits(vols.store, vols.shapes, plans, args.actors,
+                                                args.decode_seconds or (1.5 if args.quick else 5.0))
         import ray
 
         ray.init(num_cpus=args.actors, include_dashboard=False, logging_level="WARNING", address="local",
@@ -286,20 +320,31 @@ def s3_phase(layouts: dict[str, Path], plans) -> dict:
 
 
 def print_tables(results: dict) -> None:
+    limits = results.get("decode_limit")
+    if limits:
+        whole, blocks = limits["whole_chunks"], limits["blocks"]
+        print(f"\ndecode limit ({limits['chunks_per_crop']:.1f} chunks/crop): {whole['crops_per_s']:.1f} crops/s "
+              f"({whole['cpu_ms_per_crop']:.1f} CPU ms/crop); block-decode limit {blocks['crops_per_s']:.1f} crops/s "
+              f"({blocks['cpu_ms_per_crop']:.1f} CPU ms/crop)")
     for phase in ("local", "ray", "s3"):
         rows = []
         for key, r in results[phase].items():
             layout, name = key.split("/")
             base = results[phase].get(f"{layout}/tensorstore") or results[phase].get(f"{layout}/zarr-python")
             unsharded = results[phase].get(f"unsharded/{name}")
-            rows.append([layout, name, f"{r['crops_per_s']:.1f}", f"{r['cpu_ms_per_crop']:.1f}",
-                         f"{r['crops_per_s'] / base['crops_per_s']:.2f}" if base else "-",
-                         f"{r['crops_per_s'] / unsharded['crops_per_s']:.2f}" if unsharded else "-",
-                         f"{r.get('requests_per_crop', float('nan')):.1f}", f"{r.get('fetched_MB_per_crop', float('nan')):.2f}"])
+            row = [layout, name, f"{r['crops_per_s']:.1f}", f"{r['cpu_ms_per_crop']:.1f}",
+                   f"{r['crops_per_s'] / base['crops_per_s']:.2f}" if base else "-",
+                   f"{r['crops_per_s'] / unsharded['crops_per_s']:.2f}" if unsharded else "-",
+                   f"{r.get('requests_per_crop', float('nan')):.1f}", f"{r.get('fetched_MB_per_crop', float('nan')):.2f}"]
+            if phase == "ray" and limits:
+                row += [f"{100 * r['crops_per_s'] / whole['crops_per_s']:.0f} %",
+                        f"{100 * r['crops_per_s'] / blocks['crops_per_s']:.0f} %"]
+            rows.append(row)
         if rows:
             print(f"\n{phase}:")
             print(fmt_table(rows, ["layout", "reader", "crops/s", "CPU ms/crop", "x baseline", "x unsharded",
-                                   "requests/crop", "MB fetched/crop"]))
+                                   "requests/crop", "MB fetched/crop"]
+                            + (["of decode limit", "of block-decode limit"] if phase == "ray" and limits else [])))
 
 
 if __name__ == "__main__":
