@@ -7,6 +7,11 @@ import os
 import socket
 from typing import Callable
 
+# A tiny VoCo: 2x2 base crops of a 64x64x32 region, 32^3 inputs, a narrow UNet encoder.
+VOCO_TINY = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random_crops=2",
+             "unet_features=[4,4,8,8,16,4]", "proj_hidden_dim=32", "proj_dim=32",
+             "train.batch_size=1", "data.split=all", "data.actors_max=1"]
+
 # A tiny MLSSCL (no driver-side preparation that would read the voxels of a corrupt volume).
 MLSSCL_TINY = ["clip_length=4", "long_stride=3", "short_stride=2", "plane_size=12", "image_size=12",
                "resnet_widen_factor=0.125", "proj_dim=16", "queue_length=8", "intensity=none",

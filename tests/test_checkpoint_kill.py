@@ -72,6 +72,8 @@ def _metrics_steps(run_dir):
 
 
 @pytest.mark.slow  # two pretrain subprocesses per case, each starting its own Ray runtime
+# 2-4.5 min per case; the choice of checkpoint is also checked without a kill in tests/test_reliability.py (README: Testing)
+@pytest.mark.extended
 @pytest.mark.parametrize("victim", ["driver", "worker"])
 def test_kill_during_checkpoint_write_resumes_from_last_complete(victim, private_tmp, demo_store_path, tmp_path):
     out, run_dir = tmp_path / "runs", str(tmp_path / "runs" / "run")

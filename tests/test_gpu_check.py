@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# ~80 s for two pretrain runs of a benchmark script (README: Testing)
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 
 def test_gpu_check_tiny_on_cpu(ray_local, demo_store_path, tmp_path):

@@ -10,11 +10,6 @@ from rayssl.config import resolve_config
 from rayssl.eval.features import load_run_weights
 from rayssl.eval.online import online_probe_config, probe_steps_due
 from rayssl.eval.probe import load_probe_data, probe_score
-from rayssl.train.trainer import pretrain
-
-TINY_VOCO = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random_crops=2",
-             "unet_features=[4,4,8,8,16,4]", "proj_hidden_dim=32", "proj_dim=32",
-             "train.batch_size=1", "data.split=all", "data.actors_max=1"]
 
 
 def test_probe_points_follow_checkpoints_and_the_last_step():
@@ -25,12 +20,10 @@ def test_probe_points_follow_checkpoints_and_the_last_step():
         resolve_config(method="voco", profile="cpu", overrides=["train.checkpoint_every=10", "eval.probe_every=15"])
 
 
-def test_online_probe_scores_two_checkpoints_against_random_init(ray_local, demo_store_path, tmp_path):
-    cfg = resolve_config(method="voco", profile="cpu", overrides=[
-        f"data.store={demo_store_path}", f"out={tmp_path}", *TINY_VOCO, "train.steps=4", "train.checkpoint_every=2",
-        f"eval.probe_store={demo_store_path}", "eval.probe_crops=4", "name=probed",
-        "train.heldout_samples=2", "train.heldout_every=2"])
-    result = pretrain(cfg)
+def test_online_probe_scores_two_checkpoints_against_random_init(voco_resume_runs):
+    # 4 steps, checkpoints at 2 and 4, eval.probe_store = the demo store, eval.probe_crops=4 (tests/conftest.py).
+    result = voco_resume_runs.full
+    cfg = resolve_config(file=os.path.join(result.run_dir, "config.yaml"))
     run = result.run_dir
     assert result.status == "finished"
 
@@ -75,6 +68,6 @@ def test_online_probe_scores_two_checkpoints_against_random_init(ray_local, demo
 
     # The online score is what `probe_score` (the Tune objective) gives on that checkpoint.
     probe_cfg = online_probe_config(cfg)
-    data = load_probe_data(str(demo_store_path), fit_fraction=probe_cfg.fit_fraction, seed=probe_cfg.seed)
+    data = load_probe_data(cfg.eval.probe_store, fit_fraction=probe_cfg.fit_fraction, seed=probe_cfg.seed)
     again = probe_score(load_run_weights(run, source="checkpoint"), data, probe_cfg)
     assert again["probe_score"] == pytest.approx(online["points"][-1]["score"], abs=1e-4)

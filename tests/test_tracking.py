@@ -7,28 +7,15 @@ import os
 
 import pytest
 
-from rayssl.config import resolve_config
 from rayssl.train.stall import DataWaitMeter, cores_needed, stall_advice
-from rayssl.train.trainer import pretrain
-
-TINY = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random_crops=2",
-        "unet_features=[4,4,8,8,16,4]", "proj_hidden_dim=32", "proj_dim=32",
-        "train.batch_size=1", "data.split=all", "data.actors_max=1", "train.report_every=1"]
 
 
 @pytest.fixture(scope="module")
-def tracked_run(ray_local, demo_store_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tracked")
-    uri = f"sqlite:///{root}/mlflow.db"
-    cfg = resolve_config(method="voco", profile="cpu", overrides=[
-        f"data.store={demo_store_path}", f"out={root / 'runs'}", *TINY, "train.steps=3",
-        "train.checkpoint_every=2", "train.stop_after=2"])
-    part = pretrain(cfg, mlflow_uri=uri)
-    with open(os.path.join(part.run_dir, "mlflow.json")) as f:
-        first_id = json.load(f)["run_id"]
-    resumed_cfg = resolve_config(file=os.path.join(part.run_dir, "config.yaml"), overrides=["train.stop_after=null"])
-    result = pretrain(resumed_cfg, resume=part.run_dir)  # no URI given: the run folder's mlflow.json says where
-    return result, uri, first_id
+def tracked_run(voco_resume_runs):
+    """The session's tiny VoCo run of 4 steps, stopped after step 2 while logging to a local MLflow
+    database, then resumed with no URI given (tests/conftest.py::voco_resume_runs)."""
+    runs = voco_resume_runs
+    return runs.resumed, runs.mlflow_uri, runs.mlflow_run_id
 
 
 @pytest.mark.slow
@@ -42,7 +29,7 @@ def test_tensorboard_events_in_the_run_folder(tracked_run):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"loss/loss", "optim/lr", "throughput/samples_per_s", "data/wait_pct"} <= tags
-    assert sorted({e.step for e in acc.Scalars("loss/loss")}) == [1, 2, 3]
+    assert sorted({e.step for e in acc.Scalars("loss/loss")}) == [1, 2, 3, 4]
     with open(os.path.join(result.run_dir, "README.md")) as f:
         assert "tensorboard/" in f.read()
 
@@ -57,8 +44,8 @@ def test_mlflow_run_is_continued_after_resume(tracked_run):
         assert json.load(f)["run_id"] == first_id
     run = client.get_run(first_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["method"] == "voco" and run.data.params["train.steps"] == "3"
-    assert [m.step for m in client.get_metric_history(first_id, "loss")] == [1, 2, 3]
+    assert run.data.params["method"] == "voco" and run.data.params["train.steps"] == "4"
+    assert [m.step for m in client.get_metric_history(first_id, "loss")] == [1, 2, 3, 4]
     assert "data_wait_pct" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(first_id)}
     assert {"loss.png", "summary.json", "config.yaml", "export"} <= artifacts

@@ -9,10 +9,9 @@ import torch
 from rayssl.config import resolve_config
 from rayssl.train.trainer import pretrain
 
-# A tiny VoCo: 2x2 base crops of a 64x64x32 region, 32^3 inputs, a narrow UNet encoder.
-TINY = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random_crops=2",
-        "unet_features=[4,4,8,8,16,4]", "proj_hidden_dim=32", "proj_dim=32",
-        "train.batch_size=1", "data.split=all", "data.actors_max=1", "train.report_every=1"]
+from helpers import VOCO_TINY
+
+TINY = [*VOCO_TINY, "train.report_every=1"]
 
 
 def _cfg(store, out, *extra):
@@ -25,20 +24,19 @@ def _losses(run_dir):
         return {m["step"]: m["loss"] for m in map(json.loads, f)}
 
 
-def test_pretrain_writes_run_folder_and_monai_export(ray_local, demo_store_path, tmp_path):
+def test_pretrain_writes_run_folder_and_monai_export(voco_resume_runs):
     from monai.networks.nets import BasicUNet
 
-    cfg = _cfg(demo_store_path, tmp_path / "runs", "train.steps=3", "train.checkpoint_every=2")
-    result = pretrain(cfg)
+    result = voco_resume_runs.full  # 4 steps, checkpoints at 2 and 4
     run = result.run_dir
-    assert result.status == "finished" and result.steps == 3
+    assert result.status == "finished" and result.steps == 4
     for name in ("config.yaml", "README.md", "metrics.jsonl", "loss.png", "summary.json",
                  "export/backbone.pt", "export/model_card.json"):
         assert os.path.exists(os.path.join(run, name)), name
-    assert sorted(_losses(run)) == [1, 2, 3]
+    assert sorted(_losses(run)) == [1, 2, 3, 4]
     assert len([d for d in os.listdir(run) if d.startswith("checkpoint_")]) >= 1
     card = json.load(open(os.path.join(run, "export", "model_card.json")))
-    assert card["method"] == "voco" and card["steps"] == 3 and card["data"]["manifest_sha256"]
+    assert card["method"] == "voco" and card["steps"] == 4 and card["data"]["manifest_sha256"]
     assert card["network"] == "monai.networks.nets.BasicUNet"
     net = BasicUNet(**card["network_kwargs"])
     state = torch.load(os.path.join(run, "export", "backbone.pt"), weights_only=True)
@@ -47,18 +45,20 @@ def test_pretrain_writes_run_folder_and_monai_export(ray_local, demo_store_path,
     assert pretrained == {k for k in net.state_dict() if k.startswith(("conv_0", "down_"))}
 
 
-def test_resume_reproduces_the_uninterrupted_loss(ray_local, demo_store_path, tmp_path):
-    full = pretrain(_cfg(demo_store_path, tmp_path / "a", "train.steps=4", "train.checkpoint_every=2", "name=full"))
-    part = pretrain(_cfg(demo_store_path, tmp_path / "b", "train.steps=4", "train.checkpoint_every=2",
-                         "train.stop_after=2", "name=part"))
+def test_resume_reproduces_the_uninterrupted_loss(voco_resume_runs):
+    full, part, resumed = voco_resume_runs.full, voco_resume_runs.part, voco_resume_runs.resumed
     assert part.status == "stopped" and part.steps == 2
-    resumed_cfg = resolve_config(file=os.path.join(part.run_dir, "config.yaml"), overrides=["train.stop_after=null"])
-    resumed = pretrain(resumed_cfg, resume=part.run_dir)
-    assert resumed.status == "finished"
+    assert resumed.status == "finished" and resumed.run_dir == part.run_dir
     a, b = _losses(full.run_dir), _losses(part.run_dir)
     assert b[1] == pytest.approx(a[1], rel=1e-6) and b[2] == pytest.approx(a[2], rel=1e-6)
     assert b[3] == pytest.approx(a[3], rel=1e-5), (a, b)
     assert b[4] == pytest.approx(a[4], rel=1e-5), (a, b)
+    # The resumed segment evaluates the held-out objective at its first report (step 3) too; that
+    # evaluation leaves no trace (BatchNorm statistics and RNG restored), so step 4 matches exactly.
+    full_rows = {r["step"]: r for r in map(json.loads, open(os.path.join(full.run_dir, "metrics.jsonl")))}
+    resumed_rows = {r["step"]: r for r in map(json.loads, open(os.path.join(part.run_dir, "metrics.jsonl")))}
+    assert {s for s, r in resumed_rows.items() if "heldout_loss" in r} == {1, 2, 3, 4}
+    assert resumed_rows[4]["heldout_loss"] == pytest.approx(full_rows[4]["heldout_loss"], rel=1e-5)
 
 
 def test_fresh_run_refuses_existing_name(ray_local, demo_store_path, tmp_path):

@@ -162,6 +162,7 @@ print("RESULT", json.dumps({{"best_dir": result.best_dir, "wall": result.wall_ti
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~5 min: 3 pretrain segments + 4 probes in its own Ray runtime (README: Testing)
 def test_two_trial_sweep_stops_one_and_runs_the_next(demo_store_path, tmp_path):
     from monai.networks.nets import BasicUNet
 

@@ -179,6 +179,7 @@ def _kill_a_training_node_mid_run(cluster, thread, run_dir, outcome):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~2.5 min: a 10-step DDP run restarted on a new node (README: Testing)
 def test_node_loss_resumes_from_last_checkpoint(cluster, demo_store_path, tmp_path):
     """2 DDP workers on 2 nodes + a data actor on the third; the node of one worker is killed mid-run."""
     cfg = _cfg(demo_store_path, tmp_path / "runs", "name=nodeloss", "train.steps=10", "train.checkpoint_every=3",
