@@ -1,0 +1,164 @@
+"""Issue #14 diagnostic: does a method's own objective improve on samples it never trains on?
+
+A training loss at batch 2 is mostly sample noise, so a flat curve says little. This trains one
+method in-process (no Ray: the method's `plan`/`views` run through rayssl's `ViewBuilder`, the
+optimizer and schedule come from `rayssl/train/optim.py` as in `rayssl pretrain`) and every
+`--every` steps evaluates the loss and its terms on a fixed held-out set of samples (sample indices
+far beyond the training stream, the same for every setting). Several settings (`--lrs`, `--set`)
+run from the same initialisation, so their curves compare directly. The result depends on steps,
+not on time, so other work on the machine changes only the wall time.
+
+    python benchmarks/heldout_objective.py --method voco --lrs 1e-4,1e-3 --steps 60
+    python benchmarks/heldout_objective.py --method voco --lrs 1e-3 --set loss_form=paper
+
+Writes benchmarks/_work/heldout_objective/<method>-<time>.json and .png (held-out terms vs step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import WORK, fmt_table, machine_info, write_json  # noqa: E402
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    return {k: torch.as_tensor(np.stack([s[k] for s in samples])) for k in samples[0]
+            if isinstance(samples[0][k], np.ndarray) and samples[0][k].dtype != object}
+
+
+def run_setting(method_name: str, overrides: list[str], steps: int, every: int, heldout_batches: int,
+                seed: int) -> dict[str, Any]:
+    """Train `steps` steps with the method's `cpu` profile plus `overrides`; held-out terms every `every` steps."""
+    import numpy as np
+    import torch
+
+    from datasets_zarr.demo import demo_store
+    from rayssl.config import resolve_config
+    from rayssl.data.pipeline import ViewBuilder
+    from rayssl.data.volumes import load_volumes
+    from rayssl.methods import get_method_class
+    from rayssl.train.optim import build_optimizer, build_scheduler
+
+    cfg = resolve_config(method=method_name, profile="cpu", overrides=[f"seed={seed}", f"train.steps={steps}", *overrides])
+    tc = cfg.train
+    method = get_method_class(cfg.method)(cfg.method_cfg())
+    if hasattr(method, "prepare_with_ray"):
+        method.prepare_with_ray = False  # in-process: no Ray runtime here
+    store = str(demo_store(n=cfg.data.demo_volumes))
+    volumes = method.prepare(load_volumes(store, "train"))
+    builder = ViewBuilder(volumes=volumes, plan_fn=method.plan, views_fn=method.views, seed=seed,
+                          read_dtype=method.read_dtype,
+                          samples_per_step=tc.batch_size if method.step_shared_plans else None)
+    torch.manual_seed(seed)
+    model = method.build_model()
+    method.setup(model, torch.device("cpu"))
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], tc)
+    scheduler = build_scheduler(optimizer, tc)
+    batch = tc.batch_size
+    # Held-out samples: indices no training step reaches, whole step groups for step-shared plans.
+    first = 10 ** 6 * batch
+    heldout = [collate([builder.build_sample(first + j * batch + i) for i in range(batch)])
+               for j in range(heldout_batches)]
+
+    def evaluate() -> dict[str, float]:
+        # The method's state (queues, teachers) as training left it; nothing is updated here.
+        with torch.no_grad():
+            parts = [method.loss(model(b), b) for b in heldout]
+        return {k: float(np.mean([float(p[k]) for p in parts])) for k in parts[0]}
+
+    curve, train_losses, t0 = [], [], time.time()
+    for step in range(steps + 1):
+        if step % every == 0 or step == steps:
+            model.train()
+            curve.append({"step": step, **evaluate()})
+            print(f"[bench]   step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in curve[-1].items()
+                                                               if k != "step") + f" ({time.time() - t0:.0f} s)",
+                  flush=True)
+        if step == steps:
+            break
+        model.train()
+        sample = collate([builder.build_sample(step * batch + i) for i in range(batch)])
+        outputs = model(sample)
+        losses = method.loss(outputs, sample)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        method.after_step(model, outputs, step, steps)
+        train_losses.append(float(losses["loss"].detach()))
+    return {"overrides": overrides, "curve": curve, "train_loss": train_losses, "wall_s": round(time.time() - t0, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="voco")
+    p.add_argument("--lrs", default="", help="comma-separated learning rates, one setting each (default: the profile's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override for every setting, e.g. loss_form=paper")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--every", type=int, default=10)
+    p.add_argument("--heldout-batches", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(WORK / "heldout_objective"))
+    args = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    lrs = [s for s in args.lrs.split(",") if s] or [None]
+    results: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "settings": []}
+    for lr in lrs:
+        overrides = list(args.overrides) + ([f"train.lr={lr}"] if lr else [])
+        print(f"[bench] {args.method} {overrides or '(profile as is)'}: {args.steps} steps", flush=True)
+        results["settings"].append(run_setting(args.method, overrides, args.steps, args.every,
+                                               args.heldout_batches, args.seed))
+    out = Path(args.out) / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_json(out.with_suffix(".json"), results)
+    rows = []
+    for s in results["settings"]:
+        first, last = s["curve"][0], s["curve"][-1]
+        for key in (k for k in first if k != "step"):
+            rows.append([" ".join(s["overrides"]) or "profile", key, f"{first[key]:.4f}", f"{last[key]:.4f}",
+                         f"{last[key] - first[key]:+.4f}"])
+    print(fmt_table(rows, ["setting", "term", "held-out at step 0", f"at step {args.steps}", "change"]))
+    plot(results, out.with_suffix(".png"))
+    print(f"[bench] results {out.with_suffix('.json')}, plot {out.with_suffix('.png')}")
+    return 0
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """One panel per loss term: held-out value vs step, a line per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = [k for k in results["settings"][0]["curve"][0] if k != "step"]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.6 * len(terms), 3.2), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        for s in results["settings"]:
+            ax.plot([c["step"] for c in s["curve"]], [c[term] for c in s["curve"]], marker="o",
+                    label=" ".join(s["overrides"]) or "profile")
+        ax.set_title(f"held-out {term}")
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{results['args']['method']}: the objective on held-out samples", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
