@@ -32,7 +32,7 @@ def make_run(root, method, step=2):
 
     cfg = resolve_config(method=method, profile="cpu", overrides=[f"out={root}", "name=run", *TINY[method]])
     run_dir = os.path.join(root, "run")
-    start_run_folder(run_dir, cfg, store="demo", volumes=4, resumed_from=None)
+    start_run_folder(run_dir, cfg, stores=["demo"], volumes=4, resumed_from=None)
     impl = get_method_class(method)(cfg.method_cfg())
     torch.manual_seed(7)
     model = impl.build_model()

@@ -29,7 +29,7 @@ def make_run(root, step=3, export=True):
 
     cfg = resolve_config(method="voco", profile="cpu", overrides=[f"out={root}", "name=run", *TINY_VOCO])
     run_dir = os.path.join(root, "run")
-    start_run_folder(run_dir, cfg, store="demo", volumes=4, resumed_from=None)
+    start_run_folder(run_dir, cfg, stores=["demo"], volumes=4, resumed_from=None)
     method = get_method_class("voco")(cfg.method_cfg())
     torch.manual_seed(123)
     model = method.build_model()
