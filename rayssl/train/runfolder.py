@@ -116,7 +116,7 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
             axes[0].plot(steps, smooth([m.get(key, float("nan")) for m in metrics]), label=f"{key} (smoothed)", alpha=0.8)
     heldout = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
     if heldout:  # the same objective on fixed samples never trained on (rayssl/train/heldout.py)
-        axes[0].plot(*zip(*heldout), color="tab:blue", marker="o", linewidth=2, label="held-out loss (fixed samples)")
+        axes[0].plot(*zip(*heldout), color="tab:purple", marker="o", linewidth=2, label="held-out loss (fixed samples)")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("loss")
     axes[0].set_title("training loss")
