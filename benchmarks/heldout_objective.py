@@ -4,7 +4,8 @@ A training loss at batch 2 is mostly sample noise, so a flat curve says little. 
 method in-process (no Ray: the method's `plan`/`views` run through rayssl's `ViewBuilder`, the
 optimizer and schedule come from `rayssl/train/optim.py` as in `rayssl pretrain`) and every
 `--every` steps evaluates the loss and its terms on a fixed held-out set of samples (sample indices
-far beyond the training stream, the same for every setting). Several settings (`--lrs`, `--set`)
+far beyond the training stream, the same for every setting, built and evaluated by
+rayssl/train/heldout.py exactly as a `rayssl pretrain` run does). Several settings (`--lrs`, `--set`)
 run from the same initialisation, so their curves compare directly. The result depends on steps,
 not on time, so other work on the machine changes only the wall time.
 
@@ -31,14 +32,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    return {k: torch.as_tensor(np.stack([s[k] for s in samples])) for k in samples[0]
-            if isinstance(samples[0][k], np.ndarray) and samples[0][k].dtype != object}
+    return {k: torch.as_tensor(np.stack([np.asarray(s[k]) for s in samples])) for k in samples[0]}
 
 
 def run_setting(method_name: str, overrides: list[str], steps: int, every: int, heldout_batches: int,
                 seed: int) -> dict[str, Any]:
     """Train `steps` steps with the method's `cpu` profile plus `overrides`; held-out terms every `every` steps."""
-    import numpy as np
     import torch
 
     from datasets_zarr.demo import demo_store
@@ -46,39 +45,40 @@ def run_setting(method_name: str, overrides: list[str], steps: int, every: int, 
     from rayssl.data.pipeline import ViewBuilder
     from rayssl.data.volumes import load_volumes
     from rayssl.methods import get_method_class
+    from rayssl.train.heldout import PREFIX as HELDOUT_PREFIX
+    from rayssl.train.heldout import build_heldout_batches, evaluate_heldout
     from rayssl.train.optim import build_optimizer, build_scheduler
 
-    cfg = resolve_config(method=method_name, profile="cpu", overrides=[f"seed={seed}", f"train.steps={steps}", *overrides])
+    cfg = resolve_config(method=method_name, profile="cpu", overrides=[
+        f"seed={seed}", f"train.steps={steps}", *overrides])
     tc = cfg.train
+    # The held-out samples are the ones a `rayssl pretrain` run of this config evaluates on.
+    cfg = cfg.model_copy(update={"train": tc.model_copy(update={"heldout_samples": heldout_batches * tc.batch_size})})
     method = get_method_class(cfg.method)(cfg.method_cfg())
     if hasattr(method, "prepare_with_ray"):
         method.prepare_with_ray = False  # in-process: no Ray runtime here
     store = str(demo_store(n=cfg.data.demo_volumes))
     volumes = method.prepare(load_volumes(store, "train"))
+    batch = tc.batch_size
+    shared = batch if method.step_shared_plans else None
     builder = ViewBuilder(volumes=volumes, plan_fn=method.plan, views_fn=method.views, seed=seed,
-                          read_dtype=method.read_dtype,
-                          samples_per_step=tc.batch_size if method.step_shared_plans else None)
+                          read_dtype=method.read_dtype, samples_per_step=shared)
+    heldout = build_heldout_batches(volumes, method.plan, method.views, cfg, read_dtype=method.read_dtype,
+                                    samples_per_step=shared, global_batch=batch)
     torch.manual_seed(seed)
     model = method.build_model()
     method.setup(model, torch.device("cpu"))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], tc)
     scheduler = build_scheduler(optimizer, tc)
-    batch = tc.batch_size
-    # Held-out samples: indices no training step reaches, whole step groups for step-shared plans.
-    first = 10 ** 6 * batch
-    heldout = [collate([builder.build_sample(first + j * batch + i) for i in range(batch)])
-               for j in range(heldout_batches)]
 
     def evaluate() -> dict[str, float]:
         # The method's state (queues, teachers) as training left it; nothing is updated here.
-        with torch.no_grad():
-            parts = [method.loss(model(b), b) for b in heldout]
-        return {k: float(np.mean([float(p[k]) for p in parts])) for k in parts[0]}
+        values = evaluate_heldout(model, method.loss, heldout, torch.device("cpu"))
+        return {k.removeprefix(HELDOUT_PREFIX): v for k, v in values.items()}
 
     curve, train_losses, t0 = [], [], time.time()
     for step in range(steps + 1):
         if step % every == 0 or step == steps:
-            model.train()
             curve.append({"step": step, **evaluate()})
             print(f"[bench]   step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in curve[-1].items()
                                                                if k != "step") + f" ({time.time() - t0:.0f} s)",
