@@ -21,6 +21,12 @@ every method has a positive gain whose interval excludes 0 on at least one probe
     python benchmarks/pretrain_value.py                      # full run: 4 methods x 3 seeds x 10 min (~3 h)
     python benchmarks/pretrain_value.py --methods gvsl --minutes 5
     python benchmarks/pretrain_value.py --quick              # smoke check (~5 min): 2 steps, 1 seed pair, 1 repeat
+    python benchmarks/pretrain_value.py --merge A.json B.json   # one table from several invocations
+    python benchmarks/pretrain_value.py --reprobe A.json     # probe A's runs again (after a probe change)
+
+The budget is converted to steps from a short calibration run; a long run's steps are slower (its
+data actors keep producing on the same 2 cores: VoCo 2.0 s vs 1.24 s calibrated), so the table
+also gives each method's measured training minutes (the steps' own time, mean over seeds).
 
 Writes benchmarks/_work/pretrain_value.json (every run, every probe row) and pretrain_value.png
 (gain +- 95 % CI per method, probe set and fraction). Measure on a quiet machine.
@@ -62,6 +68,12 @@ def steady_step_time(run_dir: str) -> float:
     return float(statistics.median(times))
 
 
+def training_minutes(run_dir: str) -> float:
+    """A run's steps' own time (what a budget became), from its metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return sum(json.loads(line)["step_time_s"] for line in f) / 60.0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
@@ -78,10 +90,18 @@ def main() -> int:
     p.add_argument("--max-load", type=float, default=1.0, help="wait for the 1-min load average to drop below this")
     p.add_argument("--quick", action="store_true", help="smoke check: 2 steps, seeds 0,1, 1 probe repeat, 100 %% labels")
     p.add_argument("--out", default=str(WORK / "pretrain_value"))
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="no runs: merge the pretrain_value.json of earlier invocations (e.g. one per method) "
+                        "into one table and plot")
+    p.add_argument("--reprobe", metavar="JSON", default=None,
+                   help="no pretraining: probe again the runs an earlier pretrain_value.json lists (after a probe "
+                        "fix), with this invocation's --probes / --fractions / --probe-repeats")
     args = p.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out) / ("merged-" + time.strftime("%Y%m%d-%H%M%S")))
+    if args.reprobe:
+        return reprobe(args, Path(args.out) / ("reprobed-" + time.strftime("%Y%m%d-%H%M%S")))
 
-    from rayssl.eval.probe import ProbeConfig, mean_ci95
-    from rayssl.eval.report import run_probe
     from rayssl.train.trainer import pretrain
 
     methods = [m for m in args.methods.split(",") if m]
@@ -116,19 +136,70 @@ def main() -> int:
             if result.status != "finished":
                 raise RuntimeError(f"{method} seed {seed}: pretraining {result.status}: {result.error}")
             with open(os.path.join(result.run_dir, "metrics.jsonl")) as f:
-                losses = [json.loads(line)["loss"] for line in f]
+                rows = [json.loads(line) for line in f]
+            losses = [row["loss"] for row in rows]
             run = {"seed": seed, "run_dir": result.run_dir, "train_wall_s": round(time.time() - t0, 1),
+                   # What the budget became: the steps' own time. Steps of a long run are slower than the
+                   # calibration's (its data actors keep producing on the same 2 cores).
+                   "train_min": round(training_minutes(result.run_dir), 2),
                    "loss_first": losses[0], "loss_last_10pct": statistics.fmean(losses[-max(1, len(losses) // 10):]),
-                   "probes": {}}
-            for probe in probes:
-                report = run_probe(result.run_dir, store=probe, out_dir=os.path.join(result.run_dir, f"probe-{probe}"),
-                                   cfg=ProbeConfig(fractions=fractions, repeats=repeats, threads=2))
-                run["probes"][probe] = report.rows
+                   "probes": probe_run(result.run_dir, probes, fractions, repeats)}
             mine["runs"].append(run)
             write_json(out / "pretrain_value.json", results)
-    # Aggregate over pretraining seeds.
+    results["wall_s"] = round(time.time() - t_start, 1)
+    report(results, probes, fractions, out)
+    return 0
+
+
+def probe_run(run_dir: str, probes: list[str], fractions: Any, repeats: int) -> dict[str, Any]:
+    """Every probe set's rows for one pretraining run (pretrained and random init)."""
+    from rayssl.eval.probe import ProbeConfig
+    from rayssl.eval.report import run_probe
+
+    return {probe: run_probe(run_dir, store=probe, out_dir=os.path.join(run_dir, f"probe-{probe}"),
+                             cfg=ProbeConfig(fractions=fractions, repeats=repeats, threads=2)).rows
+            for probe in probes}
+
+
+def reprobe(args: argparse.Namespace, out: Path) -> int:
+    """Probe the runs of an earlier invocation again (its pretraining is kept) and report them."""
+    with open(args.reprobe) as f:
+        results = json.load(f)
+    probes = [s for s in args.probes.split(",") if s]
+    results.update(reprobed_from=args.reprobe, reprobe_args=vars(args))
+    for method, mine in results["methods"].items():
+        for run in mine["runs"]:
+            print(f"[bench] probing {method} seed {run['seed']} again on {probes} ({run['run_dir']})", flush=True)
+            run["probes"].update(probe_run(run["run_dir"], probes, args.fractions, args.probe_repeats))
+            write_json(out / "pretrain_value.json", results)
+    every_set = list(dict.fromkeys(p for mine in results["methods"].values() for run in mine["runs"] for p in run["probes"]))
+    report(results, every_set, args.fractions, out)
+    return 0
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """One table from several invocations' results (each method from the last file that has it)."""
+    results: dict[str, Any] = {"merged_from": paths, "methods": {}, "args": {}}
+    probes: list[str] = []
+    fractions: list[float] = []
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        results["methods"].update(part["methods"])
+        results["args"][path] = part["args"]
+        probes += [s for s in part["args"]["probes"].split(",") if s and s not in probes]
+        fractions += [f for f in part["args"]["fractions"] if f not in fractions]
+    report(results, probes, sorted(fractions), out)
+    return 0
+
+
+def report(results: dict[str, Any], probes: list[str], fractions: Any, out: Path) -> None:
+    """Aggregate over pretraining seeds: the table, the target check, the JSON and the plot."""
+    from rayssl.eval.probe import mean_ci95
+
     table, summary = [], []
     for method, mine in results["methods"].items():
+        train_min = statistics.fmean(run.get("train_min") or training_minutes(run["run_dir"]) for run in mine["runs"])
         for probe in probes:
             for fraction in fractions:
                 pre = [r for run in mine["runs"] for r in run["probes"][probe]
@@ -140,22 +211,24 @@ def main() -> int:
                 excludes = bool(half == half and gain - half > 0)
                 summary.append({"method": method, "probe_set": probe, "probe": pre[0]["probe"], "fraction": fraction,
                                 "metric": pre[0]["metric"], "pretrained": score, "random": score - gain,
-                                "gain": gain, "gain_ci95": half, "seeds": len(pre), "positive_excluding_0": excludes})
-                table.append([method, probe, f"{pre[0]['probe']} {pre[0]['metric']}", f"{fraction:.0%}",
+                                "gain": gain, "gain_ci95": half, "seeds": len(pre), "positive_excluding_0": excludes,
+                                "steps": mine["steps"], "train_min": train_min})
+                table.append([method, mine["steps"], f"{train_min:.1f}", probe,
+                              f"{pre[0]['probe']} {pre[0]['metric']}", f"{fraction:.0%}",
                               f"{score:.3f}", f"{score - gain:.3f}", f"{gain:+.3f} ± {half:.3f}",
                               "yes" if excludes else "no"])
     results["summary"] = summary
-    results["wall_s"] = round(time.time() - t_start, 1)
     targets = {m: any(s["positive_excluding_0"] for s in summary if s["method"] == m and s["fraction"] == min(fractions))
                for m in results["methods"]}
     results["target_met"] = targets
     write_json(out / "pretrain_value.json", results)
-    print(fmt_table(table, ["method", "probe set", "probe", "labels", "pretrained", "random",
-                            f"gain ± 95 % CI ({len(seeds)} seeds)", "CI > 0"]))
+    seeds = sorted({len(mine["runs"]) for mine in results["methods"].values()})
+    print(fmt_table(table, ["method", "steps", "train min", "probe set", "probe", "labels", "pretrained", "random",
+                            f"gain ± 95 % CI ({'/'.join(map(str, seeds))} seeds)", "CI > 0"]))
     print(f"[bench] target (gain > 0 with CI excluding 0 at {min(fractions):.0%} on some probe set): {targets}")
     plot(summary, out / "pretrain_value.png")
-    print(f"[bench] wall {results['wall_s']:.0f} s; results {out / 'pretrain_value.json'}, plot {out / 'pretrain_value.png'}")
-    return 0
+    wall = f"wall {results['wall_s']:.0f} s; " if "wall_s" in results else ""
+    print(f"[bench] {wall}results {out / 'pretrain_value.json'}, plot {out / 'pretrain_value.png'}")
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
