@@ -153,14 +153,18 @@ class TestFeatures:
         stored = np.array([-5.0, 1024.0, 4096.0], dtype=np.float32).reshape(3, 1, 1)
         np.testing.assert_allclose(intensity_scaler("gvsl", gvsl)(stored, ct).ravel(), [0.0, 0.5, 1.0])
 
-    @pytest.mark.parametrize("method", ["voco", "mlsscl", "drasclr", "gvsl"])
-    def test_mr_probe_volume_keeps_its_contrast_under_every_method(self, method):
+    @pytest.mark.parametrize("method, intensity", [("voco", None), ("mlsscl", None), ("drasclr", None),
+                                                   ("gvsl", None), ("gvsl", "stored_2048"), ("mlsscl", "ct")])
+    def test_mr_probe_volume_keeps_its_contrast_under_every_method(self, method, intensity):
         # An MR volume stored in [0, 1] (like the MNI152 probe set): a CT-pretrained backbone must still
-        # see its contrast. VoCo's HU window (-175, 250) used to squeeze it into [0.412, 0.414].
+        # see its contrast. VoCo's HU window (-175, 250) used to squeeze it into [0.412, 0.414], GVSL's
+        # paper mapping (stored [0, 2048] / 2048) into [0, 0.0005].
         mr = VolumeInfo(index=0, id="mni-left", shape=(40, 1, 1), spacing=(2, 2, 2), bbox=(0, 0, 0, 40, 1, 1),
                         background=0.0, modality="MR", extra={"dtype": "float32"})
         image = np.linspace(0.0, 1.0, 40, dtype=np.float32).reshape(40, 1, 1)
-        mapped = intensity_scaler(method, get_method_class(method).config_cls())(image, mr)
+        config_cls = get_method_class(method).config_cls
+        config = config_cls() if intensity is None else config_cls(intensity=intensity)
+        mapped = intensity_scaler(method, config)(image, mr)
         assert float(mapped.max() - mapped.min()) > 0.5, (method, float(mapped.min()), float(mapped.max()))
 
 

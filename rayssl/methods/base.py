@@ -39,17 +39,24 @@ def stored_in_hu(image: np.ndarray, volume: VolumeInfo) -> bool:
     return volume.modality.upper() == "CT" and float(image.min()) <= -500.0
 
 
+# Intensity rules that read stored values as CT HU (a window, GVSL's HU + 1024 clip).
+CT_ONLY_INTENSITY = ("ct_window", "ct", "stored_2048")
+
+
+def intensity_for_modality(mode: str, volume: VolumeInfo) -> str:
+    """`mode`, or "percentile" when it is a CT-only rule and `volume` is not CT. A HU window flattens
+    MR: VoCo's (-175, 250) squeezed MNI152's stored [0, 1] T1 into [0.412, 0.414]."""
+    return "percentile" if mode in CT_ONLY_INTENSITY and volume.modality.upper() != "CT" else mode
+
+
 def config_intensity(image: np.ndarray, volume: VolumeInfo, config: MethodConfig) -> np.ndarray:
     """Stored units -> network input by a config's `intensity` field ("ct_window"/"ct": its `ct_window`
-    HU window to [0, 1]; "percentile"/"mr": its percentiles to [0, 1]; "none": unchanged; "auto":
-    the window for CT in HU, unchanged for CT scaled at conversion, percentiles otherwise). A HU window
-    means nothing for MR: a CT-windowed backbone probed on an MR volume gets its percentiles to the
-    same [0, 1] (the window squeezed MNI152's [0, 1] T1 into [0.412, 0.414], a constant image)."""
+    HU window to [0, 1], for CT only; "percentile"/"mr": its percentiles to [0, 1]; "none": unchanged;
+    "auto": the window for CT in HU, unchanged for CT scaled at conversion, percentiles otherwise)."""
     mode = getattr(config, "intensity", "auto")
     if mode == "auto":
         mode = "ct" if stored_in_hu(image, volume) else ("none" if volume.modality.upper() == "CT" else "percentile")
-    if mode in ("ct_window", "ct") and volume.modality.upper() != "CT":
-        mode = "percentile"
+    mode = intensity_for_modality(mode, volume)
     if mode in ("ct_window", "ct"):
         return _window(image, *tuple(getattr(config, "ct_window", (-1000.0, 1000.0))))
     if mode in ("percentile", "mr"):

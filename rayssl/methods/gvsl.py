@@ -27,6 +27,7 @@ from rayssl.methods.base import (
     VolumeInfo,
     box_centre,
     cpu_state_dict,
+    intensity_for_modality,
     mid_slice,
     request_box,
 )
@@ -263,9 +264,10 @@ class GVSLModel(nn.Module):
 
 
 def _intensity_mode(volume: VolumeInfo, configured: str) -> str:
-    """The scaling of one volume: the configured one, or (auto) from its modality and stored dtype."""
+    """The scaling of one volume: the configured one (percentiles for a CT-only rule on non-CT data),
+    or (auto) from its modality and stored dtype."""
     if configured != "auto":
-        return configured
+        return intensity_for_modality(configured, volume)
     if volume.modality.upper() == "CT":
         # Stores keep CT in HU as int16; float32 CT was windowed/scaled at conversion already.
         return "none" if str(volume.extra.get("dtype", "int16")).startswith("float") else "ct"
