@@ -132,3 +132,36 @@ def limit_file_size() -> None:
 
     limit = int(os.environ["RAYSSL_TEST_FSIZE"])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def assert_run_records_its_network_and_config(run_dir, method: str, steps: int) -> None:
+    """A finished `steps`-step run of `method`: a finite loss at every step, an export that loads
+    strictly into the network its model card names, and a config.yaml that resolves to the method's
+    config class, with the choices prepare() made (DrasCLR's atlas and landmarks)."""
+    import importlib
+    import json
+
+    import torch
+
+    from rayssl.config import resolve_config
+    from rayssl.methods import get_method_class
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+    card = json.load(open(os.path.join(run_dir, "export", "model_card.json")))
+    assert card["method"] == method and card["steps"] == steps
+    module, name = card["network"].rsplit(".", 1)
+    net = getattr(importlib.import_module(module), name)(**card["network_kwargs"])
+    state = torch.load(os.path.join(run_dir, "export", "backbone.pt"), weights_only=True)
+    net.load_state_dict(state, strict=True)  # the export holds every key of the network it names
+
+    resolved = resolve_config(file=os.path.join(run_dir, "config.yaml"))
+    assert resolved.method == method
+    method_cfg = resolved.method_cfg()
+    assert isinstance(method_cfg, get_method_class(method).config_cls)
+    if method == "drasclr":
+        assert method_cfg.atlas is not None and card["landmarks"]["atlas"] == method_cfg.atlas
+        assert card["landmarks"]["count"] and card["landmarks"]["count"] > 0

@@ -329,8 +329,8 @@ def store_with_corrupt_volumes(tmp_path_factory):
     return str(store), bad
 
 
-@pytest.mark.slow  # two short training runs
-def test_corrupt_chunk_at_training_time_is_named_or_skipped(ray_local, store_with_corrupt_volumes, tmp_path):
+@pytest.mark.slow  # a short training run
+def test_corrupt_chunk_at_training_time_is_named(ray_local, store_with_corrupt_volumes, tmp_path):
     import json
     import os
 
@@ -348,10 +348,4 @@ def test_corrupt_chunk_at_training_time_is_named_or_skipped(ray_local, store_wit
     summary = json.load(open(os.path.join(tmp_path, "runs", "raise", "summary.json")))
     assert summary["status"] == "failed", summary
 
-    result = pretrain(_mlsscl(store, tmp_path / "runs", "name=skip", "train.steps=3", "train.checkpoint_every=3",
-                              "data.on_error=skip"))
-    assert result.status == "finished" and result.steps == 3
-    summary = json.load(open(os.path.join(result.run_dir, "summary.json")))
-    assert sorted(summary["skipped_volumes"]) == bad, summary["skipped_volumes"]
-    for volume_id, entry in summary["skipped_volumes"].items():
-        assert entry["count"] >= 1 and f"chunk {volume_id}/image/c/" in entry["reason"], (volume_id, entry)
+    # on_error=skip over corrupt volumes: tests/test_reliability.py (3 of 10 unreadable, more than one epoch).

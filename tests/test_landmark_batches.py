@@ -191,8 +191,9 @@ def test_rank_streams_through_train_data_config_under_uneven_timing(ray_local):
 
 @pytest.mark.slow
 def test_two_worker_pretrain_trains_every_step_on_one_landmark(ray_local, demo_store_path, tmp_path):
-    """Ray Data + Ray Train, 2 ranks x batch 2 x accumulate 2: the keys of every optimizer step, over both
-    ranks and both micro-batches (gathered in after_step), come from a single landmark, and its queue fills."""
+    """Ray Data + Ray Train, 2 ranks x batch 2 x accumulate 2 (the suite's two-worker DDP run): the keys of
+    every optimizer step, over both ranks and both micro-batches (gathered in after_step), come from a
+    single landmark, and its queue fills."""
     steps = 2  # two steps: enough to see the landmark move on and its queue fill; each costs ~10 s on 2 cores
     cfg = resolve_config(method="drasclr", profile="cpu", overrides=[
         f"data.store={demo_store_path}", f"out={tmp_path / 'runs'}", "data.split=all", "data.actors_max=2",

@@ -46,7 +46,7 @@ def test_skip_several_corrupt_volumes_keeps_steps_and_lists_each_once(ray_local,
     summary = json.load(open(os.path.join(result.run_dir, "summary.json")))
     assert sorted(summary["skipped_volumes"]) == bad, summary["skipped_volumes"]
     for volume_id, entry in summary["skipped_volumes"].items():
-        assert entry["count"] >= 1 and "chunk" in entry["reason"], (volume_id, entry)
+        assert entry["count"] >= 1 and f"chunk {volume_id}/image/c/" in entry["reason"], (volume_id, entry)
 
 
 def test_resume_picks_the_newest_complete_checkpoint_never_a_partial_one(tmp_path):

@@ -12,6 +12,8 @@ from rayssl.data.plan import Planner
 from rayssl.data.stores import stores_summary, volume_repeats
 from rayssl.methods.base import ReadRequest, VolumeInfo
 
+from helpers import assert_run_records_its_network_and_config
+
 
 def _volumes(counts: dict[str, int]) -> list[VolumeInfo]:
     volumes = []
@@ -225,3 +227,5 @@ def test_drasclr_pretrains_over_two_stores(ray_local, demo_store_path, tmp_path)
     assert card["data"]["store"] is None and [r["store"] for r in card["data"]["stores"]] == [a, b]
     readme = (run / "README.md").read_text()
     assert f"`{a}`, `{b}` (6 volumes)" in readme
+    # DrasCLR's cpu profile end to end (test_methods_pretrain.py has the other methods on one store).
+    assert_run_records_its_network_and_config(str(run), "drasclr", steps=2)

@@ -65,13 +65,3 @@ def test_fresh_run_refuses_existing_name(ray_local, demo_store_path, tmp_path):
     os.makedirs(tmp_path / "runs" / "taken")
     with pytest.raises(FileExistsError, match="--resume"):
         pretrain(_cfg(demo_store_path, tmp_path / "runs", "name=taken"))
-
-
-def test_two_cpu_workers_ddp(ray_local, demo_store_path, tmp_path):
-    cfg = _cfg(demo_store_path, tmp_path / "runs", "train.steps=2", "train.num_workers=2",
-               "train.cpus_per_worker=0.5", "data.actor_cpus=0.5")
-    result = pretrain(cfg)
-    assert result.status == "finished" and result.steps == 2
-    metrics = [json.loads(line) for line in open(os.path.join(result.run_dir, "metrics.jsonl"))]
-    # Two ranks each take batch_size samples per step.
-    assert metrics[-1]["samples_per_s"] > 0 and len(metrics) == 2
