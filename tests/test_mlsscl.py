@@ -174,6 +174,15 @@ class TestViews:
         stacked = np.concatenate([views[v].ravel() for v in ONLINE_VIEWS])
         assert stacked.min() >= 0.0 and stacked.max() <= 1.0 and stacked.max() > 0.9
 
+    def test_ct_window_on_an_mr_volume_falls_back_to_percentiles(self):
+        # MR stored in [0, 1] (like MNI152) under `intensity: ct`: the HU window would map it to ~0.5
+        # everywhere; the views take its percentiles instead, as every probe does.
+        mr_volume = coordinate_volume() / coordinate_volume().max()
+        method = make_method(augment=False, intensity="ct")
+        views, _ = sample_views(method, mr_volume, volume_info(mr_volume, modality="MR"), 0)
+        stacked = np.concatenate([views[v].ravel() for v in ONLINE_VIEWS])
+        assert stacked.max() - stacked.min() > 0.5, (stacked.min(), stacked.max())
+
     def test_auto_intensity_without_plan_uses_data_rule(self):
         method = make_method(augment=False, intensity="auto")  # this instance never ran `plan`
         crops = [np.full(s, -1000.0, np.float32) for s in [(12, 12, 10), (12, 10, 12), (10, 12, 12)]]

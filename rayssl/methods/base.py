@@ -49,6 +49,17 @@ def intensity_for_modality(mode: str, volume: VolumeInfo) -> str:
     return "percentile" if mode in CT_ONLY_INTENSITY and volume.modality.upper() != "CT" else mode
 
 
+def volume_intensity_mode(volume: VolumeInfo, configured: str) -> str:
+    """One volume's intensity rule for a method's views, decided from the manifest on the driver: the
+    configured rule (`intensity_for_modality`), or (auto) "ct" for CT stored in HU (int16), "none" for
+    CT scaled at conversion (float32), "percentile" for anything else."""
+    if configured != "auto":
+        return intensity_for_modality(configured, volume)
+    if volume.modality.upper() == "CT":
+        return "none" if str(volume.extra.get("dtype", "int16")).startswith("float") else "ct"
+    return "percentile"
+
+
 def config_intensity(image: np.ndarray, volume: VolumeInfo, config: MethodConfig) -> np.ndarray:
     """Stored units -> network input by a config's `intensity` field ("ct_window"/"ct": its `ct_window`
     HU window to [0, 1], for CT only; "percentile"/"mr": its percentiles to [0, 1]; "none": unchanged;

@@ -27,9 +27,9 @@ from rayssl.methods.base import (
     VolumeInfo,
     box_centre,
     cpu_state_dict,
-    intensity_for_modality,
     mid_slice,
     request_box,
+    volume_intensity_mode,
 )
 from rayssl.nn.backbones import global_pool
 from rayssl.nn.spatial import (
@@ -263,17 +263,6 @@ class GVSLModel(nn.Module):
 # ---- views helpers -------------------------------------------------------------------------------
 
 
-def _intensity_mode(volume: VolumeInfo, configured: str) -> str:
-    """The scaling of one volume: the configured one (percentiles for a CT-only rule on non-CT data),
-    or (auto) from its modality and stored dtype."""
-    if configured != "auto":
-        return intensity_for_modality(configured, volume)
-    if volume.modality.upper() == "CT":
-        # Stores keep CT in HU as int16; float32 CT was windowed/scaled at conversion already.
-        return "none" if str(volume.extra.get("dtype", "int16")).startswith("float") else "ct"
-    return "percentile"
-
-
 def _scale_intensity(crop: np.ndarray, mode: str, ct_window: tuple[float, float],
                      percentiles: tuple[float, float]) -> np.ndarray:
     """Crop in stored units -> float32 in [0, 1] (CT window in HU, percentile scaling, or a clip)."""
@@ -391,7 +380,7 @@ class GVSL(Method):
     def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
         """Record each volume's intensity mode on the driver (see `_intensity_by_volume`)."""
         for volume in volumes:
-            self._intensity_by_volume[volume.index] = _intensity_mode(volume, self.config.intensity)
+            self._intensity_by_volume[volume.index] = volume_intensity_mode(volume, self.config.intensity)
         return list(volumes)
 
     def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
@@ -400,7 +389,7 @@ class GVSL(Method):
         other = int(rng.integers(0, len(volumes) - 1))
         other += int(other >= index)
         for i in (index, other):
-            self._intensity_by_volume[i] = _intensity_mode(volumes[i], self.config.intensity)
+            self._intensity_by_volume[i] = volume_intensity_mode(volumes[i], self.config.intensity)
         position = rng.random(3)
         cfg = self.config
         return [_pair_box(volumes[i], cfg.crop_fraction, cfg.bbox_margin, position) for i in (index, other)]
@@ -408,7 +397,7 @@ class GVSL(Method):
     def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
         """The views' own scaling (`intensity`, including the paper's stored [0, 2048] / 2048)."""
         cfg = self.config
-        return _scale_intensity(image, _intensity_mode(volume, cfg.intensity), tuple(cfg.ct_window), tuple(cfg.percentiles))
+        return _scale_intensity(image, volume_intensity_mode(volume, cfg.intensity), tuple(cfg.ct_window), tuple(cfg.percentiles))
 
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest],
               rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -49,6 +49,7 @@ Readings of the paper (where it is not explicit) -- also listed in docs/methods/
    percentiles `mr_percentiles` (default 0.5, 99.5) of all clips of the sample jointly -> [0, 1].
    `intensity: auto` picks per volume from the manifest (CT int16 -> window, CT float32 = already
    scaled at conversion -> unchanged, MR -> percentiles), recorded by `prepare` on the driver.
+   `intensity: ct` on a volume that is not CT falls back to percentiles (a HU window flattens MR).
    Augmentations then act on [0, 1] intensities.
 8. BatchNorm1d in the heads with batch size 1: all clips of a batch go through the backbone and
    heads concatenated (4·B rows online, 3·B rows target), so BN always sees >= 3 rows.
@@ -85,6 +86,7 @@ from rayssl.methods.base import (
     VolumeInfo,
     box_centre,
     cpu_state_dict,
+    volume_intensity_mode,
 )
 from rayssl.nn.backbones import ResNetEncoder, UNetEncoder, global_pool
 from rayssl.nn.contrastive import info_nce
@@ -255,8 +257,9 @@ class MLSSCL(Method):
     def __init__(self, config: MLSSCLConfig) -> None:
         super().__init__(config)
         self._queues: dict[str, MemoryQueue] | None = None
-        # Intensity mode ("ct" / "mr" / "none") per manifest row, filled by `prepare` (driver) and
-        # `plan`; `views` falls back to a data rule for a row it does not know.
+        # Intensity mode (`volume_intensity_mode`: "ct" / "percentile" / "none") per manifest row, filled
+        # by `prepare` (driver) and `plan`; `views` falls back to the config (auto: a data rule) for a
+        # row it does not know.
         self._intensity_by_volume: dict[int, str] = {}
 
     # ---- CPU side -------------------------------------------------------------------------
@@ -277,7 +280,7 @@ class MLSSCL(Method):
         `views` only sees requests (manifest rows), so the per-row mode travels in this dict.
         """
         for volume in volumes:
-            self._intensity_by_volume[volume.index] = self._intensity_mode(volume)
+            self._intensity_by_volume[volume.index] = volume_intensity_mode(volume, self.config.intensity)
         return list(volumes)
 
     def _span(self, stride: int) -> int:
@@ -291,7 +294,7 @@ class MLSSCL(Method):
         stride-th) and the in-plane window, so only what the clips need is read.
         """
         volume = volumes[index]
-        self._intensity_by_volume[volume.index] = self._intensity_mode(volume)
+        self._intensity_by_volume[volume.index] = volume_intensity_mode(volume, self.config.intensity)
         long_span = self._span(self.config.long_stride)
         requests = [self._clip_request(volume, axis, long_span, rng) for axis in VIEW_AXES.values()]
         if self.config.short_clip_placement == "anywhere":
@@ -311,15 +314,6 @@ class MLSSCL(Method):
             start.append(_random_start(lo, hi, length, rng))
             size.append(length)
         return ReadRequest(volume=volume.index, start=tuple(start), size=tuple(size))  # type: ignore[arg-type]
-
-    def _intensity_mode(self, volume: VolumeInfo) -> str:
-        if self.config.intensity != "auto":
-            return self.config.intensity
-        if volume.modality.upper() == "CT":
-            # Stores keep CT in HU as int16; float32 CT was windowed/scaled at conversion already.
-            dtype = str(volume.extra.get("dtype", "int16"))
-            return "none" if dtype.startswith("float") else "ct"
-        return "mr"
 
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Four clips [1, C, H, W] float32: "axial" (= long), "coronal", "sagittal", "short"; and
@@ -392,10 +386,10 @@ class MLSSCL(Method):
 
     def _normalise_intensity(self, crops: list[np.ndarray], requests: list[ReadRequest]) -> list[np.ndarray]:
         cfg = self.config
-        mode = cfg.intensity
-        if mode == "auto":
-            mode = self._intensity_by_volume.get(requests[0].volume, "")
-            if not mode:  # neither `prepare` nor `plan` saw this row here: decide from the data
+        mode = self._intensity_by_volume.get(requests[0].volume, "")
+        if not mode:  # neither `prepare` nor `plan` saw this row here: the config, or (auto) the data
+            mode = cfg.intensity
+            if mode == "auto":
                 lowest = min(float(c.min()) for c in crops)
                 mode = "ct" if lowest < _HU_AIR_THRESHOLD else "mr"
         crops = [c.astype(np.float32, copy=False) for c in crops]
