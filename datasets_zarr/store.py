@@ -217,6 +217,7 @@ def write_volume(store: str | os.PathLike, volume_id: str, image: np.ndarray,
                 fill_value=0, serializer=serializer, compressors=compressors,
                 dimension_names=("x", "y", "z"))
             array[...] = data
+            record_written_chunks(incoming, temporary.name, name, array)
         attrs = volume_attrs(
             volume_id, image, affine, modality=modality, source=source,
             source_sha256=source_sha256, preprocessing=preprocessing, bbox=bbox,
@@ -231,6 +232,23 @@ def write_volume(store: str | os.PathLike, volume_id: str, image: np.ndarray,
     finally:
         note.unlink(missing_ok=True)
     return final
+
+
+def record_written_chunks(parent: Path, group: str, name: str, array) -> dict:
+    """Record in `array`'s attributes which of its chunks zarr wrote (it leaves all-fill chunks out), so a
+    reader can tell a lost chunk from an all-fill one (docs/store_format.md, "Chunk record").
+
+    Taken from what is on disk (chunk objects listed, shard indexes read), not re-derived from the
+    data, so the record matches zarr's own rule for skipping a chunk. Returns the record.
+    """
+    from rayssl.data.read import CHUNK_RECORD_KEY, StoreReader, encode_chunk_record
+
+    written = StoreReader(str(parent)).written_chunks(group, name)
+    if written is None:  # a layout the reader cannot index: no record (missing chunks read as fill)
+        return {}
+    record = encode_chunk_record(written)
+    array.attrs.update({"rayssl": {**dict(array.attrs.get("rayssl") or {}), CHUNK_RECORD_KEY: record}})
+    return record
 
 
 def _publish(temporary: Path, final: Path, incoming: Path) -> None:

@@ -121,6 +121,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from datasets_zarr.verify import verify_store
+
+    report = verify_store(args.store, fix=args.fix, workers=args.workers)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a bad input: stop (default) or skip it and report at the end")
     p.add_argument("--address", help="Ray cluster address (default: local runtime)")
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("verify", help="check a store: every chunk present (per its chunk record) and decodable, "
+                       "zarr.json against the manifest; exit code 1 when something is wrong")
+    p.add_argument("store", help="the store to check (local path or URL)")
+    p.add_argument("--fix", action="store_true", help="re-convert bad volumes from their recorded sources "
+                   "(where a source still exists with its recorded hash), atomically")
+    p.add_argument("--workers", type=int, help="threads (default: CPU count, at most 8)")
+    p.set_defaults(func=cmd_verify)
     from rayssl.eval.cli import add_eval_parsers
     from rayssl.tune.cli import add_tune_parser
     add_eval_parsers(sub)

@@ -10,10 +10,17 @@ ranged reads that merge neighbouring chunks of a shard into one request (on obje
 across gaps of up to 256 KiB; on local files only adjacent chunks, one pread each). Local bytes go
 straight into one reused buffer, so a sharded crop costs no more CPU than an unsharded one. Any
 other layout (other codecs) goes through `zarr` itself. Both paths return identical arrays (tested).
+
+Integrity: arrays written by `datasets_zarr.store.write_volume` carry a chunk record (which chunks
+were written; zarr leaves all-fill chunks out), read once with the array's zarr.json. A chunk the
+record says was written but whose object (or shard entry) is missing raises `ChunkReadError`
+instead of reading as fill value; arrays without a record (older stores) keep the Zarr rule. On
+open, an array's dtype and shape are checked against the store's manifest row.
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import os
@@ -57,6 +64,37 @@ class ChunkReadError(RuntimeError):
     """A chunk (or array) of a volume could not be read or decoded."""
 
 
+# Key of the chunk record in an array's `attributes["rayssl"]` (docs/store_format.md).
+CHUNK_RECORD_KEY = "chunks_written"
+
+
+def encode_chunk_record(written: np.ndarray) -> dict:
+    """The chunk record of an array: its chunk grid, how many chunks were written and a bitmap of
+    which (C order over the grid, 1 = written, numpy `packbits`, base64): 40 bytes for 320 chunks."""
+    written = np.asarray(written, dtype=bool)
+    return {"grid": [int(n) for n in written.shape], "count": int(written.sum()),
+            "bitmap": base64.b64encode(np.packbits(written.ravel()).tobytes()).decode("ascii")}
+
+
+def decode_chunk_record(record: dict, grid: Sequence[int], where: str = "") -> np.ndarray:
+    """The written-chunk bitmap (bool, shape `grid`) of a chunk record; ChunkReadError when the
+    record does not fit the array (its zarr.json or the record was edited)."""
+    try:
+        recorded = tuple(int(n) for n in record["grid"])
+        bits = np.frombuffer(base64.b64decode(record["bitmap"], validate=True), dtype=np.uint8)
+        count = int(record["count"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ChunkReadError(f"{where}: the chunk record in zarr.json is malformed ({err}); "
+                             f"the store was edited or corrupted: re-convert the volume") from None
+    total = int(np.prod(recorded))
+    written = np.unpackbits(bits, count=total).astype(bool) if len(bits) * 8 >= total else None
+    if recorded != tuple(grid) or written is None or int(written.sum()) != count:
+        raise ChunkReadError(
+            f"{where}: the chunk record in zarr.json ({recorded} chunks, {count} written) does not fit the "
+            f"array's chunk grid {tuple(grid)}: the store was edited or corrupted; re-convert the volume")
+    return written.reshape(recorded)
+
+
 @dataclass
 class _ArrayInfo:
     path: str  # path of the array inside the store (fs path)
@@ -68,6 +106,13 @@ class _ArrayInfo:
     fast: bool  # bytes+blosc chunks (inner chunks of shards included): decode them directly
     shards: tuple[int, ...] | None = None  # shard shape when sharded (`chunks` is then the inner chunk)
     index_at_end: bool = True  # where the shard index sits (Zarr sharding `index_location`)
+    # Which chunks (inner chunks when sharded) were written, from the chunk record; None = no record.
+    written: np.ndarray | None = None
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Chunks (inner chunks when sharded) along each axis."""
+        return tuple(-(-n // c) for n, c in zip(self.shape, self.chunks))
 
     @property
     def chunks_per_shard(self) -> tuple[int, ...]:
@@ -108,7 +153,7 @@ def _little_endian_blosc(codecs: list[dict]) -> bool:
     return names == ["bytes", "blosc"] and endian == "little"
 
 
-def _parse_array_meta(path: str, meta: dict) -> _ArrayInfo:
+def _parse_array_meta(path: str, meta: dict, where: str = "") -> _ArrayInfo:
     if meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
         raise ChunkReadError(f"{path}: not a Zarr v3 array (zarr.json says {meta.get('node_type')!r})")
     codecs = meta.get("codecs", [])
@@ -128,7 +173,7 @@ def _parse_array_meta(path: str, meta: dict) -> _ArrayInfo:
         fast = _little_endian_blosc(codecs)
     fast = fast and key_encoding.get("name") == "default"
     dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-    return _ArrayInfo(
+    info = _ArrayInfo(
         path=path,
         shape=tuple(meta["shape"]),
         chunks=chunks,
@@ -139,6 +184,10 @@ def _parse_array_meta(path: str, meta: dict) -> _ArrayInfo:
         shards=shards,
         index_at_end=index_at_end,
     )
+    record = (meta.get("attributes") or {}).get("rayssl", {})
+    if isinstance(record, dict) and CHUNK_RECORD_KEY in record:
+        info.written = decode_chunk_record(record[CHUNK_RECORD_KEY], info.grid, where=where or path)
+    return info
 
 
 # A shard index entry of a never-written inner chunk (Zarr sharding spec: offset = nbytes = 2^64-1).
@@ -189,6 +238,7 @@ class StoreReader:
         self._fetch_address = 0
         self._fetch_cursor = 0
         self._chunk_buffer: np.ndarray | None = None  # one decoded chunk
+        self._manifest: dict[str, tuple[tuple[int, ...] | None, str]] | None = None  # group -> (shape, dtype)
         self.stats = ReadStats()
 
     def array_info(self, group: str, array: str = "image") -> _ArrayInfo:
@@ -204,8 +254,100 @@ class StoreReader:
                 ) from None
             except (ValueError, OSError) as err:
                 raise ChunkReadError(f"volume {group!r} in store {self.uri}: cannot read {array}/zarr.json: {err}") from err
-            self._arrays[key] = _parse_array_meta(path, meta)
+            try:
+                info = _parse_array_meta(path, meta, where=f"volume {group!r} in store {self.uri}: {array}")
+            except (KeyError, TypeError, ValueError) as err:
+                raise ChunkReadError(f"volume {group!r} in store {self.uri}: {array}/zarr.json is not valid array "
+                                     f"metadata ({type(err).__name__}: {err}); re-convert this volume") from err
+            self._check_against_manifest(group, array, info)
+            self._arrays[key] = info
         return self._arrays[key]
+
+    def _check_against_manifest(self, group: str, array: str, info: _ArrayInfo) -> None:
+        """Refuse an array whose zarr.json disagrees with the manifest row on shape (any array) or dtype
+        (`image`): an edited zarr.json would otherwise reinterpret every voxel (int16 -1024 read as
+        uint16 64512)."""
+        shape, dtype = self.manifest_facts().get(group, (None, ""))
+        said, expected = [], []
+        if shape is not None and tuple(shape) != tuple(info.shape):
+            said.append(f"shape {list(info.shape)}")
+            expected.append(f"shape {list(shape)}")
+        if array == "image" and dtype:
+            try:
+                same = np.dtype(dtype).newbyteorder("<") == info.dtype
+            except TypeError:
+                same = False
+            if not same:
+                said.append(info.dtype.name)
+                expected.append(dtype)
+        if said:
+            raise ChunkReadError(
+                f"volume {group!r} in store {self.uri}: {array}/zarr.json says {', '.join(said)}, the manifest "
+                f"says {', '.join(expected)}: the store was edited or corrupted; re-convert the volume "
+                f"(`rayssl verify {self.uri} --fix`, or `rayssl convert` with its original options) or stream "
+                f"with `--set data.on_error=skip` to leave it out")
+
+    def manifest_facts(self) -> dict[str, tuple[tuple[int, ...] | None, str]]:
+        """(shape, dtype) per volume group from the store's manifest.parquet, read once per reader;
+        empty when the store has no manifest (a bare Zarr store)."""
+        if self._manifest is None:
+            import pyarrow.parquet as pq
+
+            path = posixpath.join(self.root, "manifest.parquet")
+            facts: dict[str, tuple[tuple[int, ...] | None, str]] = {}
+            try:
+                with self.fs.open(path, "rb") as f:
+                    parquet = pq.ParquetFile(f)
+                    columns = [c for c in ("group", "shape", "dtype") if c in parquet.schema_arrow.names]
+                    rows = parquet.read(columns=columns).to_pylist() if "group" in columns else []
+            except FileNotFoundError:
+                rows = []
+            except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+                raise ChunkReadError(f"store {self.uri}: manifest.parquet is unreadable ({type(err).__name__}: "
+                                     f"{err}); rewrite it (re-run `rayssl convert` into this store)") from err
+            for row in rows:
+                shape = row.get("shape")
+                facts[str(row["group"])] = (tuple(int(v) for v in shape) if shape else None, str(row.get("dtype") or ""))
+            self._manifest = facts
+        return self._manifest
+
+    def written_chunks(self, group: str, array: str = "image") -> np.ndarray | None:
+        """Which chunks (inner chunks when sharded) of an array exist now, as a bool array over its
+        chunk grid: chunk objects are listed, shard indexes read (and crc32c checked). None for a
+        layout this reader cannot index (sharded with other index codecs or chunk key encodings)."""
+        info = self.array_info(group, array)
+        if info.shards and not info.fast:
+            return None
+        key_grid = tuple(-(-n // s) for n, s in zip(info.shape, info.shards)) if info.shards else info.grid
+        prefix = info.path.rstrip("/") + "/c" + info.separator
+        objects: list[tuple[tuple[int, ...], str]] = []
+        for path in self.fs.find(info.path):
+            path = self.fs._strip_protocol(path) if not path.startswith(prefix) else path
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix):].split(info.separator)
+            if len(parts) != len(info.shape) or not all(p.isdigit() for p in parts):
+                continue
+            key = tuple(int(p) for p in parts)
+            if all(k < n for k, n in zip(key, key_grid)):
+                objects.append((key, path))
+        written = np.zeros(info.grid, dtype=bool)
+        if not info.shards:
+            for key, _ in objects:
+                written[key] = True
+            return written
+        per_shard = info.chunks_per_shard
+        indexes = self._shard_indexes(group, info, [p for _, p in objects])
+        for shard, path in objects:
+            index = indexes[path]
+            if index is None:
+                continue
+            for flat in np.flatnonzero(~((index[:, 0] == _EMPTY_ENTRY) & (index[:, 1] == _EMPTY_ENTRY))):
+                inner = np.unravel_index(int(flat), per_shard)
+                key = tuple(s * n + i for s, n, i in zip(shard, per_shard, inner))
+                if all(k < g for k, g in zip(key, info.grid)):
+                    written[key] = True
+        return written
 
     def read(self, group: str, start: Sequence[int], size: Sequence[int], array: str = "image",
              pad_value: float = 0.0, dtype: np.dtype | type | str | None = np.float32) -> np.ndarray:
@@ -276,7 +418,9 @@ class StoreReader:
             buffer = self._chunk_buffer = np.empty(chunk_nbytes, dtype=np.uint8)
         chunk = buffer.view(info.dtype).reshape(info.chunks)
         for key, blob in zip(keys, blobs):
-            if blob is None:  # never-written chunk: all fill value
+            if blob is None:  # never-written chunk: all fill value, unless the chunk record says otherwise
+                if info.written is not None and info.written[key]:
+                    raise self._missing(group, info, key)
                 filled = np.full(info.chunks, info.fill_value, dtype=info.dtype)
             else:
                 data, address = blob
@@ -353,6 +497,14 @@ class StoreReader:
         return ChunkReadError(
             f"volume {group!r} in store {self.uri}: chunk {posixpath.relpath(path, self.root)} is corrupt ({what}); "
             f"re-convert this volume (`rayssl convert ...`) or stream with `--set data.on_error=skip` to leave it out"
+        )
+
+    def _missing(self, group: str, info: _ArrayInfo, key: tuple[int, ...]) -> ChunkReadError:
+        return ChunkReadError(
+            f"volume {group!r} in store {self.uri}: chunk {posixpath.relpath(self._chunk_name(info, key), self.root)} "
+            f"is missing, but the array's chunk record says it was written (a deleted or lost object would "
+            f"read as fill value {info.fill_value}); re-convert this volume (`rayssl verify {self.uri} --fix` "
+            f"or `rayssl convert ...`) or stream with `--set data.on_error=skip` to leave it out"
         )
 
     # -- sharded arrays: cached shard indexes + coalesced ranged reads ----------------------------
