@@ -33,7 +33,8 @@ TISSUE_HU = {"air": -1000.0, "lung": -850.0, "fat": -100.0, "soft": 40.0, "vesse
 DEFAULT_PHANTOM_SHAPE = (96, 96, 64)
 DEFAULT_PHANTOM_SPACING = (4.0, 4.0, 5.0)
 # Bump when the phantom or demo layout changes: cached demo stores are keyed on it.
-DEMO_VERSION = 1
+# 2: arrays carry the chunk record (docs/store_format.md), so a cache built before it is rebuilt.
+DEMO_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------
