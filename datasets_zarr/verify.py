@@ -1,11 +1,11 @@
-"""`rayssl verify`: check every volume of a store (chunks present per their record, every chunk decodable, zarr.json against the manifest) and re-convert bad ones from their recorded sources."""
+"""`rayssl verify`: check every chunk and zarr.json of a store's volumes against their records and the manifest, and re-convert bad ones."""
 
 from __future__ import annotations
 
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -116,7 +116,8 @@ def verify_store(store: str | os.PathLike, *, fix: bool = False, workers: int | 
     bar = tqdm(total=len(rows), desc="verify", unit="volume", disable=not progress)
     checks: dict[str, VolumeCheck] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(check, rows):
+        for future in as_completed([pool.submit(check, row) for row in rows]):  # the bar moves as volumes finish
+            result = future.result()
             checks[result.id] = result
             bar.set_postfix_str(f"{sum(not c.ok for c in checks.values())} bad", refresh=False)
             bar.update(1)
