@@ -425,6 +425,25 @@ def make_mni_tissue_hemisphere(side: str, seed: int = 0) -> tuple[np.ndarray, np
 # ----------------------------------------------------------------------------------------------
 
 
+# Kinds of demo store (`demo_store(kind=...)`, `rayssl demo --kind`).
+DEMO_KINDS = ("ct", "mr", "mni", "mni-tissue")
+
+
+def _demo_params(store: Path) -> dict | None:
+    """The parameters a demo store was built with (recorded in each volume's conversion attributes),
+    or None when `store` is not a complete demo store."""
+    from .manifest import MANIFEST_NAME, read_manifest
+    from .store import read_volume_attrs
+
+    if not (store / MANIFEST_NAME).exists():
+        return None
+    try:
+        first = read_manifest(store)["id"].iloc[0]
+        return (read_volume_attrs(store, first) or {}).get("conversion", {}).get("demo")
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a demo store" here
+        return None
+
+
 def default_cache_dir() -> Path:
     """`$RAYSSL_CACHE/demo`, else `~/.cache/rayssl/demo`."""
     base = os.environ.get("RAYSSL_CACHE")
@@ -450,7 +469,7 @@ def demo_store(root: str | os.PathLike | None = None, n: int = 8, *, kind: str =
                shape: Sequence[int] = DEFAULT_PHANTOM_SHAPE,
                spacing: Sequence[float] = DEFAULT_PHANTOM_SPACING, seed: int = 0,
                chunks: int | Sequence[int] = 64, shards: int | Sequence[int] | None = None,
-               rebuild: bool = False) -> Path:
+               rebuild: bool = False, out: str | os.PathLike | None = None, progress: bool = False) -> Path:
     """Path of a ready demo store, building it on first use (cached under `root`).
 
     kind='ct': `n` phantoms from `make_phantom(seed + i, shape, spacing)` with the organ label map
@@ -460,6 +479,13 @@ def demo_store(root: str | os.PathLike | None = None, n: int = 8, *, kind: str =
     kind='mni-tissue': the labelled MNI152 probe set, two volumes from
     `make_mni_tissue_hemisphere` (`mni-left`, `mni-right` mirrored), tissue classes as `label`
     (`MNI_TISSUE_LABELS`), brain mask as `mask`, percentile-normalised; `n` must be 2.
+    kind='mr': a brain-MR pretraining population, `n` SynthSeg-style subjects from
+    `synth_mr.make_synth_mr(seed + i)` (random smooth deformation and per-tissue contrast of the
+    MNI152 maps, bias field, noise), tissue classes as `label`, brain mask as `mask`, percentile-normalised.
+
+    `out` writes the store at exactly that path instead of the cache (`rayssl demo --out`); an
+    existing complete store there is returned only if it was built with the same parameters.
+    `progress` shows a progress bar over the volumes.
 
     Volumes go through the same preprocessing and `write_volume` code as `convert`, so the format
     and manifest are identical. `root` defaults to `default_cache_dir()`. The store is built in a
@@ -471,9 +497,9 @@ def demo_store(root: str | os.PathLike | None = None, n: int = 8, *, kind: str =
     from .manifest import MANIFEST_NAME, write_manifest
     from .store import ensure_store
 
-    if kind not in ("ct", "mni", "mni-tissue"):
-        raise ConversionError(f"kind={kind!r}: use 'ct' (torso phantoms), 'mni' (brain MR) or "
-                              f"'mni-tissue' (two labelled MNI152 hemispheres).")
+    if kind not in DEMO_KINDS:
+        raise ConversionError(f"kind={kind!r}: use 'ct' (torso phantoms), 'mr' (a synthetic brain-MR population), "
+                              f"'mni' (MNI152 pose variants) or 'mni-tissue' (two labelled MNI152 hemispheres).")
     if kind == "mni-tissue" and int(n) != len(MNI_HEMISPHERES):
         raise ConversionError(f"kind='mni-tissue' has exactly {len(MNI_HEMISPHERES)} volumes "
                               f"{MNI_HEMISPHERES}, got n={n!r}.")
@@ -487,6 +513,18 @@ def demo_store(root: str | os.PathLike | None = None, n: int = 8, *, kind: str =
         params.update(shape=[int(s) for s in shape], spacing=[float(s) for s in spacing])
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     final = root / f"{kind}-n{int(n)}-seed{int(seed)}-{key}.zarr"
+    if out is not None:
+        final = Path(out).expanduser().absolute()
+        root = final.parent
+        if final.exists() and not rebuild:
+            built_with = _demo_params(final)
+            if built_with is None:
+                raise ConversionError(f"{final} exists and is not a demo store built by rayssl demo: choose another "
+                                      f"--out, or remove it first.")
+            if built_with != params:
+                raise ConversionError(f"{final} is a demo store built with other parameters ({built_with}); choose "
+                                      f"another --out, or pass --rebuild to replace it.")
+            return final
     if final.exists() and not rebuild:
         if (final / MANIFEST_NAME).exists():
             return final
@@ -499,7 +537,12 @@ def demo_store(root: str | os.PathLike | None = None, n: int = 8, *, kind: str =
                                           normalize=None if kind == "ct" else True,
                                           chunks=chunks, shards=shards)
         volume_ids = []
-        for index in range(int(n)):
+        indices = range(int(n))
+        if progress:
+            from tqdm import tqdm
+
+            indices = tqdm(indices, desc=f"demo {kind} store", unit="volume")
+        for index in indices:
             if kind == "ct":
                 volume_id = f"phantom-{index:03d}"
                 image, label = make_phantom(seed + index, shape, spacing)
@@ -512,6 +555,12 @@ def demo_store(root: str | os.PathLike | None = None, n: int = 8, *, kind: str =
                 volume_id = f"mni-{side}"
                 image, label, mask, affine = make_mni_tissue_hemisphere(side, seed)
                 source = f"demo:mni152-tissue?hemisphere={side}&seed={seed}"
+            elif kind == "mr":
+                from .synth_mr import make_synth_mr
+
+                volume_id = f"synth-mr-{index:04d}"
+                image, label, mask, affine = make_synth_mr(seed + index)
+                source = f"demo:synth-mr?seed={seed + index}"
             else:
                 volume_id = f"mni-{index:03d}"
                 image, mask, affine = make_mni_variant(None if index == 0 else seed + index)

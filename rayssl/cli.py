@@ -129,6 +129,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# Default first seed of a `rayssl demo` population: CT phantoms 5000.. stay clear of the pretraining demo (0..7)
+# and of the probe phantoms (rayssl.eval.probe.PROBE_DEMO_SEED, 1000..1007); synthetic MR subjects are all
+# deformed and re-contrasted, never the MNI152 template the mni152 probe set is cut from.
+POPULATION_SEEDS = {"ct": 5000, "mr": 0}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from datasets_zarr.demo import demo_store
+    from rayssl.eval.probe import PROBE_DEMO_SEED, PROBE_DEMO_VOLUMES
+
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: a population needs at least one volume")
+    seed = POPULATION_SEEDS[args.kind] if args.seed is None else args.seed
+    if args.kind == "ct" and seed < PROBE_DEMO_SEED + PROBE_DEMO_VOLUMES and seed + args.n > PROBE_DEMO_SEED:
+        raise ValueError(f"--seed {seed} --n {args.n}: phantom seeds {seed}..{seed + args.n - 1} overlap the demo probe "
+                         f"set's ({PROBE_DEMO_SEED}..{PROBE_DEMO_SEED + PROBE_DEMO_VOLUMES - 1}), so probes would score "
+                         f"volumes the encoder was pretrained on; pick another --seed (default {POPULATION_SEEDS['ct']})")
+    store = demo_store(n=args.n, kind=args.kind, seed=seed, out=args.out, rebuild=args.rebuild, progress=True)
+    print(f"[rayssl] demo {args.kind} store {store}: {args.n} volumes (seeds {seed}..{seed + args.n - 1}); "
+          f"pretrain on it with: rayssl pretrain --data {store}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from datasets_zarr.verify import verify_store
+
+    report = verify_store(args.store, fix=args.fix, workers=args.workers)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(where a source still exists with its recorded hash), atomically")
     p.add_argument("--workers", type=int, help="threads (default: CPU count, at most 8)")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("demo", help="build a synthetic pretraining population store (CT phantoms or brain MR)",
+                       description="Write N synthetic volumes through the normal store writer: 'ct' torso phantoms "
+                                   "(organ labels, lung masks) or 'mr' brain MR subjects made from nilearn's MNI152 "
+                                   "tissue maps with random smooth deformations, per-tissue contrast, bias field and "
+                                   "noise (SynthSeg-style). Seeds never overlap the probe sets.")
+    p.add_argument("--kind", choices=sorted(POPULATION_SEEDS), default="ct")
+    p.add_argument("--n", type=int, default=256, help="volumes (default 256)")
+    p.add_argument("--out", help="store path (default: the demo cache, $RAYSSL_CACHE/demo or ~/.cache/rayssl/demo)")
+    p.add_argument("--seed", type=int, help="first volume's seed (default: ct 5000, mr 0)")
+    p.add_argument("--rebuild", action="store_true", help="replace an existing store at --out")
+    p.set_defaults(func=cmd_demo)
     from rayssl.eval.cli import add_eval_parsers
     from rayssl.tune.cli import add_tune_parser
     add_eval_parsers(sub)

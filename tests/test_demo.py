@@ -166,3 +166,48 @@ def test_default_demo_store_builds_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(dz.read_manifest(path)) == 8
     assert elapsed < 20, f"default demo store took {elapsed:.1f} s"
+
+
+class TestPopulation:
+    """`rayssl demo`: pretraining populations (issue 24): distinct volumes, seeds disjoint from every probe set."""
+
+    def test_synthetic_mr_subjects_differ_in_shape_and_contrast_and_repeat_by_seed(self):
+        from datasets_zarr.demo import MNI_TISSUE_LABELS
+        from datasets_zarr.synth_mr import make_synth_mr
+
+        first, first_label, first_mask, affine = make_synth_mr(1)
+        again, *_ = make_synth_mr(1)
+        other, other_label, other_mask, _ = make_synth_mr(2)
+        np.testing.assert_array_equal(first, again)
+        assert first.dtype == np.float32 and first.shape == other.shape and affine.shape == (4, 4)
+        assert set(np.unique(first_label)) == set(MNI_TISSUE_LABELS)
+        # The deformation moves the anatomy: the tissue maps of two subjects disagree on many brain voxels.
+        brain = (first_mask > 0) | (other_mask > 0)
+        assert np.mean(first_label[brain] != other_label[brain]) > 0.1
+        # Per-tissue contrast: the order of mean grey- and white-matter intensity is random, so over a few
+        # subjects it is not fixed (T1-like and T2-like both occur); ratios differ subject to subject.
+        ratios = [first[first_label == 3].mean() / first[first_label == 2].mean(),
+                  other[other_label == 3].mean() / other[other_label == 2].mean()]
+        for seed in (3, 4, 5):
+            image, label, _, _ = make_synth_mr(seed)
+            ratios.append(image[label == 3].mean() / image[label == 2].mean())
+        assert min(ratios) < 1.0 < max(ratios), ratios
+
+    def test_cli_builds_distinct_volumes_and_refuses_probe_seeds(self, tmp_path, capsys):
+        from rayssl.cli import main
+        from rayssl.eval.probe import PROBE_DEMO_SEED
+
+        store = tmp_path / "ct.zarr"
+        assert main(["demo", "--kind", "ct", "--n", "3", "--out", str(store)]) == 0
+        manifest = dz.read_manifest(store)
+        assert len(manifest) == 3 and manifest["source_sha256"].nunique() == 3
+        seeds = sorted(int(s.split("seed=")[1].split("&")[0]) for s in manifest["source"])
+        assert seeds == [5000, 5001, 5002] and not set(seeds) & set(range(PROBE_DEMO_SEED, PROBE_DEMO_SEED + 8))
+        # Asking again returns the same store; other parameters at the same path are refused, not mixed in.
+        assert main(["demo", "--kind", "ct", "--n", "3", "--out", str(store)]) == 0
+        assert main(["demo", "--kind", "ct", "--n", "4", "--out", str(store)]) == 2
+        assert "other parameters" in capsys.readouterr().err
+        assert main(["demo", "--kind", "ct", "--n", "5", "--seed", str(PROBE_DEMO_SEED - 2),
+                     "--out", str(tmp_path / "leak.zarr")]) == 2
+        assert "overlap the demo probe set" in capsys.readouterr().err
+        assert not (tmp_path / "leak.zarr").exists()
