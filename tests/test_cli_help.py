@@ -6,7 +6,7 @@ import sys
 import pytest
 
 HEAVY = ("torch", "monai", "ray")
-SUBCOMMANDS = ["pretrain", "preview", "recipe", "export", "convert", "probe", "tune"]
+SUBCOMMANDS = ["pretrain", "preview", "recipe", "export", "convert", "verify", "demo", "probe", "tune"]
 
 
 def _heavy_modules_after(code: str) -> list[str]:

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 
+import datasets_zarr as dz
 import numpy as np
 import pytest
 import torch
@@ -302,6 +303,13 @@ def _store_with_nan_volume(src, dst, seed=0, whole=False):
                             compressors=old.compressors, fill_value=float(old.fill_value),
                             attributes=dict(old.attrs), overwrite=True)
     new[...] = image
+    # Record the new dtype where the reader checks it (the volume's attrs and the manifest), as a
+    # conversion of float data would: the store is consistent, only its voxels are bad.
+    from datasets_zarr.lungmask import update_volume_attrs
+
+    update_volume_attrs(dst, poisoned.extra["group"], {"dtype": "float32"})
+    manifest = dz.read_manifest(dst)
+    dz.write_manifest(dst, splits=dict(zip(manifest["id"], manifest["split"])), store_uri=str(manifest["store"].iloc[0]))
     return str(dst)
 
 
