@@ -22,6 +22,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="attach to a running Ray cluster (e.g. auto) instead of starting one")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts that must be >= 1 (`--steps 0` is refused, not read as "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave the flag out for the default)")
+    return value
+
+
 def _data_overrides(stores: list[str] | None) -> list[str]:
     """`--data A` -> data.store=A; `--data A --data B` -> data.stores=[A, B]."""
     if not stores:
@@ -45,11 +56,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from rayssl.train.trainer import pretrain
 
     extra = _data_overrides(args.data)
-    if args.steps:
+    if args.steps is not None:  # 0 is refused by the parser, never silently the default
         extra.append(f"train.steps={args.steps}")
     if args.out:
         extra.append(f"out={args.out}")
-    if args.num_workers:
+    if args.num_workers is not None:
         extra.append(f"train.num_workers={args.num_workers}")
     if args.use_gpu:
         extra.append("train.use_gpu=true")
@@ -57,12 +68,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         extra.append(f"name={args.name}")
     if args.probe:
         extra.append(f"eval.probe_store={args.probe}")
-    if args.probe_every:
+    if args.probe_every is not None:
         extra.append(f"eval.probe_every={args.probe_every}")
-    if args.resume and not args.config:
-        config_path = os.path.join(args.resume, "config.yaml")
-        if os.path.exists(config_path):
-            args.config = config_path
+    if args.resume:
+        run_dir = args.resume if os.path.isdir(args.resume) else os.path.join(args.out or "runs", args.resume)
+        if os.path.isdir(run_dir):
+            from rayssl.train.runfolder import check_resume
+
+            # Before the run's config.yaml is read: not a rayssl run, or another --method/--profile, is refused.
+            check_resume(run_dir, method=args.method, profile=args.profile)
+            if not args.config and os.path.exists(os.path.join(run_dir, "config.yaml")):
+                args.config = os.path.join(run_dir, "config.yaml")
     cfg = _resolve(args, extra)
     result = pretrain(cfg, resume=args.resume, address=args.address, mlflow_uri=args.mlflow)
     return 0 if result.status in ("finished", "stopped") else 1
@@ -90,7 +106,8 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from rayssl.export import export_run
 
-    export_run(args.run, fmt=args.format, in_channels=args.in_channels, out=args.out, source=args.source)
+    export_run(args.run, fmt=args.format, in_channels=args.in_channels, out=args.out, source=args.source,
+               out_channels=args.out_channels)
     return 0
 
 
@@ -119,14 +136,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 1
     print(f"[rayssl] store {args.out}: {len(manifest)} volumes in the manifest")
     return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from datasets_zarr.verify import verify_store
-
-    report = verify_store(args.store, fix=args.fix, workers=args.workers)
-    print(report.summary())
-    return 0 if report.ok else 1
 
 
 # Default first seed of a `rayssl demo` population: CT phantoms 5000.. stay clear of the pretraining demo (0..7)
@@ -166,16 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain an encoder with an SSL method on Ray Train")
     _add_run_options(p)
-    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps")
     p.add_argument("--out", help="folder for run folders (default runs/)")
     p.add_argument("--name", help="run name (default: unique <method>-<time>-<hex>)")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers")
+    p.add_argument("--num-workers", type=_positive_int, help="Ray Train workers")
     p.add_argument("--use-gpu", action="store_true", help="train on GPUs")
     p.add_argument("--resume", metavar="RUN", help="resume a run folder from its last checkpoint")
     p.add_argument("--probe", nargs="?", const="demo", metavar="STORE",
                    help="linear-probe checkpoints during pretraining, beside the training step, against random init: "
                         "a named probe set (demo, the default; mni152) or a labelled Zarr store (eval.probe_store)")
-    p.add_argument("--probe-every", type=int, metavar="N",
+    p.add_argument("--probe-every", type=_positive_int, metavar="N",
                    help="probe every N steps, a multiple of train.checkpoint_every (default: every checkpoint)")
     p.add_argument("--mlflow", metavar="URI", help="also log to this MLflow tracking URI (default: MLFLOW_TRACKING_URI "
                                                    "when set; a resumed run continues its MLflow run)")
@@ -205,8 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "safetensors: model.safetensors + model_card.json")
     p.add_argument("--in-channels", type=int, metavar="N",
                    help="adapt the stem to N input channels (1-channel weights repeated, scaled by 1/N)")
+    p.add_argument("--out-channels", type=int, metavar="N",
+                   help="a task head of N outputs at a fresh initialisation (BasicUNet final_conv, SwinUNETR out, "
+                        "ResNet fc, a Linear head on other encoders); the card names the new network")
     p.add_argument("--out", help="output folder (default RUN/export, RUN/export_bundle, RUN/export_safetensors; "
-                                 "_<N>ch appended with --in-channels)")
+                                 "_<N>ch appended with --in-channels, _<N>out with --out-channels)")
     p.add_argument("--source", choices=["auto", "export", "checkpoint"], default="auto",
                    help="weights: export/ (auto when present) or the latest checkpoint")
     p.set_defaults(func=cmd_export)

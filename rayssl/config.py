@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import copy
+import math
 import typing
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rayssl.methods import MethodConfig, get_method_class
 
 
+def _is_number_field(model: type[BaseModel], name: str | None) -> bool:
+    """True for an int/float field of `model` (optional or not) that takes no bool."""
+    field = model.model_fields.get(name or "")
+    if field is None:
+        return False
+    args = set(typing.get_args(field.annotation) or (field.annotation,)) - {type(None)}
+    return bool(args) and args <= {int, float}
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never a valid setting (an infinite weight or lr turns sample counts and steps into nonsense).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true/false as 1/0: `--set train.steps=true` is a slip, not 1 step.
+        if isinstance(value, bool) and _is_number_field(cls, info.field_name):
+            raise ValueError("expected a number, not true/false")
+        return value
 
 
 class StoreEntry(_Strict):
@@ -82,6 +101,8 @@ class TrainSection(_Strict):
     accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step (gradient accumulation)")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None = off)")
     amp: bool = Field(True, description="bfloat16/float16 autocast on GPU (ignored on CPU)")
+    sync_batchnorm: bool = Field(False, description="convert BatchNorm to SyncBatchNorm across the DDP workers, so "
+                                 "batch statistics cover the whole effective batch (GPU workers only; several workers)")
     report_every: int = Field(1, ge=1, description="report metrics every k steps")
     checkpoint_every: int = Field(20, ge=1, description="checkpoint every N steps (and at the end)")
     heldout_samples: int = Field(4, ge=0, description="samples (other crops of the training volumes, never trained "
@@ -224,11 +245,11 @@ def resolve_config(
     """
     raw: dict[str, Any] = copy.deepcopy(base) if base else {}
     if file:
-        with open(file) as f:
-            loaded = yaml.safe_load(f) or {}
-        raw.update(loaded)
+        raw.update(load_config_file(file))
     method = method or raw.get("method") or "voco"
     method_cls = get_method_class(method)
+    if file and method in raw:
+        raw[method] = _section(raw[method], method, file)
     if method in raw:  # YAML writes the method section under the method's name
         raw["method_config"] = raw.pop(method)
     _upgrade_legacy(raw)
@@ -269,12 +290,88 @@ def resolve_config(
         cfg = RunConfig.model_validate(merged)
     except ValidationError as err:
         raise ValueError(_explain(err, "")) from None
+    bools = [f"  {method}.{k}: expected a number, not true/false (got {v!r})"
+             for k, v in cfg.method_config.items() if isinstance(v, bool) and _is_number_field(method_cls.config_cls, k)]
+    # Method configs are the methods' own models: inf/nan is refused here, as written and as parsed ('inf' text).
+    infinite = [f"  {method}.{k}: must be a finite number (got {v!r})" for k, v in _non_finite(cfg.method_config)]
+    if bools or infinite:
+        raise ValueError("\n".join(["invalid configuration:", *bools, *infinite]))
     try:
         method_cfg = cfg.method_cfg()
     except ValidationError as err:
         raise ValueError(_explain(err, method + ".", method_cls.config_cls)) from None
+    infinite = [f"  {method}.{k}: must be a finite number (got {v!r})"
+                for k, v in _non_finite(method_cfg.model_dump(mode="python"))]
+    if infinite:
+        raise ValueError("\n".join(["invalid configuration:", *infinite]))
     # Store every method field explicitly, so config.yaml shows the whole resolved method config.
     return cfg.model_copy(update={"method_config": method_cfg.model_dump(mode="json")})
+
+
+def _non_finite(value: Any, path: str = "") -> list[tuple[str, float]]:
+    """(dotted path, value) of every inf/nan float inside `value` (dicts, lists, tuples)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in _non_finite(v, f"{path}[{i}]")]
+    return []
+
+
+_CONFIG_HELP = ("a rayssl config is a YAML mapping such as `method: voco`, `train:` with `steps: 40` "
+                "indented under it; a run folder's config.yaml is a complete example")
+
+
+def _line_of(file: str, key: str) -> int | None:
+    """1-based line of top-level `key` in the YAML `file` (None when it cannot be found)."""
+    try:
+        with open(file) as f:
+            node = yaml.compose(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            if getattr(key_node, "value", None) == key:
+                return key_node.start_mark.line + 1
+    return None
+
+
+def _section(value: Any, key: str, file: str) -> dict[str, Any]:
+    """A config file's section `key` as a dict (empty when left blank); a scalar or list is refused, naming the line."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        line = _line_of(file, key)
+        where = f"{file}, line {line}" if line else file
+        raise ValueError(f"{where}: section {key!r} must be a mapping of field: value lines, got "
+                         f"{type(value).__name__} {value!r}; {_CONFIG_HELP}")
+    return value
+
+
+def load_config_file(file: str) -> dict[str, Any]:
+    """A YAML config file as a dict; malformed YAML or a section that is not a mapping is a ValueError
+    naming the file and line (not yaml's traceback)."""
+    try:
+        with open(file) as f:
+            loaded = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{file}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else file
+        problem = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p) or str(err)
+        raise ValueError(f"{where}: not valid YAML ({problem}); fix that line (check its indentation and the "
+                         f"`key: value` form; quote values holding ':' or '#'): {_CONFIG_HELP}") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config {file}: is a folder; give its config.yaml") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{file}: a config file must be a YAML mapping, got {type(loaded).__name__} "
+                         f"{str(loaded)[:80]!r}; {_CONFIG_HELP}")
+    for key in ("data", "train", "eval", "method_config"):
+        if key in loaded:
+            loaded[key] = _section(loaded[key], key, file)
+    return loaded
 
 
 def _upgrade_legacy(raw: dict[str, Any]) -> None:
@@ -307,7 +404,7 @@ def _explain(err: ValidationError, prefix: str, model: type[BaseModel] = RunConf
             lines.append(f"  {loc.rstrip('.')}: unknown field (got {e.get('input')!r}); valid fields here: "
                          f"{sorted(_section_fields(model, e['loc'][:-1]))}")
         else:
-            lines.append(f"  {loc.rstrip('.')}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {loc.rstrip('.')}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

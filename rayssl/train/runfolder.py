@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
+import os
 import platform
 import posixpath
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -36,9 +39,10 @@ Method **{method}** (profile `{profile}`), {steps} steps, data: {stores} ({volum
 
 | file | what it is |
 |---|---|
-| `config.yaml` | the resolved configuration of this run (re-run: `rayssl pretrain --config config.yaml`) |
+| `config.yaml` | the resolved configuration of this run, without its name, so that it re-runs as a new run with a fresh name: `rayssl pretrain --config {run_dir}/config.yaml` |
+| `rayssl_run.json` | marks the folder as a rayssl run (name, method, profile): `--resume` trains only into such folders |
 | `metrics.jsonl` | one JSON line per reported step: loss terms, lr, samples/s, crops/s, step time, `data_wait_pct` (share of the window the worker waited for its next batch), `data_cpu_s_per_sample` and `data_cores_needed` (data-actor cores that keep data wait under 5 %), representation health (`health_spread`, `health_effective_rank`, `health_dead_fraction`), on held-out steps `heldout_loss` and `heldout_<term>` (`train.heldout_samples` fixed samples, every `train.heldout_every` steps), and on probed steps `probe_score` / `probe_random` / `probe_gain` |
-| `loss.png` | loss curves (raw and smoothed, total and each term) and the held-out loss (the objective on fixed samples never trained on: the curve to read for a trend); throughput with data wait %; with `--probe`, the probe score against the step beside its random-init line |
+| `loss.png` | loss curves (raw and smoothed, total and each term) and the held-out loss (the objective on fixed samples never trained on: the curve to read for a trend); throughput with data wait %; with `--probe`, the probe's gain over random init (pretrained minus random-init score, zero line = random init) against the step |
 | `online_probe.json` | with `--probe`: the linear probe of each probed checkpoint and of the random-init network (store, metric, points, gains) |
 | `summary.json` | status, wall time, peak memory, mean data wait, held-out loss first -> last, final metrics, skipped volumes |
 | `tensorboard/` | TensorBoard event files of the same metrics: `tensorboard --logdir {run_dir}` |
@@ -63,11 +67,21 @@ class RunResult:
     error: str | None = None
 
 
+def rerun_config(cfg: RunConfig, run_dir: str) -> str:
+    """config.yaml: the resolved config with `name: null`, so `rayssl pretrain --config` of it starts
+    a new run (a fresh name) instead of stopping at this existing folder; `--resume` takes the name
+    from the folder."""
+    header = (f"# rayssl run {cfg.name}: the resolved configuration. Re-run as a new run (fresh name):\n"
+              f"#   rayssl pretrain --config {run_path(run_dir, 'config.yaml')}\n"
+              f"# Continue this run: rayssl pretrain --resume {run_dir}\n")
+    return header + yaml.safe_dump({**cfg.to_yaml_dict(), "name": None}, sort_keys=False)
+
+
 def start_run_folder(run_dir: str, cfg: RunConfig, stores: Sequence[str], volumes: int,
                      resumed_from: int | None) -> None:
     fs, path = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(path, exist_ok=True)
-    write_run_file(run_dir, "config.yaml", yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
+    write_run_file(run_dir, "config.yaml", rerun_config(cfg, run_dir))
     write_run_file(run_dir, "README.md", GUIDE.format(name=cfg.name, method=cfg.method, profile=cfg.profile,
                                                       steps=cfg.train.steps,
                                                       stores=", ".join(f"`{s}`" for s in stores), volumes=volumes,
@@ -76,6 +90,130 @@ def start_run_folder(run_dir: str, cfg: RunConfig, stores: Sequence[str], volume
         print(f"[rayssl] resuming {run_dir} from step {resumed_from}")
     else:
         print(f"[rayssl] run folder: {run_dir}")
+
+
+# Written when rayssl creates a run folder: `--resume` trains only into folders that hold it
+# (or, for runs made before it existed, a rayssl config.yaml beside complete checkpoints).
+RUN_MARKER = "rayssl_run.json"
+
+
+def _is_local(run_dir: str) -> bool:
+    return "://" not in run_dir or run_dir.startswith("file://")
+
+
+def claim_run_folder(run_dir: str, cfg: RunConfig) -> None:
+    """Create the run folder atomically (os.mkdir fails when it exists) with its ownership marker.
+
+    A second run with the same name gets FileExistsError at once; a parent that cannot be written
+    is a ValueError naming it. On object storage there is no atomic create: the folder is checked
+    and the marker written (a narrow race remains there).
+    """
+    marker = json.dumps({"rayssl_run": 1, "name": cfg.name, "method": cfg.method, "profile": cfg.profile,
+                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                        indent=2)
+    taken = FileExistsError(f"run folder {run_dir} already exists; resume it with `rayssl pretrain --resume "
+                            f"{run_dir}` or choose another --name")
+    if not _is_local(run_dir):
+        if run_file_exists(run_dir):
+            raise taken
+        write_run_file(run_dir, RUN_MARKER, marker)
+        return
+    path = run_dir.removeprefix("file://")
+    parent = os.path.dirname(path.rstrip("/")) or "."
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(path)
+    except (FileExistsError, NotADirectoryError):
+        if os.path.isdir(path):
+            raise taken from None
+        raise ValueError(f"cannot create run folder {path}: {_first_file(path)} is a file, not a folder; "
+                         f"choose another --out") from None
+    except OSError as err:
+        raise ValueError(f"cannot create run folder {path}: {err.strerror} (is {parent} writable?); choose a "
+                         f"writable --out (or train.storage_path) or fix its permissions") from None
+    try:
+        write_run_file(path, RUN_MARKER, marker)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _first_file(path: str) -> str:
+    """The first existing non-folder on the way to `path` (what blocks creating it)."""
+    probe = os.path.abspath(path)
+    parts = []
+    while probe and not os.path.exists(probe):
+        probe, tail = os.path.split(probe)
+        parts.append(tail)
+    return probe
+
+
+def release_run_folder(run_dir: str) -> None:
+    """Remove a run folder this process claimed, when the run fails before training starts
+    (it then holds only the marker, config.yaml, README.md and mlflow.json: nothing of value)."""
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def run_owner(run_dir: str) -> dict[str, Any]:
+    """Method and profile of the rayssl run in `run_dir`; ValueError when rayssl did not make it.
+
+    The marker (RUN_MARKER) decides. A folder without it (made before the marker existed) counts as
+    a run when its config.yaml names a method and profile and it holds a complete checkpoint
+    (`checkpoint_*/state.pt` of the size its meta.json records).
+    """
+    if run_file_exists(run_dir, RUN_MARKER):
+        try:
+            with fsspec.open(run_path(run_dir, RUN_MARKER), "r") as f:
+                owner = json.load(f)
+            if not (isinstance(owner, dict) and owner.get("rayssl_run") and owner.get("method") and owner.get("profile")):
+                raise ValueError("method or profile missing")
+        except ValueError as err:
+            raise ValueError(f"--resume {run_dir}: its {RUN_MARKER} is damaged ({err}); restore it (fields "
+                             f"rayssl_run, name, method, profile) or start a new run") from None
+        return owner
+    from rayssl.checkpoint import latest_checkpoint_step
+
+    legacy: Any = None
+    if run_file_exists(run_dir, "config.yaml"):
+        try:
+            with fsspec.open(run_path(run_dir, "config.yaml"), "r") as f:
+                legacy = yaml.safe_load(f)
+        except yaml.YAMLError:
+            legacy = None
+    if (isinstance(legacy, dict) and isinstance(legacy.get("method"), str) and isinstance(legacy.get("profile"), str)
+            and isinstance(legacy.get("train"), dict) and latest_checkpoint_step(run_dir) is not None):
+        return {"rayssl_run": 1, "name": posixpath.basename(run_dir.rstrip("/")), "method": legacy["method"],
+                "profile": legacy["profile"], "legacy": True}
+    raise ValueError(f"--resume {run_dir}: not a rayssl run folder (no {RUN_MARKER}, and no config.yaml with "
+                     f"complete checkpoints); rayssl resumes only folders it made and leaves this one untouched. "
+                     f"Start a new run instead (`rayssl pretrain --name NAME`, or --out for another parent folder)")
+
+
+def check_resume(run_dir: str, method: str | None, profile: str | None) -> dict[str, Any]:
+    """The run's owner record, after refusing a `--method` / `--profile` other than the run's own."""
+    owner = run_owner(run_dir)
+    for flag, asked, own in (("--method", method, owner["method"]), ("--profile", profile, owner["profile"])):
+        if asked is not None and asked != own:
+            raise ValueError(f"--resume {run_dir}: this run was made with {flag} {own}, not {asked}; a resumed run "
+                             f"keeps its own recipe. Resume without {flag} (or with {flag} {own}), or start a new "
+                             f"run with {flag} {asked}")
+    return owner
+
+
+def existing_result(run_dir: str) -> RunResult:
+    """The result recorded in a run folder's summary.json, read without writing anything."""
+    summary: dict[str, Any] = {}
+    if run_file_exists(run_dir, "summary.json"):
+        with fsspec.open(run_path(run_dir, "summary.json"), "r") as f:
+            summary = json.load(f)
+    return RunResult(run_dir=run_dir, status=summary.get("status", "finished"), steps=summary.get("steps", 0),
+                     wall_time_s=summary.get("wall_time_s", 0.0), peak_memory_mb=summary.get("peak_memory_mb", 0.0),
+                     metrics=summary.get("final_metrics") or {}, skipped=summary.get("skipped_volumes") or {},
+                     error=summary.get("error"))
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -97,7 +235,7 @@ def smooth(values: list[float], alpha: float = 0.2) -> list[float]:
 def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str],
                 online_probe: dict[str, Any] | None = None) -> str | None:
     """loss.png: the loss (raw and smoothed) and each term against the step; throughput and data
-    wait; and, with an online probe, the probe score against the step beside its random-init line."""
+    wait; and, with an online probe, its gain over random init against the step (`draw_probe`)."""
     if not metrics:
         return None
     import matplotlib
@@ -114,9 +252,7 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
     for key in loss_keys:
         if key != "loss":
             axes[0].plot(steps, smooth([m.get(key, float("nan")) for m in metrics]), label=f"{key} (smoothed)", alpha=0.8)
-    heldout = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
-    if heldout:  # the same objective on fixed samples never trained on (rayssl/train/heldout.py)
-        axes[0].plot(*zip(*heldout), color="tab:purple", marker="o", linewidth=2, label="held-out loss (fixed samples)")
+    draw_heldout(axes[0], metrics)
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("loss")
     axes[0].set_title("training loss")
@@ -138,22 +274,55 @@ def plot_losses(run_dir: str, metrics: list[dict[str, Any]], loss_keys: list[str
         handles, labels = handles + extra_handles, labels + extra_labels
     axes[1].legend(handles, labels)
     if probed:
-        points = online_probe["points"]
-        axes[2].plot([p["step"] for p in points], [p["score"] for p in points], "o-", color="tab:blue",
-                     label="pretrained")
-        if online_probe.get("random_init") is not None:
-            axes[2].axhline(online_probe["random_init"], color="tab:gray", linestyle="--", label="random init")
-        axes[2].set_xlabel("step")
-        axes[2].set_ylabel(online_probe.get("metric") or "probe score")
-        axes[2].set_title(f"linear probe on {posixpath.basename(str(online_probe.get('store', ''))).removesuffix('.zarr')}")
-        axes[2].set_xlim(0, max(steps) * 1.05)
-        axes[2].legend()
+        draw_probe(axes[2], online_probe, max(steps))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     write_run_file(run_dir, "loss.png", buffer.getvalue())
     return run_path(run_dir, "loss.png")
+
+
+# Half the smallest y-span of the probe panel: a gain of -0.0015 must not fill the axis as a trend.
+PROBE_MIN_HALF_SPAN = 0.02
+
+
+def probe_set_name(online_probe: dict[str, Any]) -> str:
+    """The probe set as the user named it (`demo`, `mni152`, a store's file name), not the cache's hashed path."""
+    named = {"demo": "demo phantoms", "mni152": "MNI152 tissue"}
+    given = online_probe.get("probe_set")
+    if given:
+        return named.get(str(given), posixpath.basename(str(given).rstrip("/")).removesuffix(".zarr"))
+    return posixpath.basename(str(online_probe.get("store", "")).rstrip("/")).removesuffix(".zarr") or "probe store"
+
+
+def draw_probe(ax: Any, online_probe: dict[str, Any], last_step: int) -> None:
+    """The online probe's gain over random init (pretrained minus random-init score) against the step,
+    with a zero line (random init) and a y-range of at least +-PROBE_MIN_HALF_SPAN, so the sign and
+    size of the gain read right; without a random-init score, the raw score on the same minimum span."""
+    points = online_probe["points"]
+    metric = online_probe.get("metric") or "probe score"
+    random_init = online_probe.get("random_init")
+    steps = [p["step"] for p in points]
+    if random_init is not None:
+        values = [p["score"] - random_init for p in points]
+        ax.axhline(0.0, color="tab:gray", linestyle="--", label=f"random init ({metric} {random_init:.4f})")
+        ax.plot(steps, values, "o-", color="tab:blue", label=f"pretrained - random init (last {values[-1]:+.4f})")
+        ax.set_ylabel(f"{metric}: gain over random init")
+        centre = 0.0
+        title = f"gain {values[-1]:+.4f} at step {steps[-1]}"
+    else:
+        values = [p["score"] for p in points]
+        ax.plot(steps, values, "o-", color="tab:blue", label="pretrained")
+        ax.set_ylabel(metric)
+        centre = (max(values) + min(values)) / 2
+        title = f"{metric} {values[-1]:.4f} at step {steps[-1]}"
+    half = max(PROBE_MIN_HALF_SPAN, *(abs(v - centre) * 1.15 for v in values))
+    ax.set_ylim(centre - half, centre + half)
+    ax.set_xlabel("step")
+    ax.set_title(f"linear probe on {probe_set_name(online_probe)}: {title}")
+    ax.set_xlim(0, last_step * 1.05)
+    ax.legend(fontsize="small")
 
 
 _NON_LOSS = {"step", "epoch", "lr", "grad_norm", "samples_per_s", "crops_per_s", "step_time_s",
@@ -169,7 +338,7 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
     metrics = read_metrics(run_dir)
     loss_keys = [k for k in (metrics[-1] if metrics else {}) if k not in _NON_LOSS and "momentum" not in k
                  and "fill" not in k and not k.startswith(_NON_LOSS_PREFIXES)]
-    plot_losses(run_dir, metrics, loss_keys, online_probe)
+    plot_losses(run_dir, metrics, loss_keys, online_probe and {**online_probe, "probe_set": cfg.eval.probe_store})
     last = metrics[-1] if metrics else {}
     status = "failed" if error else ("finished" if last.get("step", 0) >= cfg.train.steps else "stopped")
     exported = run_file_exists(run_dir, "export", "backbone.pt")
@@ -205,6 +374,10 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         print(f"[rayssl] held-out loss (the objective on {cfg.train.heldout_samples} fixed samples never trained on): "
               f"{h['first_loss']:.4f} at step {h['first_step']} -> {h['last_loss']:.4f} at step {h['last_step']} "
               f"({h['change']:+.4f})")
+        if h.get("reference_kind"):
+            below = h["below_reference_pct"]
+            print(f"[rayssl] held-out {h['curve_first']:.4f} -> {h['curve_last']:.4f} against {h['reference_label']} "
+                  f"{h['reference']:.4f}" + (f": {below:.0f} % below it at the end" if below is not None else ""))
     print(f"[rayssl] {status}: {summary['steps']}/{cfg.train.steps} steps in {wall_time_s:.1f} s, "
           f"peak memory +{peak_memory_mb:.0f} MiB, {summary['mean_crops_per_s']:.1f} crops/s, "
           f"data wait {summary['mean_data_wait_pct']:.0f} %. Run folder: {run_dir}")
@@ -214,14 +387,43 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
 
 
 def heldout_summary(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """First and last held-out loss of a run (and their change), or None without held-out points."""
+    """First and last held-out loss of a run (and their change), and the curve read against its
+    reference line (rayssl/train/heldout.py `reference_summary`), or None without held-out points."""
+    from rayssl.train.heldout import reference_summary  # torch and Ray: not for `rayssl pretrain --resume`'s checks
+
     points = [m for m in metrics if "heldout_loss" in m]
     if not points:
         return None
     first, last = points[0], points[-1]
     return {"first_step": first["step"], "first_loss": first["heldout_loss"], "last_step": last["step"],
             "last_loss": last["heldout_loss"], "change": last["heldout_loss"] - first["heldout_loss"],
-            "points": len(points)}
+            "points": len(points), **reference_summary(points)}
+
+
+def draw_heldout(ax: Any, metrics: list[dict[str, Any]]) -> list[str]:
+    """The held-out loss, the fixed-negative curve where the method has one, and the reference line
+    (chance, identity prediction or the first held-out value), labelled, on `ax`; returns the labels."""
+    from rayssl.train.heldout import reference_line
+
+    heldout = [(m["step"], m["heldout_loss"]) for m in metrics if "heldout_loss" in m]
+    if not heldout:
+        return []
+    found = reference_line([m for m in metrics if "heldout_loss" in m][-1])
+    live = "held-out loss (fixed samples" + (", live queue)" if found and found[1] != "heldout_loss" else ")")
+    labels = [live]
+    ax.plot(*zip(*heldout), color="tab:purple", marker="o", linewidth=2, label=live)
+    if found is None:
+        return labels
+    line, curve, _, label = found
+    if curve != "heldout_loss":
+        points = [(m["step"], m[curve]) for m in metrics if curve in m]
+        labels.append("held-out, fixed negatives")
+        ax.plot(*zip(*points), color="tab:green", marker="s", linewidth=2, label=labels[-1])
+    value = [m[line] for m in metrics if line in m][-1]
+    labels.append(f"{label} = {value:.3f}")
+    ax.axhline(value, color="tab:green" if curve != "heldout_loss" else "tab:purple", linestyle=":", linewidth=1.5,
+               label=labels[-1])
+    return labels
 
 
 def _mean(metrics: list[dict[str, Any]], key: str) -> float:

@@ -9,6 +9,7 @@ MLflow run (its id is kept in the run folder's `mlflow.json`). The driver opens 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -70,15 +71,34 @@ def tensorboard_tag(key: str) -> str:
     return f"method/{key}"
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """A local MLflow store named relative to the working directory (sqlite:///mlflow.db, ./mlruns)
+    made absolute, so mlflow.json and a resume from another folder point at the same store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        return pathlib.Path(os.path.abspath(uri.removeprefix("file:"))).as_uri()
+    if ":" not in uri:  # a plain folder: MLflow's file store
+        return os.path.abspath(uri)
+    return uri
+
+
+def mlflow_experiment_name(cfg: RunConfig) -> str:
+    """MLFLOW_EXPERIMENT_NAME when set (MLflow's own variable), else rayssl-<method>."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"rayssl-{cfg.method}"
+
+
 def resolve_mlflow_uri(uri: str | None, run_dir: str | None = None) -> str | None:
-    """--mlflow URI, else the URI a resumed run logged to, else MLFLOW_TRACKING_URI, else None (MLflow off)."""
+    """--mlflow URI, else the URI a resumed run logged to, else MLFLOW_TRACKING_URI, else None (MLflow off).
+    Local stores come back absolute (`absolute_tracking_uri`)."""
     if uri:
-        return uri
+        return absolute_tracking_uri(uri)
     if run_dir is not None:
         recorded = read_mlflow_record(run_dir)
         if recorded:
-            return recorded["tracking_uri"]
-    return os.environ.get("MLFLOW_TRACKING_URI") or None
+            return absolute_tracking_uri(recorded["tracking_uri"])
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return absolute_tracking_uri(uri) if uri else None
 
 
 def read_mlflow_record(run_dir: str) -> dict[str, Any] | None:
@@ -133,14 +153,15 @@ def start_mlflow_run(run_dir: str, cfg: RunConfig, uri: str) -> MlflowRun:
     """Open (or, for a resumed run, reopen) the run's MLflow run and log the resolved config as params."""
     from mlflow.entities import Param
 
+    uri = absolute_tracking_uri(uri)
     client = _mlflow_client(uri)
     record = read_mlflow_record(run_dir)
-    if record and record.get("tracking_uri") == uri:
+    if record and absolute_tracking_uri(record.get("tracking_uri") or "") == uri:
         run = MlflowRun(uri, record["experiment_id"], record["run_id"])
         client.update_run(run.run_id, status="RUNNING")
         logged = client.get_run(run.run_id).data.params
     else:
-        experiment_name = f"rayssl-{cfg.method}"
+        experiment_name = mlflow_experiment_name(cfg)
         experiment = client.get_experiment_by_name(experiment_name)
         experiment_id = (experiment.experiment_id if experiment else
                          client.create_experiment(experiment_name, artifact_location=_artifact_location(uri)))
@@ -156,8 +177,19 @@ def start_mlflow_run(run_dir: str, cfg: RunConfig, uri: str) -> MlflowRun:
     params = [Param(k, v) for k, v in _flat_params(cfg.to_yaml_dict()).items() if k not in logged]
     for i in range(0, len(params), _MLFLOW_PARAM_BATCH):
         client.log_batch(run.run_id, params=params[i:i + _MLFLOW_PARAM_BATCH])
-    print(f"[rayssl] MLflow: logging to run {run.run_id} of experiment rayssl-{cfg.method} at {uri}")
+    experiment_name = client.get_experiment(run.experiment_id).name
+    print(f"[rayssl] MLflow: logging to run {run.run_id} of experiment {experiment_name} at {uri}")
     return run
+
+
+def check_tracking(run_dir: str, mlflow_uri: str | None, resumed: bool) -> str | None:
+    """The MLflow URI the run will log to (None = off), checked before Ray starts: a URI without the
+    mlflow package installed is a ValueError now, not after the cluster and the run folder are up."""
+    uri = resolve_mlflow_uri(mlflow_uri, run_dir if resumed else None)
+    if uri and importlib.util.find_spec("mlflow") is None:
+        raise ValueError(f"MLflow tracking ({uri}) needs the mlflow package: pip install 'rayssl[mlflow]' "
+                         f"(or drop --mlflow / unset MLFLOW_TRACKING_URI)")
+    return uri
 
 
 def start_tracking(run_dir: str, cfg: RunConfig, mlflow_uri: str | None, resumed: bool) -> MlflowRun | None:
@@ -190,23 +222,56 @@ def log_online_probe(run_dir: str, summary: dict[str, Any], mlflow_run: MlflowRu
     """The online probe's points (scored after their steps were reported) to TensorBoard and MLflow."""
     if not summary.get("points"):
         return
-    tracker = TrackingCallback(run_dir, start_step=0, mlflow_run=mlflow_run)  # no purge: earlier files stay
+    tracker = TrackingCallback(run_dir, start_step=0, mlflow_run=mlflow_run, hparams=False)  # no purge: earlier files stay
     for point in summary["points"]:
         tracker.log({"step": point["step"], "probe_score": point["score"], "probe_random": summary["random_init"],
                      "probe_gain": point["gain"]})
     tracker.close()
 
 
+def _hparam_values(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flattened config values TensorBoard's hparams accept (numbers, text, bools; the rest as text)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_hparam_values(value, prefix=f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+def write_hparams(writer: Any, run_dir: str) -> None:
+    """The run's config.yaml into TensorBoard: the HPARAMS tab (every resolved value, beside the loss
+    and held-out loss) and a `config` text entry with the file as written."""
+    import yaml
+    from torch.utils.tensorboard.summary import hparams
+
+    fs, path = fsspec.core.url_to_fs(posixpath.join(run_dir, "config.yaml"))
+    if not fs.exists(path):
+        return
+    with fs.open(path, "r") as f:
+        text = f.read()
+    config = yaml.safe_load(text) or {}
+    metrics = {tensorboard_tag("loss"): float("nan"), tensorboard_tag("heldout_loss"): float("nan")}
+    # The three summaries add_hparams writes, but into this run's own event file (add_hparams would
+    # open a second run in a sub-folder); the metrics are the scalars this run logs under those tags.
+    for summary in hparams(_hparam_values(config), metrics):
+        writer.file_writer.add_summary(summary)
+    writer.add_text("config", "```yaml\n" + text + "\n```", global_step=0)
+
+
 class TrackingCallback(ray.train.UserCallback):
     """Ray Train callback (runs on the controller): each report of rank 0 goes to TensorBoard and MLflow."""
 
-    def __init__(self, run_dir: str, start_step: int, mlflow_run: MlflowRun | None = None) -> None:
+    def __init__(self, run_dir: str, start_step: int, mlflow_run: MlflowRun | None = None, hparams: bool = True) -> None:
         self.run_dir = run_dir
         self.start_step = start_step
         self.mlflow_run = mlflow_run
+        self.hparams = hparams and not start_step  # a resumed run's event files hold them already
         self._writer = None
         self._scratch: str | None = None
         self._client = None
+        self._heldout_layout = False
 
     def _tensorboard(self):
         if self._writer is None:
@@ -219,6 +284,8 @@ class TrackingCallback(ray.train.UserCallback):
                 log_dir = self._scratch
             # purge_step: after a resume, TensorBoard hides the steps logged past the checkpoint.
             self._writer = SummaryWriter(log_dir=log_dir, purge_step=self.start_step + 1 if self.start_step else None)
+            if self.hparams:
+                write_hparams(self._writer, self.run_dir)
         return self._writer
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -227,6 +294,7 @@ class TrackingCallback(ray.train.UserCallback):
         writer = self._tensorboard()
         for key, value in values.items():
             writer.add_scalar(tensorboard_tag(key), value, global_step=step)
+        self._layout_heldout(metrics)
         writer.flush()
         if self._scratch is not None:
             fs, path = fsspec.core.url_to_fs(posixpath.join(self.run_dir, TENSORBOARD_DIR))
@@ -239,6 +307,22 @@ class TrackingCallback(ray.train.UserCallback):
             timestamp = int(time.time() * 1000)
             self._client.log_batch(self.mlflow_run.run_id,
                                    metrics=[Metric(k, v, timestamp, step) for k, v in values.items()])
+
+    def _layout_heldout(self, metrics: dict[str, Any]) -> None:
+        """Once a report holds a held-out reference line: one Custom Scalars chart with the held-out
+        curve and its line (chance, identity prediction or the first value), so they read together."""
+        from rayssl.train.heldout import reference_line
+
+        found = None if self._heldout_layout else reference_line(metrics)
+        if found is None:
+            return
+        line, curve, kind, label = found
+        tags = [tensorboard_tag(curve), tensorboard_tag(line)]
+        if curve != "heldout_loss":
+            tags.insert(0, tensorboard_tag("heldout_loss"))
+        self._tensorboard().add_custom_scalars(
+            {"held-out": {f"held-out objective against {kind}": ["Multiline", tags]}})
+        self._heldout_layout = True
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics:

@@ -24,19 +24,22 @@ from rayssl.data.pipeline import SkipLedger, build_dataset
 from rayssl.data.storage import apply_storage_options
 from rayssl.data.stores import stores_summary, volume_repeats
 from rayssl.data.types import VolumeInfo
-from rayssl.data.volumes import check_volumes_in_split, load_volumes, manifest_digest, spacing_summary
+from rayssl.data.volumes import (check_volumes_in_split, load_volumes, manifest_digest, read_manifest_table,
+                                 spacing_summary)
 from rayssl.eval.online import OnlineProbe
 from rayssl.eval.online import record as record_online_probe
 from rayssl.methods import get_method_class
 from rayssl.methods.base import Method
 from rayssl.runtime import attach_address, start_or_attach
 from rayssl.checkpoint import latest_checkpoint_step
-from rayssl.train.heldout import build_heldout_batches
+from rayssl.train.heldout import build_heldout_batches, heldout_every
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.optim import describe_batch, effective_batch, resolve_epochs
-from rayssl.train.runfolder import RunResult, finish_run_folder, start_run_folder
+from rayssl.train.runfolder import (RunResult, check_resume, claim_run_folder, existing_result, finish_run_folder,
+                                    release_run_folder, start_run_folder)
 from rayssl.train.shards import RANK_DATASET, rank_data_config, rank_datasets
-from rayssl.train.tracking import TrackingCallback, finish_mlflow_run, log_online_probe, start_tracking
+from rayssl.train.tracking import (TrackingCallback, check_tracking, finish_mlflow_run, log_online_probe,
+                                  start_tracking)
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
@@ -65,9 +68,30 @@ def resolve_stores(cfg: RunConfig) -> tuple[list[str], list[float | None]]:
     entries = cfg.data.store_entries()
     if entries:
         return [e.uri for e in entries], [e.weight for e in entries]
-    from datasets_zarr.demo import demo_store
+    from datasets_zarr.demo import default_cache_dir, demo_store
 
-    return [str(demo_store(n=cfg.data.demo_volumes))], [None]
+    try:
+        return [str(demo_store(n=cfg.data.demo_volumes))], [None]
+    except OSError as err:  # built on first use in the cache: a read-only cache must not be a traceback
+        raise ValueError(f"cannot build the demo store in the cache folder {default_cache_dir()}: {err.strerror or err} "
+                         f"({err.filename or ''}); set RAYSSL_CACHE to a writable folder, or train on your own store "
+                         f"with --data STORE") from None
+
+
+def load_store_volumes(stores: list[str], split: str | None) -> list[VolumeInfo]:
+    """`load_volumes`, with a manifest that cannot be read (truncated, corrupt) named instead of pyarrow's
+    bare message; checked before Ray starts."""
+    for store in stores:
+        try:
+            read_manifest_table(store)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - pyarrow/fsspec errors name neither the file nor the fix
+            path = posixpath.join(str(store).rstrip("/"), "manifest.parquet")
+            raise ValueError(f"manifest {path} cannot be read ({type(err).__name__}: {err}): the file is truncated or "
+                             f"corrupt. Restore it from a copy of the store, or convert the scans again into a new "
+                             f"store (`rayssl convert SCANS... --out NEW_STORE`)") from None
+    return load_volumes(stores, split)
 
 
 def prepare_volumes(method: Method, volumes: list[VolumeInfo]) -> list[VolumeInfo]:
@@ -166,6 +190,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
         run_dir = _absolute(resume if _exists(resume) else posixpath.join(cfg.train.storage_path or cfg.out, resume))
         if not _exists(run_dir):
             raise FileNotFoundError(f"--resume {resume}: no run folder at {run_dir}")
+        check_resume(run_dir, cfg.method, cfg.profile)  # a folder rayssl made, with this method and profile
         name = posixpath.basename(run_dir.rstrip("/"))
         storage = posixpath.dirname(run_dir.rstrip("/"))
     else:
@@ -178,98 +203,113 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
                 f"or choose another --name")
     cfg = cfg.model_copy(update={"name": name})
 
+    # Everything that can be checked without Ray is checked before it starts (seconds, not the
+    # 30-45 s of a Ray start) and before a run folder is made: tracking, stores, manifests, splits.
+    check_tracking(run_dir, mlflow_uri, resumed=bool(resume))
     method = get_method_class(cfg.method)(cfg.method_cfg())
     stores, weights = resolve_stores(cfg)
     apply_storage_options(stores, cfg.data.storage_options)
-    ray_init = dict(ray_init or {})
-    if cfg.eval.probe_store and not attach_address(address) and not ray.is_initialized():
-        # The online probe's task reserves its own CPUs; on a private local runtime they are logical
-        # CPUs on top of the cores, so the probe shares the cores with training instead of waiting for it.
-        ray_init.setdefault("num_cpus", (os.cpu_count() or 1) + math.ceil(cfg.eval.probe_cpus))
-    ensure_ray(address, **ray_init)
-    loaded = load_volumes(stores, cfg.data.split)
+    loaded = load_store_volumes(stores, cfg.data.split)
     check_volumes_in_split(method.check_volumes, loaded, stores, cfg.data.split)
-    # Each volume is prepared in its own store (VolumeInfo.extra["store"]).
-    volumes = prepare_volumes(method, loaded)
-    cfg = cfg.with_method_cfg(method.config)
     # Store shares are taken from the loaded volumes: prepare may point a volume's reads at a derived
     # store (VoCo's resized regions), but it still counts for the store it came from.
     repeats = volume_repeats(loaded, stores, weights, cfg.data.samples_per_volume)
     per_store = stores_summary(loaded, stores, weights, repeats, cfg.data.samples_per_volume)
-    samples_per_epoch = len(volumes) * cfg.data.samples_per_volume if repeats is None else int(repeats.sum())
+    samples_per_epoch = len(loaded) * cfg.data.samples_per_volume if repeats is None else int(repeats.sum())
     cfg = resolve_epochs(cfg, samples_per_epoch)
-    print(describe_batch(cfg.train))
-
-    tc = cfg.train
-    use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     start_step = (latest_checkpoint_step(run_dir) or 0) if resume else 0
-    stop = min(tc.stop_after or tc.steps, tc.steps)
-    start_run_folder(run_dir, cfg, stores=stores, volumes=len(volumes), resumed_from=start_step if resume else None)
+    stop = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
     if start_step >= stop:
-        print(f"[rayssl] {run_dir} is already at step {start_step} >= {stop}: nothing to do "
+        # A finished run stays as it is: no file of it is rewritten, Ray is not started.
+        print(f"[rayssl] {run_dir} is already at step {start_step} >= {stop}: nothing to do, nothing written "
               f"(raise train.steps with --set train.steps=N to continue training)")
-        return finish_run_folder(run_dir, cfg, wall_time_s=0.0, peak_memory_mb=0.0, skipped={})
+        return existing_result(run_dir)
+    print(describe_batch(cfg.train))
+    if not resume:
+        claim_run_folder(run_dir, cfg)  # atomic: a second run with this name fails here, before Ray
 
-    # On a cluster, nodes come and go (spot preemption, node loss): restart from the last checkpoint.
-    # Locally a lost worker (OOM kill) is worth one restart; a bug or bad input only repeats once.
-    max_failures = tc.max_failures if tc.max_failures is not None else (3 if attach_address(address) else 1)
-    global_batch = effective_batch(tc)  # samples per optimizer step (micro-batches included)
-    # Progress is the loop's per-step line (step, loss terms, crops/s, ETA); Ray Data's operator
-    # bars would interleave with it on every refresh.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # On the driver's node: a 0-CPU actor may otherwise land on any worker node, and losing that
-    # node would fail a run that Train itself recovered (cluster work, see docs/cluster.md).
-    mlflow_run = start_tracking(run_dir, cfg, mlflow_uri, resumed=bool(resume))
-    ledger = SkipLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)).remote()
-    # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
-    build = functools.partial(
-        build_dataset, volumes, method.plan, method.views,
-        seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
-        on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
-        repeats=repeats,
-    )
-    heldout_ref = _heldout_samples(volumes, method, cfg, global_batch, repeats)
-    start_sample, num_samples = start_step * global_batch, (stop - start_step) * global_batch + global_batch
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # reproducible sample order => exact resume
-    if method.step_shared_plans:
-        # Step-shared plans (DrasCLR's landmark per batch): samples [k*G, (k+1)*G) are step k, so
-        # every rank streams exactly its own micro-batches of them (rayssl/train/shards.py).
-        datasets = rank_datasets(functools.partial(build, samples_per_step=global_batch),
-                                 start_sample=start_sample, num_samples=num_samples, micro_batch=tc.batch_size,
-                                 world=tc.num_workers, actors=(cfg.data.actors_min, cfg.data.actors_max),
-                                 actor_cpus=cfg.data.actor_cpus)
-        data_config, dataset_name = rank_data_config(ingest), RANK_DATASET
-    else:
-        datasets = {"train": build(num_samples=num_samples, start_sample=start_sample,
-                                   actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus)}
-        data_config, dataset_name = ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest), "train"
-    card = {
-        # "store": the store of a single-store run; "stores" lists every store of the run.
-        "data": {"store": stores[0] if len(stores) == 1 else None, "manifest_sha256": manifest_digest(stores),
-                 "volumes": len(volumes), "split": cfg.data.split, "stores": per_store},
-        "pretraining_spacing_mm": spacing_summary(volumes),
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "run_dir": run_dir, "data_start_step": start_step,
-                           "dataset": dataset_name, "card": card, "samples_per_epoch": samples_per_epoch,
-                           "heldout": heldout_ref},
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures,
-                                                   controller_failure_limit=tc.controller_failure_limit),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            callbacks=[*(callbacks or []), TrackingCallback(run_dir, start_step, mlflow_run)],
-            # Our loop prints one progress line per report; Train's own INFO lines would repeat it.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-        datasets=datasets,
-        dataset_config=data_config,
-    )
+    try:
+        ray_init = dict(ray_init or {})
+        if cfg.eval.probe_store and not attach_address(address) and not ray.is_initialized():
+            # The online probe's task reserves its own CPUs; on a private local runtime they are logical
+            # CPUs on top of the cores, so the probe shares the cores with training instead of waiting for it.
+            ray_init.setdefault("num_cpus", (os.cpu_count() or 1) + math.ceil(cfg.eval.probe_cpus))
+        ensure_ray(address, **ray_init)
+        # Each volume is prepared in its own store (VolumeInfo.extra["store"]).
+        volumes = prepare_volumes(method, loaded)
+        cfg = cfg.with_method_cfg(method.config)
+        tc = cfg.train
+        use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        # config.yaml records the values this run resolved (GPU or not, the held-out cadence), not null.
+        tc = tc.model_copy(update={"use_gpu": use_gpu, "heldout_every": heldout_every(tc)})
+        cfg = cfg.model_copy(update={"train": tc})
+        start_run_folder(run_dir, cfg, stores=stores, volumes=len(volumes),
+                         resumed_from=start_step if resume else None)
+
+        # On a cluster, nodes come and go (spot preemption, node loss): restart from the last checkpoint.
+        # Locally a lost worker (OOM kill) is worth one restart; a bug or bad input only repeats once.
+        max_failures = tc.max_failures if tc.max_failures is not None else (3 if attach_address(address) else 1)
+        global_batch = effective_batch(tc)  # samples per optimizer step (micro-batches included)
+        # Progress is the loop's per-step line (step, loss terms, crops/s, ETA); Ray Data's operator
+        # bars would interleave with it on every refresh.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # On the driver's node: a 0-CPU actor may otherwise land on any worker node, and losing that
+        # node would fail a run that Train itself recovered (cluster work, see docs/cluster.md).
+        mlflow_run = start_tracking(run_dir, cfg, mlflow_uri, resumed=bool(resume))
+        ledger = SkipLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
+        # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
+        build = functools.partial(
+            build_dataset, volumes, method.plan, method.views,
+            seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
+            on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
+            repeats=repeats,
+        )
+        heldout_ref = _heldout_samples(volumes, method, cfg, global_batch, repeats)
+        start_sample, num_samples = start_step * global_batch, (stop - start_step) * global_batch + global_batch
+        ingest = ray.train.DataConfig.default_ingest_options()
+        ingest.preserve_order = True  # reproducible sample order => exact resume
+        if method.step_shared_plans:
+            # Step-shared plans (DrasCLR's landmark per batch): samples [k*G, (k+1)*G) are step k, so
+            # every rank streams exactly its own micro-batches of them (rayssl/train/shards.py).
+            datasets = rank_datasets(functools.partial(build, samples_per_step=global_batch),
+                                     start_sample=start_sample, num_samples=num_samples, micro_batch=tc.batch_size,
+                                     world=tc.num_workers, actors=(cfg.data.actors_min, cfg.data.actors_max),
+                                     actor_cpus=cfg.data.actor_cpus)
+            data_config, dataset_name = rank_data_config(ingest), RANK_DATASET
+        else:
+            datasets = {"train": build(num_samples=num_samples, start_sample=start_sample,
+                                       actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus)}
+            data_config, dataset_name = ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest), "train"
+        card = {
+            # "store": the store of a single-store run; "stores" lists every store of the run.
+            "data": {"store": stores[0] if len(stores) == 1 else None, "manifest_sha256": manifest_digest(stores),
+                     "volumes": len(volumes), "split": cfg.data.split, "stores": per_store},
+            "pretraining_spacing_mm": spacing_summary(volumes),
+        }
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"run": cfg.model_dump(mode="json"), "run_dir": run_dir, "data_start_step": start_step,
+                               "dataset": dataset_name, "card": card, "samples_per_epoch": samples_per_epoch,
+                               "heldout": heldout_ref},
+            scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": tc.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=max_failures,
+                                                       controller_failure_limit=tc.controller_failure_limit),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                callbacks=[*(callbacks or []), TrackingCallback(run_dir, start_step, mlflow_run)],
+                # Our loop prints one progress line per report; Train's own INFO lines would repeat it.
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            ),
+            datasets=datasets,
+            dataset_config=data_config,
+        )
+    except BaseException:
+        if not resume:  # failed before training: remove the folder this run made (nothing of value in it)
+            release_run_folder(run_dir)
+        raise
     online = OnlineProbe(run_dir, cfg, start_step=start_step) if cfg.eval.probe_store else None
     if online is not None:
         online.start()
