@@ -81,6 +81,15 @@ def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def other_rows(keys: torch.Tensor) -> torch.Tensor:
+    """[M, M - 1, D] from keys [M, D]: row i holds every key but the i-th (the fixed negatives of
+    anchor i in a held-out reference: the other held-out samples' keys)."""
+    m = keys.shape[0]
+    index = torch.arange(m, device=keys.device)
+    others = index[None, :].expand(m, m)[index[:, None] != index[None, :]].view(m, m - 1)
+    return keys[others]
+
+
 @dataclass
 class ExportedBackbone:
     """Backbone weights in the state_dict layout of a MONAI network, plus how to rebuild it."""
@@ -308,4 +317,23 @@ class Method(ABC):
     def recipe(self) -> dict[str, str]:
         """The method's part of `rayssl recipe`: setting -> value as text (crop sizes, loss form,
         temperatures, queue sizes, ...), in the order docs/methods/<name>.md lists them."""
+        return {}
+
+    # ---- held-out reference (rayssl/train/heldout.py) ----------------------------------------
+    # Fixed held-out samples `heldout_reference` needs at least (the trainer builds
+    # max(train.heldout_samples, this)); the held-out loss still averages over the configured ones.
+    heldout_reference_samples: ClassVar[int] = 0
+
+    def heldout_reference(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                          outputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """A line to read the held-out curve against, on the fixed held-out batches: `outputs[j]` is
+        the forward of `batches[j]` for the held-out loss's batches (the first `len(outputs)`); the
+        method forwards what else it needs of the rest (e.g. target keys only). Called with no
+        gradients, in train mode, with running statistics and the RNG restored afterwards.
+
+        Contrastive methods score each term against negatives that do not change across the run
+        and return {"fixed_<term>", "fixed_total", "chance_<term>", "chance"} (chance = ln(1 + K)
+        per InfoNCE term, weighted as the loss weights its terms); a method with a trivial prediction
+        returns {"identity": its loss, "identity_<term>": ...}. The default, {}, leaves the run's
+        first held-out loss as the reference (`heldout_first`)."""
         return {}

@@ -584,3 +584,22 @@ class GVSL(Method):
 
 
 METHOD = GVSL
+    def heldout_reference(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                          outputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """The loss of the identity prediction on the held-out loss's batches: no warp (warped = the
+        moving image, zero flow) and restored = the corrupted input, weighted as `loss` weights its
+        terms now. Below it, the network registers and restores better than doing nothing; it needs
+        no forward, and it is constant across steps (the samples are fixed) except where the
+        restoration warm-up changes the weights."""
+        totals: dict[str, float] = {}
+        batches = batches[:len(outputs)]
+        for batch in batches:
+            moving = batch["image_b"].float()
+            identity = {"warped": moving, "flow": moving.new_zeros((moving.shape[0], 3, *moving.shape[2:])),
+                        "restored": batch["image_a_corrupted"].float()}
+            clean = {**batch, "image_a": batch["image_a"].float()}
+            for key, value in self.loss(identity, clean).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        return {("identity" if key == "loss" else f"identity_{key}"): value / len(batches)
+                for key, value in totals.items()} if batches else {}
+

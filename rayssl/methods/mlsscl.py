@@ -96,6 +96,7 @@ from rayssl.nn.momentum import cosine_momentum, make_momentum_copy, momentum_upd
 from rayssl.nn.queue import MemoryQueue
 
 # Views keyed by name; the array axis that is constant on each slice of the view's clip.
+    other_rows,
 VIEW_AXES: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
 TARGET_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")  # views with a target embedding and a queue
 ONLINE_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal", "short")
@@ -577,3 +578,47 @@ def _random_start(lo: int, hi: int, length: int, rng: np.random.Generator) -> in
 
 
 METHOD = MLSSCL
+    # Held-out reference (rayssl/train/heldout.py): 17 fixed samples, so K = 16 negatives per anchor.
+    heldout_reference_samples: ClassVar[int] = 17
+
+    def heldout_reference(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                          outputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Every InfoNCE term of the loss with the live queue replaced by fixed negatives: for
+        ℓ(v1 → v2), the anchors are the held-out loss's samples and anchor i's negatives are the
+        current target encoder's keys of view v2 of the other M - 1 held-out samples (K = M - 1;
+        for the samples beyond the loss's, only the target branch runs). The chance level of one
+        term is ln(1 + K) = ln M (every logit equal), so L's is (3α + β)·ln M one-way, (6α + β)·ln M
+        symmetric. An untrained encoder sits near it, or above (spread logits: E[-log p] >= ln M)."""
+        rows = {k: torch.cat([o[k] for o in outputs]).float() for k in outputs[0]
+                if k.startswith(("online_", "target_"))}
+        keys = {view: [rows[f"target_{view}"]] for view in TARGET_VIEWS}
+        for batch in batches[len(outputs):]:
+            b = batch["axial"].shape[0]
+            target = MLSSCLModel._embed(model.target, torch.cat([batch[v] for v in TARGET_VIEWS])).float()
+            for i, view in enumerate(TARGET_VIEWS):
+                keys[view].append(target[i * b:(i + 1) * b])
+        anchors, m = rows["online_axial"].shape[0], sum(k.shape[0] for k in keys["axial"])
+        if m < 2:
+            return {}
+        tau, chance = self.config.temperature, float(np.log(m))
+        negatives = {view: other_rows(torch.cat(k))[:anchors] for view, k in keys.items()}
+
+        def term(query_view: str, key_view: str) -> float:
+            return float(info_nce(rows[f"online_{query_view}"], rows[f"target_{key_view}"], negatives[key_view], tau))
+
+        out: dict[str, float] = {}
+        multiview = multiview_chance = 0.0
+        for first, second in MULTIVIEW_PAIRS:
+            value, n_terms = term(first, second), 1
+            if self.config.multiview_direction == "symmetric":
+                value, n_terms = value + term(second, first), 2
+            out[f"fixed_{first}_{second}"], out[f"chance_{first}_{second}"] = value, n_terms * chance
+            multiview, multiview_chance = multiview + value, multiview_chance + n_terms * chance
+        long_short = term("short", "axial")
+        alpha, beta = self.config.alpha, self.config.beta
+        out.update({"fixed_multiview": multiview, "fixed_long_short": long_short,
+                    "fixed_total": alpha * multiview + beta * long_short,
+                    "chance_multiview": multiview_chance, "chance_long_short": chance,
+                    "chance": alpha * multiview_chance + beta * chance})
+        return out
+

@@ -26,7 +26,14 @@ from rayssl.export import complete_state, export_card, write_export
 from rayssl.methods import get_method_class
 from rayssl.nn.health import collapse_warnings, representation_health
 from rayssl.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
-from rayssl.train.heldout import evaluate_heldout, heldout_due, restore_running_norm_stats, running_norm_stats
+from rayssl.train.heldout import (
+    FirstHeldout,
+    evaluate_heldout,
+    heldout_due,
+    progress_text,
+    restore_running_norm_stats,
+    running_norm_stats,
+)
 from rayssl.train.optim import accumulate_gradients, build_optimizer, build_scheduler, effective_batch
 from rayssl.train.stall import DataWaitMeter, SteadyEta
 
@@ -189,6 +196,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"or set train.nan_policy=skip")
             optimizer.zero_grad(set_to_none=True)
             restore_running_norm_stats(norm_stats)
+    # The run's first held-out loss: the reference line of a method with none of its own (on resume, from metrics.jsonl).
+    first_heldout = FirstHeldout([json.loads(line) for line in history])
             if rank == 0:
                 _say(f"[rayssl] step {step + 1}: non-finite loss, step skipped (nan_policy=skip)")
             continue
@@ -230,7 +239,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 heldout_reported = True
                 metrics.update(evaluate_heldout(
                     model, method.loss, heldout_batches, device,
-                    autocast=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp)))
+                    autocast=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp),
+                    reference_fn=method.heldout_reference))
             metrics = _mean_across_ranks(metrics)
             metrics.update({
                 "step": step, "epoch": step * effective_batch(tc) // max(1, int(loop_config.get("samples_per_epoch", 1))),
@@ -261,7 +271,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      f"{metrics['samples_per_s']:.2f} samples/s {metrics['crops_per_s']:.1f} crops/s | "
                      f"data wait {metrics['data_wait_pct']:.0f}% | lr {metrics['lr']:.2e} | "
                      f"ETA {_fmt_eta(remaining) if remaining is not None else '--'}"
-                     + (f" | held-out loss {metrics['heldout_loss']:.4f}" if "heldout_loss" in metrics else ""))
+                     + (f" | {progress_text(metrics)}" if "heldout_loss" in metrics else ""))
                 advice = data_wait.advice(metrics, data_cpus=cfg.data.actors_max * cfg.data.actor_cpus,
                                           actors_max=cfg.data.actors_max)
                 if advice:
@@ -301,5 +311,6 @@ def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str,
              "method": cfg.method}  # the registry name, which `rayssl probe` and Tune look the method up by
     card = export_card(exported.network, exported.network_kwargs, exported.key_groups, initialized, facts)
     export_dir = posixpath.join(run_dir, "export")
+                first_heldout.annotate(metrics)
     write_export(export_dir, state, card, "monai")
     _say(f"[rayssl] exported backbone ({len(exported.state_dict)} pretrained of {len(state)} tensors) to {export_dir}")
