@@ -835,6 +835,32 @@ class DrasCLR(Method):
             "memory_bank": {"queue_size": cfg.queue_size, "dim": cfg.proj_dim, "dtype": cfg.queue_dtype},
         }
 
+    # Held-out reference (rayssl/train/heldout.py): 17 fixed samples, so K = 16 negatives per anchor.
+    heldout_reference_samples: ClassVar[int] = 17
+
+    def heldout_reference(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                          outputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """L_local and L_neighbor with the landmark queue replaced by fixed negatives: the anchors are
+        the held-out loss's samples and anchor i's negatives the current momentum keys of the other
+        M - 1 held-out patches (K = M - 1; beyond the loss's samples only the key branch runs). They
+        lie mostly at other landmarks (each held-out batch has its own), so the set is easier than
+        the per-landmark queue; it measures whether a key finds its own patch among fixed ones,
+        comparably across steps. Chance ln(1 + K) = ln M per term, (1 + β)·ln M for L."""
+        query, key = (torch.cat([o[k] for o in outputs]).float() for k in ("query", "key"))
+        neighbors = torch.cat([o["neighbor_queries"] for o in outputs]).float()
+        keys = [key] + [model._keys(b["view_k"], b["loc"].to(b["view_k"].dtype)).float()
+                        for b in batches[len(outputs):]]
+        all_keys = torch.cat(keys)
+        m = all_keys.shape[0]
+        if m < 2:
+            return {}
+        tau, weight, chance = self.config.temperature, self.config.neighbor_weight, float(np.log(m))
+        negatives = other_rows(all_keys)[:key.shape[0]]
+        local = float(info_nce(query, key, negatives, tau))
+        neighbor = float(neighbor_info_nce(neighbors, key, negatives, tau))
+        return {"fixed_local": local, "fixed_neighbor": neighbor, "fixed_total": local + weight * neighbor,
+                "chance_local": chance, "chance_neighbor": chance, "chance": (1.0 + weight) * chance}
+
 
 # ---------------------------------------------------------------------------------------------
 # Feature extraction for downstream use
@@ -863,32 +889,6 @@ def _encode_patches(
         x = torch.from_numpy(np.stack(patches)[:, None]).to(device)
         loc = torch.from_numpy(np.asarray(coords[i : i + batch_size], dtype=np.float32)).to(device)
         features.append(encoder(x, loc).cpu().numpy())
-    # Held-out reference (rayssl/train/heldout.py): 17 fixed samples, so K = 16 negatives per anchor.
-    heldout_reference_samples: ClassVar[int] = 17
-
-    def heldout_reference(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
-                          outputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """L_local and L_neighbor with the landmark queue replaced by fixed negatives: the anchors are
-        the held-out loss's samples and anchor i's negatives the current momentum keys of the other
-        M - 1 held-out patches (K = M - 1; beyond the loss's samples only the key branch runs). They
-        lie mostly at other landmarks (each held-out batch has its own), so the set is easier than
-        the per-landmark queue; it measures whether a key finds its own patch among fixed ones,
-        comparably across steps. Chance ln(1 + K) = ln M per term, (1 + β)·ln M for L."""
-        query, key = (torch.cat([o[k] for o in outputs]).float() for k in ("query", "key"))
-        neighbors = torch.cat([o["neighbor_queries"] for o in outputs]).float()
-        keys = [key] + [model._keys(b["view_k"], b["loc"].to(b["view_k"].dtype)).float()
-                        for b in batches[len(outputs):]]
-        all_keys = torch.cat(keys)
-        m = all_keys.shape[0]
-        if m < 2:
-            return {}
-        tau, weight, chance = self.config.temperature, self.config.neighbor_weight, float(np.log(m))
-        negatives = other_rows(all_keys)[:key.shape[0]]
-        local = float(info_nce(query, key, negatives, tau))
-        neighbor = float(neighbor_info_nce(neighbors, key, negatives, tau))
-        return {"fixed_local": local, "fixed_neighbor": neighbor, "fixed_total": local + weight * neighbor,
-                "chance_local": chance, "chance_neighbor": chance, "chance": (1.0 + weight) * chance}
-
     encoder.train(was_training)
     return np.concatenate(features, axis=0)
 

@@ -582,8 +582,6 @@ class GVSL(Method):
             "heads": {"affine": cfg.affine, "restoration": cfg.restoration},
         }
 
-
-METHOD = GVSL
     def heldout_reference(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
                           outputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
         """The loss of the identity prediction on the held-out loss's batches: no warp (warped = the
@@ -603,3 +601,5 @@ METHOD = GVSL
         return {("identity" if key == "loss" else f"identity_{key}"): value / len(batches)
                 for key, value in totals.items()} if batches else {}
 
+
+METHOD = GVSL

@@ -86,6 +86,7 @@ from rayssl.methods.base import (
     VolumeInfo,
     box_centre,
     cpu_state_dict,
+    other_rows,
     volume_intensity_mode,
 )
 from rayssl.nn.backbones import ResNetEncoder, UNetEncoder, global_pool
@@ -96,7 +97,6 @@ from rayssl.nn.momentum import cosine_momentum, make_momentum_copy, momentum_upd
 from rayssl.nn.queue import MemoryQueue
 
 # Views keyed by name; the array axis that is constant on each slice of the view's clip.
-    other_rows,
 VIEW_AXES: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
 TARGET_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")  # views with a target embedding and a queue
 ONLINE_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal", "short")
@@ -568,16 +568,6 @@ class MLSSCL(Method):
             "recommended_downstream_patch_size": [cfg.image_size] * 3,
         }
 
-
-def _random_start(lo: int, hi: int, length: int, rng: np.random.Generator) -> int:
-    """Start of a window of `length` inside [lo, hi) at a random position, centred when it does not fit."""
-    extent = hi - lo
-    if extent >= length:
-        return lo + int(rng.integers(0, extent - length + 1))
-    return lo - (length - extent) // 2
-
-
-METHOD = MLSSCL
     # Held-out reference (rayssl/train/heldout.py): 17 fixed samples, so K = 16 negatives per anchor.
     heldout_reference_samples: ClassVar[int] = 17
 
@@ -622,3 +612,13 @@ METHOD = MLSSCL
                     "chance": alpha * multiview_chance + beta * chance})
         return out
 
+
+def _random_start(lo: int, hi: int, length: int, rng: np.random.Generator) -> int:
+    """Start of a window of `length` inside [lo, hi) at a random position, centred when it does not fit."""
+    extent = hi - lo
+    if extent >= length:
+        return lo + int(rng.integers(0, extent - length + 1))
+    return lo - (length - extent) // 2
+
+
+METHOD = MLSSCL

@@ -158,6 +158,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 history = [line.rstrip("\n") for line in f if json.loads(line)["step"] <= step]
         except FileNotFoundError:
             history = []
+    # The run's first held-out loss: the reference line of a method with none of its own (on resume, from metrics.jsonl).
+    first_heldout = FirstHeldout([json.loads(line) for line in history])
 
     t_start = time.perf_counter()
     t_window, samples_window, crops_window, steps_window = time.perf_counter(), 0, 0, 0
@@ -196,8 +198,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"or set train.nan_policy=skip")
             optimizer.zero_grad(set_to_none=True)
             restore_running_norm_stats(norm_stats)
-    # The run's first held-out loss: the reference line of a method with none of its own (on resume, from metrics.jsonl).
-    first_heldout = FirstHeldout([json.loads(line) for line in history])
             if rank == 0:
                 _say(f"[rayssl] step {step + 1}: non-finite loss, step skipped (nan_policy=skip)")
             continue
@@ -263,6 +263,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ckpt_obj = ray.train.Checkpoint.from_directory(
                     write_checkpoint_dir(state, {"step": step, "method": cfg.method, "loss": metrics["loss"]}))
             if rank == 0:
+                first_heldout.annotate(metrics)
                 history.append(json.dumps(metrics))
                 _write_text(metrics_path, "\n".join(history) + "\n")
                 remaining = eta.update(step, stop)
@@ -311,6 +312,5 @@ def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str,
              "method": cfg.method}  # the registry name, which `rayssl probe` and Tune look the method up by
     card = export_card(exported.network, exported.network_kwargs, exported.key_groups, initialized, facts)
     export_dir = posixpath.join(run_dir, "export")
-                first_heldout.annotate(metrics)
     write_export(export_dir, state, card, "monai")
     _say(f"[rayssl] exported backbone ({len(exported.state_dict)} pretrained of {len(state)} tensors) to {export_dir}")
