@@ -109,7 +109,11 @@ class VolumeJob:
 
 @dataclass
 class VolumeResult:
-    """What one task did: status is 'converted', 'skipped' or 'failed'."""
+    """What one task did: status is 'converted', 'skipped', 'duplicate' or 'failed'.
+
+    `details` may hold "duplicate_of" (the volume id holding the same source content) and
+    "warnings" (messages the user must see, also recorded in the volume's `preprocessing`).
+    """
 
     volume_id: str
     source: str
@@ -125,13 +129,16 @@ class VolumeResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def expand_input(path: str | os.PathLike | ScanRef) -> list[tuple[ScanRef, str]]:
+def expand_input(path: str | os.PathLike | ScanRef,
+                 unreadable: list[tuple[str, str]] | None = None) -> list[tuple[ScanRef, str]]:
     """Scans found at `path`, each with a base name for its volume id.
 
     A file is one scan. A folder holding DICOM files is one scan per DICOM series in it. Any
     other folder is searched recursively for scan files (NIfTI, Analyze .hdr, .mhd/.mha/.nrrd,
     .npy) and DICOM series folders; hidden entries and Zarr stores are skipped. A `ScanRef`
-    naming one series of a DICOM folder is taken as is.
+    naming one series of a DICOM folder is taken as is. A DICOM file whose header cannot be read
+    raises, unless `unreadable` is a list: then it is left out of its series and `(file,
+    message)` appended (the rest of the folder still converts).
     """
     if isinstance(path, ScanRef):
         if path.series_uid is not None:
@@ -158,16 +165,17 @@ def expand_input(path: str | os.PathLike | ScanRef) -> list[tuple[ScanRef, str]]
                 found.append((ScanRef(os.path.join(folder, name)), strip_suffix(name)))
         if any(is_dicom_file(os.path.join(folder, f)) for f in files
                if path_suffix(f) not in SCAN_SUFFIXES):
-            found.extend(_dicom_folder_scans(folder))
-    if not found:
+            found.extend(_dicom_folder_scans(folder, unreadable))
+    if not found and not unreadable:
         raise ConversionError(
             f"{path}: no scans found in this folder (looked for NIfTI .nii/.nii.gz, Analyze .hdr, "
             ".mhd/.mha/.nrrd, .npy and DICOM series, recursively).", path=path)
     return found
 
 
-def _dicom_folder_scans(folder: str) -> list[tuple[ScanRef, str]]:
-    series = list_dicom_series(folder)
+def _dicom_folder_scans(folder: str, unreadable: list[tuple[str, str]] | None = None
+                        ) -> list[tuple[ScanRef, str]]:
+    series = list_dicom_series(folder, unreadable)
     name = Path(folder).name
     if len(series) == 1:
         return [(ScanRef(folder), name)]
@@ -223,7 +231,9 @@ def plan_jobs(inputs: Sequence[str | ScanRef], labels: Sequence[str | None] | No
     """Expand inputs (and labels/masks, paired in order) into jobs.
 
     Returns (jobs, failures): an input that cannot be expanded (missing path, empty folder,
-    label count mismatch) becomes a failure record; the caller decides whether to raise.
+    label count mismatch) becomes a failure record; the caller decides whether to raise. A DICOM
+    file whose header cannot be read fails alone: it becomes a failure record of its own (with
+    details["unreadable_file"]) and the rest of its folder is planned as usual.
     """
     for name, extra in (("labels", labels), ("masks", masks)):
         if extra is not None and len(extra) != len(inputs):
@@ -235,15 +245,16 @@ def plan_jobs(inputs: Sequence[str | ScanRef], labels: Sequence[str | None] | No
     extras: list[tuple[ScanRef | None, ScanRef | None]] = []
     failures: list[VolumeResult] = []
     for index, item in enumerate(inputs):
+        unreadable: list[tuple[str, str]] = []
         try:
-            found = expand_input(item)
+            found = expand_input(item, unreadable)
             paired = []
             for name, extra in (("labels", labels), ("masks", masks)):
                 target = None if extra is None else extra[index]
                 if target is None:
                     paired.append([None] * len(found))
                     continue
-                extra_found = expand_input(target)
+                extra_found = expand_input(target, unreadable)
                 if len(extra_found) != len(found):
                     raise ConversionError(
                         f"{name}[{index}]={target} holds {len(extra_found)} scan(s) but "
@@ -255,6 +266,11 @@ def plan_jobs(inputs: Sequence[str | ScanRef], labels: Sequence[str | None] | No
             failures.append(VolumeResult(volume_id=sanitize_id(strip_suffix(str(item))),
                                          source=str(item), status="failed", error=str(error)))
             continue
+        finally:
+            failures.extend(VolumeResult(volume_id=sanitize_id(strip_suffix(file)), source=file,
+                                         status="failed", error=message,
+                                         details={"unreadable_file": True})
+                            for file, message in unreadable)
         scans.extend(found)
         extras.extend(zip(paired[0], paired[1]))
     seen: dict[tuple[str, str | None], int] = {}
@@ -288,7 +304,7 @@ def plan_jobs(inputs: Sequence[str | ScanRef], labels: Sequence[str | None] | No
 def _files_and_reader(ref: ScanRef, options: ConversionOptions):
     """Files of a scan (for hashing) and a function reading it, listing DICOM headers once."""
     if os.path.isdir(ref.path):
-        series = list_dicom_series(ref.path)
+        series = list_dicom_series(ref.path, unreadable=[])  # plan_jobs reported those
         if ref.series_uid is not None:
             series = [s for s in series if s.series_uid == ref.series_uid]
         if len(series) != 1:
@@ -329,7 +345,10 @@ def prepare_and_write(store: str | os.PathLike, volume_id: str, scan: ScanVolume
         mask = as_mask(mask_scan.array)
     prepared = preprocess(scan.array, scan.affine, modality=modality, label=label, mask=mask,
                           reorient=options.reorient, spacing=options.spacing,
-                          window=options.window, normalize=options.normalize)
+                          window=options.window, normalize=options.normalize,
+                          source=scan.source)
+    # What the reader assumed (e.g. DICOM rescale) comes first: it happened first.
+    prepared.preprocessing = list(scan.notes) + prepared.preprocessing
     extra = {"conversion": conversion} if conversion is not None else {}
     if label_scan is not None:
         extra["label_source"] = label_scan.source
@@ -351,11 +370,13 @@ WRITE_LIMIT_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def convert_one(job: VolumeJob, store: str, options: ConversionOptions,
-                overwrite: bool = False) -> VolumeResult:
+                overwrite: bool = False, source_sha256: str | None = None) -> VolumeResult:
     """Convert one job into `STORE/<id>`, or skip it when the stored copy is current.
 
+    `source_sha256`: the image files' hash when the driver computed it already (duplicate check).
     Never raises: errors come back as a 'failed' result whose message names the file. Nothing of
-    a failed volume becomes visible (write_volume publishes only complete groups).
+    a failed volume becomes visible (write_volume publishes only complete groups). Warnings
+    recorded in the volume's `preprocessing` come back in `details["warnings"]`.
     """
     started = time.perf_counter()
     source = str(job.image)
@@ -364,7 +385,8 @@ def convert_one(job: VolumeJob, store: str, options: ConversionOptions,
         label_files, read_label = _files_and_reader(job.label, options) if job.label else ([],
                                                                                           None)
         mask_files, read_mask = _files_and_reader(job.mask, options) if job.mask else ([], None)
-        source_sha256 = sha256_of_files(image_files) if image_files else ""
+        if source_sha256 is None:
+            source_sha256 = sha256_of_files(image_files) if image_files else ""
         label_sha256 = sha256_of_files(label_files) if label_files else None
         mask_sha256 = sha256_of_files(mask_files) if mask_files else None
         is_npy = path_suffix(job.image.path) == ".npy"
@@ -393,8 +415,11 @@ def convert_one(job: VolumeJob, store: str, options: ConversionOptions,
         attrs = prepare_and_write(store, job.volume_id, scan, options,
                                   source_sha256=source_sha256, label_scan=label_scan,
                                   mask_scan=mask_scan, conversion=conversion)
+        warnings = [step["warning"] for step in attrs.get("preprocessing", ())
+                    if isinstance(step, dict) and "warning" in step]
         return VolumeResult(job.volume_id, source, "converted", attrs=attrs,
-                            seconds=time.perf_counter() - started)
+                            seconds=time.perf_counter() - started,
+                            details={"warnings": warnings} if warnings else {})
     except ConversionError as error:
         message = str(error)
     except MemoryError:
@@ -419,6 +444,96 @@ def convert_one(job: VolumeJob, store: str, options: ConversionOptions,
 # ----------------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------------
+
+
+def check_output(out: str | os.PathLike) -> None:
+    """Refuse an output path that cannot become a store, before any input is read.
+
+    An existing file, a parent that is a file, or a folder this process cannot write (read-only
+    permissions or file system) is a ConversionError naming the path and the fix. Object-store
+    URLs are checked when the store is opened.
+    """
+    if is_remote(out):
+        return
+    root = Path(out).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise ConversionError(
+            f"{root}: the output path is an existing file, not a folder; a store is a folder. "
+            f"Give a new path (e.g. {root.with_suffix('.zarr')}) or a store made by rayssl "
+            "convert.", path=str(root))
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConversionError(
+            f"{root}: cannot create the store: {existing} is a file, not a folder. Choose "
+            "another output path.", path=str(root))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the store" if existing == root else f"its parent folder {existing}"
+        raise ConversionError(
+            f"{root}: cannot write the store: {what} is not writable by this user (read-only "
+            "permissions or file system). Choose a writable output path or fix the "
+            "permissions.", path=str(root))
+
+
+def hash_sources(jobs: Sequence[VolumeJob], threads: int = 8
+                 ) -> tuple[dict[str, str], list[VolumeResult]]:
+    """sha256 of every job's image files, by volume id, hashed on a few threads in the driver.
+
+    The driver already lists the inputs (plan_jobs), and hashlib releases the GIL on large
+    blocks, so threads read in parallel. Returns (hashes, failures): a file that cannot be read
+    fails alone.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job: VolumeJob) -> tuple[VolumeJob, str | None, str | None]:
+        try:
+            files = scan_files(job.image) if os.path.exists(job.image.path) else []
+            return job, (sha256_of_files(files) if files else ""), None
+        except ConversionError as error:
+            return job, None, str(error)
+        except OSError as error:
+            return job, None, (f"{job.image}: cannot read the file to hash it "
+                               f"({type(error).__name__}: {error}).")
+
+    hashes: dict[str, str] = {}
+    failures: list[VolumeResult] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs)))) as pool:
+        for job, digest, error in pool.map(one, jobs):
+            if digest is None:
+                failures.append(VolumeResult(job.volume_id, str(job.image), "failed", error=error))
+            else:
+                hashes[job.volume_id] = digest
+    return hashes, failures
+
+
+def find_duplicates(jobs: Sequence[VolumeJob], hashes: Mapping[str, str],
+                    stored: Mapping[str, dict]) -> dict[str, str]:
+    """Job id -> id of the volume holding the same source content (the job is not converted).
+
+    A stored volume with another id and the same source_sha256 wins (the same scan reached under
+    a new id, e.g. `in_good` for a stored `good`); within this run the first job in order keeps
+    its content. A job whose own id is stored with that hash is not a duplicate (it is current
+    or re-converted under its id).
+    """
+    owner: dict[str, str] = {}
+    for volume_id, attrs in stored.items():
+        digest = attrs.get("source_sha256")
+        if digest and volume_id not in hashes:
+            owner.setdefault(digest, volume_id)
+    for volume_id, attrs in stored.items():  # a stored id this run converts again keeps it
+        if volume_id in hashes and attrs.get("source_sha256") == hashes[volume_id] \
+                and hashes[volume_id]:
+            owner[hashes[volume_id]] = volume_id
+    duplicates = {}
+    for job in jobs:
+        digest = hashes.get(job.volume_id)
+        if not digest:
+            continue
+        first = owner.setdefault(digest, job.volume_id)
+        if first != job.volume_id:
+            duplicates[job.volume_id] = first
+    return duplicates
 
 
 def convert(inputs: Sequence[str | os.PathLike | ScanRef] | str | os.PathLike,
@@ -471,11 +586,17 @@ def convert(inputs: Sequence[str | os.PathLike | ScanRef] | str | os.PathLike,
         environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), forwarded to the Ray tasks.
 
     Volumes whose stored source_sha256 and conversion parameters equal the current ones are
-    skipped, so an interrupted or extended run redoes only what changed. The manifest's
-    `attrs` carry "converted", "skipped" and "failures".
+    skipped, so an interrupted or extended run redoes only what changed. A scan whose content
+    (sha256 of its files) another volume of the store or an earlier scan of this run already
+    holds is not stored again (no train/test leak through a copy under another id). The
+    manifest's `attrs` carry "converted", "skipped", "duplicates" (id, source, duplicate_of),
+    "failures" and "warnings" (id, warning: e.g. a CT series without rescale tags).
+    An output path that cannot become a store (a file, a read-only parent) raises before any
+    input is read.
     """
     if on_error not in ("raise", "skip"):
         raise ConversionError(f"on_error={on_error!r}: use 'raise' or 'skip'.")
+    check_output(out)
     if isinstance(inputs, (str, os.PathLike, ScanRef)):
         inputs = [inputs]
     inputs = [p if isinstance(p, ScanRef) else str(p) for p in inputs]
@@ -492,24 +613,39 @@ def convert(inputs: Sequence[str | os.PathLike | ScanRef] | str | os.PathLike,
     masks = None if masks is None else [None if p is None else str(p) for p in masks]
 
     jobs, failures = plan_jobs(inputs, labels, masks, ids)
-    if failures and on_error == "raise":
-        raise ConversionError("\n".join(f.error for f in failures))
+    # A missing input or bad pairing raises at once; an unreadable file inside a folder fails
+    # alone, like a volume that cannot be decoded.
+    planning = [f for f in failures if not f.details.get("unreadable_file")]
+    if planning and on_error == "raise":
+        raise ConversionError("\n".join(f.error for f in planning))
     store = str(ensure_store(out))
     removed = clean_incoming(store)
     if removed:
         print(f"convert: removed {len(removed)} leftover(s) of interrupted writes from "
               f"{store}/.incoming")
     attrs_by_id = scan_volume_attrs(store)
+    hashes, hash_failures = hash_sources(jobs)
+    failures.extend(hash_failures)
+    duplicate_of = find_duplicates(jobs, hashes, attrs_by_id)
+    duplicates = [VolumeResult(job.volume_id, str(job.image), "duplicate",
+                               details={"duplicate_of": duplicate_of[job.volume_id],
+                                        "source_sha256": hashes[job.volume_id]})
+                  for job in jobs if job.volume_id in duplicate_of]
+    jobs = [job for job in jobs if job.volume_id in hashes and job.volume_id not in duplicate_of]
 
     def rewrite_manifest():
         return write_manifest(store, attrs_by_id, splits=splits,
                               split_fractions=split_fractions, split_seed=split_seed)
 
     results: list[VolumeResult] = []
+    warnings_seen: list[dict] = []
     last_write = time.monotonic()
     for result in _run_on_ray(jobs, store, options, overwrite, address, num_cpus_per_task,
-                              progress):
+                              progress, hashes):
         results.append(result)
+        for message in result.details.get("warnings", ()):
+            warnings_seen.append({"id": result.volume_id, "warning": message})
+            print(f"convert: WARNING {result.volume_id}: {message}", flush=True)
         if result.status == "failed":
             failures.append(result)
             if progress:
@@ -529,10 +665,19 @@ def convert(inputs: Sequence[str | os.PathLike | ScanRef] | str | os.PathLike,
     skipped = [r.volume_id for r in results if r.status == "skipped"]
     failure_records = [{"id": f.volume_id, "source": f.source, "error": f.error}
                        for f in failures]
+    duplicate_records = [{"id": d.volume_id, "source": d.source, **d.details}
+                         for d in duplicates]
     manifest.attrs.update({"converted": converted, "skipped": skipped,
-                           "failures": failure_records})
+                           "duplicates": duplicate_records, "failures": failure_records,
+                           "warnings": warnings_seen})
+    same = "".join(
+        f"{', ' if i else ' ('}{d['id']} = {d['duplicate_of']}" for i, d in
+        enumerate(duplicate_records[:5])) + (", ..." if len(duplicates) > 5 else "") + \
+        (") not stored again" if duplicates else "")
     summary = (f"convert: {len(converted)} converted, skipped {len(skipped)} already converted, "
-               f"{len(failures)} failed; store {store} now holds {len(manifest)} volume(s)")
+               f"skipped {len(duplicates)} duplicate(s) of another volume's source content"
+               f"{same}, {len(failures)} failed; store {store} now holds {len(manifest)} "
+               "volume(s)")
     print(summary, flush=True)
     if failures:
         if on_error == "raise":
@@ -544,7 +689,8 @@ def convert(inputs: Sequence[str | os.PathLike | ScanRef] | str | os.PathLike,
 
 
 def _run_on_ray(jobs: Sequence[VolumeJob], store: str, options: ConversionOptions,
-                overwrite: bool, address: str | None, num_cpus_per_task: float, progress: bool):
+                overwrite: bool, address: str | None, num_cpus_per_task: float, progress: bool,
+                hashes: Mapping[str, str]):
     """Yield a VolumeResult per job as Ray tasks finish, with a tqdm bar."""
     if not jobs:
         return
@@ -558,7 +704,8 @@ def _run_on_ray(jobs: Sequence[VolumeJob], store: str, options: ConversionOption
     runtime_env = storage_runtime_env([store])
     task = ray.remote(convert_one).options(num_cpus=num_cpus_per_task, max_retries=1,
                                            **({"runtime_env": runtime_env} if runtime_env else {}))
-    pending = {task.remote(job, store, options, overwrite): job for job in jobs}
+    pending = {task.remote(job, store, options, overwrite, hashes.get(job.volume_id)): job
+               for job in jobs}
     bar = tqdm(total=len(jobs), desc="convert", unit="volume", disable=not progress)
     try:
         while pending:

@@ -26,6 +26,10 @@ NON_IMAGE_DICOM_MODALITIES = {"RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "SEG", "PR",
 # DICOM and ITK use LPS world coordinates; RAS flips the first two world axes.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+# Deflate never expands data by more than ~1032:1 (RFC 1951 worst case), so a gzip file of N
+# bytes holds at most ~1032 N bytes: a header claiming more is refused before any allocation.
+DEFLATE_MAX_RATIO = 1032
+
 
 @dataclass
 class ScanVolume:
@@ -40,6 +44,9 @@ class ScanVolume:
     source: str
     modality: str | None = None
     source_files: tuple[str, ...] = field(default_factory=tuple)
+    # What the reader assumed about the values, as `preprocessing` records (a "warning" key marks
+    # one the user must hear about), e.g. a CT series without rescale tags.
+    notes: list[dict] = field(default_factory=list)
 
     @property
     def spacing(self) -> np.ndarray:
@@ -89,6 +96,7 @@ def read_nifti(path: str | os.PathLike, *, channel: int | None = None) -> ScanVo
     _require_file(path)
     try:
         image = nib.load(path)
+        _check_claimed_size(image, path)
         _check_raw_pixdim(image, path)
         shape = image.shape
         data = _select_channel(image.dataobj, shape, channel, path)
@@ -100,6 +108,43 @@ def read_nifti(path: str | os.PathLike, *, channel: int | None = None) -> ScanVo
     # Analyze/NIfTI pairs (.hdr + .img): the hash must cover both halves.
     return ScanVolume(array=data, affine=affine, source=path,
                       source_files=tuple(scan_files(ScanRef(path))))
+
+
+def _check_claimed_size(image, path: str) -> None:
+    """Refuse a header whose image size the file cannot hold, before the array is allocated.
+
+    Uncompressed data must fit in the file after the header's data offset. For gzip (.nii.gz,
+    .mgz) the deflate ratio bound is used rather than the gzip ISIZE trailer: ISIZE is the size
+    mod 2^32 of the last gzip member only (multi-member files from bgzip, files over 4 GiB), so it
+    cannot prove a file short, while the bound holds for every valid stream and costs nothing.
+    """
+    holder = image.file_map.get("image")
+    data_file = (holder.filename if holder is not None else None) or path
+    header = image.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    needed = int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
+    offset = int(getattr(image.dataobj, "offset", 0) or 0)
+    size = os.path.getsize(data_file)
+    dims = " x ".join(str(n) for n in shape)
+    claim = f"the header claims a {dims} {header.get_data_dtype()} image ({_bytes(needed)})"
+    if data_file.lower().endswith((".gz", ".mgz")):
+        if needed + offset > size * DEFLATE_MAX_RATIO + 4096:
+            raise ConversionError(
+                f"{data_file}: {claim}, but this {size}-byte compressed file can hold at most "
+                f"{_bytes(size * DEFLATE_MAX_RATIO)}: it is truncated or its header is wrong. "
+                "Re-download or re-export it.", path=path)
+    elif needed > size - offset:
+        raise ConversionError(
+            f"{data_file}: {claim}, but the file holds only {_bytes(max(size - offset, 0))} after "
+            f"its {offset}-byte header: it is truncated or its header is wrong. Re-download or "
+            "re-export it.", path=path)
+
+
+def _bytes(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _check_raw_pixdim(image, path: str) -> None:
@@ -246,10 +291,13 @@ class DicomSeriesInfo:
     patient_id: str = ""
 
 
-def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeriesInfo]:
+def list_dicom_series(folder: str | os.PathLike,
+                      unreadable: list[tuple[str, str]] | None = None) -> list[DicomSeriesInfo]:
     """Group the DICOM files of `folder` by SeriesInstanceUID, reading headers only.
 
-    Non-image objects (RTSTRUCT, SR, SEG...) are left out.
+    Non-image objects (RTSTRUCT, SR, SEG...) are left out. A file whose header cannot be read
+    raises a ConversionError naming it, unless `unreadable` is a list: then the file is left out
+    of every series and `(file, message)` appended, so one bad file fails alone.
     """
     import pydicom
 
@@ -261,7 +309,10 @@ def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeriesInfo]:
                 "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "ImageType",
                 "PatientID"])
         except Exception as error:
-            raise _unreadable(file, error) from error
+            if unreadable is None:
+                raise _unreadable(file, error) from error
+            unreadable.append((file, str(_unreadable(file, error))))
+            continue
         uid = str(header.get("SeriesInstanceUID", "")) or "(no SeriesInstanceUID)"
         groups[uid].append((file, header))
     series = []
@@ -407,8 +458,28 @@ def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = Non
             "acquisition). Resample it to an orthogonal grid first (e.g. dcm2niix corrects "
             "gantry tilt), then convert the NIfTI.", path=folder)
 
-    slopes = [float(slices[i][1].get("RescaleSlope", 1) or 1) for i in order]
-    intercepts = [float(slices[i][1].get("RescaleIntercept", 0) or 0) for i in order]
+    slopes = [_rescale_value(*slices[i], "RescaleSlope", 1.0) for i in order]
+    intercepts = [_rescale_value(*slices[i], "RescaleIntercept", 0.0) for i in order]
+    for i, slope in zip(order, slopes):
+        if slope == 0:
+            raise ConversionError(
+                f"{slices[i][0]}: RescaleSlope is 0, which maps every pixel to the same value; "
+                "the header is broken. Set the scanner's RescaleSlope (usually 1) in the file or "
+                "re-export the series.", path=slices[i][0])
+    modality = str(first.get("Modality", "")) or None
+    notes = []
+    without_tags = [slices[i][0] for i in order
+                    if _blank(slices[i][1].get("RescaleSlope", None))
+                    or _blank(slices[i][1].get("RescaleIntercept", None))]
+    if modality == "CT" and without_tags:
+        # Raw CT pixels are usually HU + 1024 (or + 32768): stored as is they would not be HU.
+        notes.append({"op": "dicom_rescale", "slope": 1.0, "intercept": 0.0, "assumed": True,
+                      "slices_without_tags": len(without_tags),
+                      "warning": f"{source}: {len(without_tags)} of {len(slices)} CT slice(s) "
+                                 f"(e.g. {Path(without_tags[0]).name}) have no RescaleSlope/"
+                                 "RescaleIntercept; values were stored as read (slope 1, "
+                                 "intercept 0) and may not be Hounsfield units. Check the "
+                                 "stored range (air should be near -1000)."})
     # Integer slope/intercept (CT in HU): exact integer arithmetic, stored as int16 when it fits.
     # Otherwise float32. Slices are filled one by one to keep peak memory near the output size.
     integral = all(v == round(v) for v in slopes + intercepts)
@@ -446,9 +517,27 @@ def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = Non
     affine_lps[:3, 1] = col_cosine * pixel_spacing[0]  # row index: step between rows
     affine_lps[:3, 2] = step
     affine_lps[:3, 3] = sorted_positions[0]
-    modality = str(first.get("Modality", "")) or None
     return ScanVolume(array=array, affine=LPS_TO_RAS @ affine_lps, source=source,
-                      modality=modality, source_files=tuple(sorted(files)))
+                      modality=modality, source_files=tuple(sorted(files)), notes=notes)
+
+
+def _blank(value) -> bool:
+    return value is None or value == ""
+
+
+def _rescale_value(file: str, ds, keyword: str, default: float) -> float:
+    """A slice's RescaleSlope/RescaleIntercept (`default` when absent); refuses non-numbers."""
+    value = ds.get(keyword, None)
+    if _blank(value):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number):
+        raise ConversionError(f"{file}: {keyword} is {value!r}, not a finite number; the header "
+                              "is broken. Fix the tag or re-export the series.", path=file)
+    return number
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,7 +637,8 @@ def scan_files(ref: ScanRef | str) -> list[str]:
         ref = ScanRef(str(ref))
     path = ref.path
     if os.path.isdir(path):
-        series = list_dicom_series(path)
+        # Unreadable files belong to no series; the planner reports them (convert.plan_jobs).
+        series = list_dicom_series(path, unreadable=[])
         if ref.series_uid is not None:
             series = [s for s in series if s.series_uid == ref.series_uid]
         return sorted(f for s in series for f in s.files)

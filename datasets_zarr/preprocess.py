@@ -14,6 +14,12 @@ DEFAULT_CT_WINDOW = (-175.0, 250.0)
 DEFAULT_MR_PERCENTILES = (0.5, 99.5)
 CT_BODY_THRESHOLD_HU = -500.0
 CT_BACKGROUND_HU = -1024.0
+# CT is stored as int16 HU. A volume whose values span less than this cannot be HU (air to soft
+# tissue alone spans ~1000): it is normalised, a mask, or not CT. Fractional values need a wider
+# span, since z-scored or [0, 255]-scaled CT can span a few tens.
+HU_MIN_SPAN = 10.0
+HU_MIN_SPAN_FRACTIONAL = 100.0
+INT16 = np.iinfo(np.int16)
 # Foreground boxes are found on a strided copy of big volumes: the box only needs to be ~voxel exact.
 BBOX_MAX_VOXELS = 8_000_000
 
@@ -216,18 +222,65 @@ def check_same_grid(image_shape: tuple, image_affine: np.ndarray, other_shape: t
             f"{what} onto the image grid first.", path=other_source)
 
 
+def check_ct_values(image: np.ndarray, source: str | None = None) -> list[dict]:
+    """Refuse CT values that cannot be Hounsfield units; return records of what storing them does.
+
+    Refused (ConversionError naming `source` and the fix): values outside int16 (e.g. uint16 with
+    an implicit offset: clipping would corrupt them), and a span too narrow for HU (data scaled to
+    [0, 1], a mask). Fractional HU in a plausible range are rounded to int16 (at most 0.5 HU) and
+    the rounding is recorded; a CT with no value below 0 (no air or fat) gets a warning record.
+    """
+    where = f"{source}: " if source else ""
+    fix = ("If it is not CT, pass --modality MR (convert(modality='MR')); if it is CT, rescale "
+           "it to Hounsfield units first (HU = stored * RescaleSlope + RescaleIntercept).")
+    low, high = float(np.min(image)), float(np.max(image))
+    if high > INT16.max or low < INT16.min:
+        outside = int(np.count_nonzero((image > INT16.max) | (image < INT16.min)))
+        raise ConversionError(
+            f"{where}CT values span [{low:g}, {high:g}]: {outside} voxel(s) lie outside "
+            f"[{INT16.min}, {INT16.max}], which no Hounsfield value reaches and int16 cannot "
+            "hold (storing them would clip them). This looks like unsigned raw data with an "
+            "implicit offset (stored = HU + 1024 or + 32768): subtract the offset and save the "
+            f"scan again. {fix}", path=source)
+    fractional = bool(np.issubdtype(image.dtype, np.floating)
+                      and not np.array_equal(np.rint(image), image))
+    span = high - low
+    if span < HU_MIN_SPAN or (fractional and span < HU_MIN_SPAN_FRACTIONAL):
+        kind = "fractional values" if fractional else "values"
+        raise ConversionError(
+            f"{where}modality CT, but its {kind} span only [{low:g}, {high:g}]: these cannot "
+            "be Hounsfield units (air is about -1000, soft tissue 0 to 100), and storing them as "
+            f"int16 HU would round them to {int(np.rint(high - low)) + 1} level(s). {fix}",
+            path=source)
+    notes: list[dict] = []
+    if fractional:
+        change = np.abs(np.rint(image) - image)
+        notes.append({"op": "round_to_int16_hu", "voxels_changed": int(np.count_nonzero(change)),
+                      "max_change": float(change.max())})
+    if low >= 0:
+        notes.append({"op": "check_hu", "min": low, "max": high,
+                      "warning": f"{where}CT has no value below 0 (minimum {low:g}): no air or "
+                                 "fat, so the values may carry an implicit offset (e.g. HU + "
+                                 "1024) and not be Hounsfield units. If so, subtract it and "
+                                 "convert again."})
+    return notes
+
+
 def preprocess(image: np.ndarray, affine: np.ndarray, *, modality: str,
                label: np.ndarray | None = None, mask: np.ndarray | None = None,
                reorient: bool = True, spacing: Sequence[float] | None = None,
                window: Sequence[float] | None = None,
-               normalize: Sequence[float] | None = None) -> PreparedVolume:
+               normalize: Sequence[float] | None = None,
+               source: str | None = None) -> PreparedVolume:
     """Run the conversion steps in order and record each in `preprocessing`.
 
     Order: reorient -> resample -> bbox (on HU / raw MR intensities) -> CT window (CT only) or
     percentile normalisation (MR only). `label` and `mask` must already be on the image grid;
-    they are reoriented/resampled with it (nearest neighbour). CT without a window stays int16 HU.
+    they are reoriented/resampled with it (nearest neighbour). CT without a window stays int16 HU;
+    CT values that cannot be HU are refused first (`check_ct_values`, messages name `source`).
     """
-    steps: list[dict] = []
+    # On the values as read: resampling would make integer HU fractional.
+    steps: list[dict] = check_ct_values(image, source) if modality == "CT" else []
     orientation = axcodes(affine)
     if reorient:
         image_new, affine_new = reorient_to_ras(image, affine)
@@ -256,7 +309,8 @@ def preprocess(image: np.ndarray, affine: np.ndarray, *, modality: str,
         # Keep HU as int16: it is lossless for CT and half the bytes of float32.
         if np.issubdtype(image.dtype, np.floating):
             image = np.rint(image)
-        image = np.clip(image, np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
+        # check_ct_values refused values outside int16; resampling stays within the input range.
+        image = np.clip(image, INT16.min, INT16.max).astype(np.int16)
     else:
         image = np.asarray(image, dtype=np.float32)
 

@@ -75,10 +75,11 @@ def test_many_bad_volumes_fail_alone_and_leave_nothing(ray_local, tmp_path, ct):
         f"DimSize = {SHAPE[0]} {SHAPE[1]} {SHAPE[2]}\nElementType = MET_SHORT\n"
         "ElementDataFile = negative.raw\n")
     # label on another grid
-    nib.save(nib.Nifti1Image(image, affine), bad / "mismatch.nii.gz")
+    # Images differ from `good` (and each other): a copy of good would be skipped as a duplicate.
+    nib.save(nib.Nifti1Image(image + 1, affine), bad / "mismatch.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.uint8), affine), bad / "mismatch_seg.nii.gz")
     # label with fractional values
-    nib.save(nib.Nifti1Image(image, affine), bad / "fraction.nii.gz")
+    nib.save(nib.Nifti1Image(image + 2, affine), bad / "fraction.nii.gz")
     nib.save(nib.Nifti1Image(np.full(SHAPE, 0.5, np.float32), affine), bad / "fraction_seg.nii")
     # DICOM series with a missing slice, and one with a duplicated slice
     gap = dicom_series(tmp_path / "gap_series", image, affine)

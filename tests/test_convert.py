@@ -189,8 +189,8 @@ class TestStoreFormat:
 class TestResume:
     def test_skips_unchanged_redoes_changed(self, ray_local, tmp_path, phantom, capsys):
         image, _, affine = phantom
-        for name in ("a", "b"):
-            nib.save(nib.Nifti1Image(image, affine), tmp_path / f"{name}.nii.gz")
+        for offset, name in enumerate(("a", "b")):  # different content: copies are duplicates
+            nib.save(nib.Nifti1Image(image + 3 * offset, affine), tmp_path / f"{name}.nii.gz")
         store = tmp_path / "s.zarr"
         first = dz.convert([tmp_path], store, progress=False)
         assert sorted(first.attrs["converted"]) == ["a", "b"]
@@ -279,8 +279,8 @@ class TestSplits:
         assert other != [hash_split(i, (0.5, 0.5, 0.0), seed=4) for i in ids]
 
     def test_user_splits(self, ray_local, tmp_path):
-        for name in ("p", "q", "r"):
-            np.save(tmp_path / f"{name}.npy", np.full((8, 8, 8), 5.0, dtype=np.float32))
+        for value, name in enumerate(("p", "q", "r")):  # different content: copies are duplicates
+            np.save(tmp_path / f"{name}.npy", np.full((8, 8, 8), 5.0 + value, dtype=np.float32))
         manifest = dz.convert([tmp_path], tmp_path / "s.zarr", splits={"p": "test", "q": "val"},
                               split_fractions=(1.0, 0.0, 0.0), modality="MR", progress=False)
         assert dict(zip(manifest["id"], manifest["split"])) == {"p": "test", "q": "val",

@@ -73,7 +73,7 @@ def test_msd_ct_and_multichannel_mr(ray_local, tmp_path):
         nib.save(nib.Nifti1Image(image, affine), spleen / "imagesTr" / f"{case}.nii.gz")
         nib.save(nib.Nifti1Image((label == 5).astype(np.uint8), affine),
                  spleen / "labelsTr" / f"{case}.nii.gz")
-    image, _, affine = ct_volume(9, spacing)
+    image, _, affine = ct_volume(11, spacing)  # not spleen_10's seed: a copy is a duplicate
     nib.save(nib.Nifti1Image(image, affine), spleen / "imagesTs" / "spleen_1.nii.gz")
     (spleen / "imagesTr" / "._spleen_2.nii.gz").write_bytes(b"macOS resource fork")
     (spleen / "dataset.json").write_text(json.dumps({
