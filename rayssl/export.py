@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 FORMATS = ("monai", "bundle", "safetensors")
@@ -113,6 +114,12 @@ def _load_line(network: str, weights: str) -> str:
            f"net.load_state_dict({loader}, strict=True)"
 
 
+def fine_tune_line(folder: str) -> str:
+    """The model card's fine-tuning snippet (rayssl.load_pretrained) for the export in `folder`."""
+    return (f"from rayssl import load_pretrained; net, report = load_pretrained({folder!r}, out_channels=N, "
+            f"in_channels=C)  # N task outputs (fresh head), C input channels (stem adapted); print(report)")
+
+
 def _write_monai(folder: str, state: dict[str, torch.Tensor], card: dict[str, Any]) -> None:
     torch.save(state, os.path.join(folder, "backbone.pt"))
     card = {**card, "format": "monai", "weights": "backbone.pt", "load_with": _load_line(card["network"], "backbone.pt")}
@@ -133,6 +140,28 @@ def _write_safetensors(folder: str, state: dict[str, torch.Tensor], card: dict[s
         json.dump(card, f, indent=2, default=str)
 
 
+def bundle_input_shape(network: str, patch: list[int]) -> list[int]:
+    """The spatial input shape a bundle declares: the pretraining patch, raised to what the whole
+    network accepts. A SwinUNETR pretrained on 32^3 crops (encoder only, deepest pooling) is fine,
+    but the full SwinUNETR instance-normalises its 1/32-scale map in `encoder10`, which needs more
+    than one voxel: >= 64 and a multiple of 32 (MONAI's verify_net_in_out runs the full network)."""
+    if network.endswith(".SwinUNETR"):
+        return [max(64, -(-int(p) // 32) * 32) for p in patch]
+    if network.endswith(".BasicUNet"):  # 4 poolings; the deepest map is instance/group-normalised
+        return [max(32, -(-int(p) // 16) * 16) for p in patch]
+    return [int(p) for p in patch]
+
+
+def _output_channels(kwargs: dict[str, Any]) -> int:
+    """Channels of the network's output: its out_channels / num_classes, or a feature-only MONAI
+    ResNet's width (512 x widen_factor), or an encoder's representation size (rep_dim)."""
+    if "out_channels" in kwargs:
+        return int(kwargs["out_channels"])
+    if "feed_forward" in kwargs:
+        return int(kwargs.get("num_classes", 400)) if kwargs["feed_forward"] else int(512 * kwargs.get("widen_factor", 1.0))
+    return int(kwargs.get("rep_dim", 1))
+
+
 def bundle_metadata(card: dict[str, Any]) -> dict[str, Any]:
     """configs/metadata.json of a MONAI bundle (the fields MONAI's bundle schema and verify_net_in_out read)."""
     import monai
@@ -141,6 +170,7 @@ def bundle_metadata(card: dict[str, Any]) -> dict[str, Any]:
     patch = card.get("pretraining_patch_size") or card.get("pretraining_input_size") or [32, 32, 32]
     if isinstance(patch, int):
         patch = [patch] * 3
+    patch = bundle_input_shape(card["network"], patch)
     channels = int(next((card["network_kwargs"][k] for k in _CHANNEL_KWARGS if k in card["network_kwargs"]), 1))
     intensity = card.get("intensity")
     return {
@@ -165,7 +195,7 @@ def bundle_metadata(card: dict[str, Any]) -> dict[str, Any]:
                 "channel_def": {str(i): "image" for i in range(channels)},
             }},
             "outputs": {"pred": {
-                "type": "tensor", "format": "features", "num_channels": int(card["network_kwargs"].get("out_channels", 1)),
+                "type": "tensor", "format": "features", "num_channels": _output_channels(card["network_kwargs"]),
                 "spatial_shape": [int(p) for p in patch], "dtype": "float32", "value_range": [],
                 "is_patch_data": True, "channel_def": {},
             }},
@@ -187,22 +217,31 @@ def _bundle_readme(card: dict[str, Any]) -> str:
 
 ```python
 from monai.bundle import ConfigParser
-import torch
-parser = ConfigParser(); parser.read_config("configs/inference.json")
-net = parser.get_parsed_content("network_def")
-net.load_state_dict(torch.load("models/model.pt", weights_only=True), strict=True)
+parser = ConfigParser(); parser.read_config("<bundle>/configs/inference.json")
+net = parser.get_parsed_content("network"); parser.get_parsed_content("load_weights")  # strict load
+```
+
+`bundle_root` in configs/inference.json is the folder the bundle was written to; after moving the
+bundle, set `parser["bundle_root"] = "<new folder>"` (MONAI's `--bundle_root`).
+
+Fine-tuning with a task head of N outputs and C input channels (rayssl installed; `rayssl.load_pretrained`):
+
+```python
+{card.get("fine_tune_with") or fine_tune_line("<bundle>")}
 ```
 """
 
 
-def _write_bundle(folder: str, state: dict[str, torch.Tensor], card: dict[str, Any]) -> None:
+def _write_bundle(folder: str, state: dict[str, torch.Tensor], card: dict[str, Any], bundle_root: str = ".") -> None:
     for sub in ("configs", "models", "docs"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     torch.save(state, os.path.join(folder, "models", "model.pt"))
     network_def = {"_target_": card["network"], **card["network_kwargs"]}
     inference = {
         "imports": [f"$import {card['network'].split('.')[0]}", "$import torch"],
-        "bundle_root": ".",
+        # Where the bundle was written (so load_weights works from any working directory); after
+        # moving the bundle, set bundle_root to its new folder (MONAI: --bundle_root).
+        "bundle_root": bundle_root,
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network_def": network_def,
         "network": "$@network_def.to(@device)",
@@ -228,9 +267,12 @@ def write_export(out_dir: str, state: dict[str, torch.Tensor], card: dict[str, A
     if fmt not in _WRITERS:
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     load_strict(card["network"], card["network_kwargs"], state)
+    card = {**card, "fine_tune_with": fine_tune_line(out_dir)}
     with tempfile.TemporaryDirectory(prefix="rayssl-export-") as scratch:
-        _WRITERS[fmt](scratch, state, card)
         fs, path = fsspec.core.url_to_fs(out_dir)
+        local = isinstance(fs, LocalFileSystem)
+        extra = {"bundle_root": os.path.abspath(path) if local else "."} if fmt == "bundle" else {}
+        _WRITERS[fmt](scratch, state, card, **extra)
         staging = path.rstrip("/") + ".tmp"
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
@@ -249,15 +291,20 @@ def export_card(network: str, network_kwargs: dict[str, Any], key_groups: dict[s
 
 
 def export_run(run_dir: str, fmt: ExportFormat = "monai", in_channels: int | None = None, out: str | None = None,
-               source: str = "auto") -> str:
+               source: str = "auto", out_channels: int | None = None) -> str:
     """`rayssl export RUN`: the run's backbone (export/ or its latest checkpoint) in `fmt`, optionally
-    adapted to `in_channels` input channels. Default folder: RUN/export (monai), RUN/export_bundle, ..."""
+    adapted to `in_channels` input channels and given a task head of `out_channels` outputs (freshly
+    initialised; see rayssl.pretrained). Default folder: RUN/export (monai), RUN/export_bundle, ..."""
     from rayssl.eval.features import load_run_weights
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if in_channels is not None and in_channels < 1:
         raise ValueError(f"--in-channels {in_channels}: must be >= 1")
+    if out_channels is not None and out_channels < 1:
+        raise ValueError(f"--out-channels {out_channels}: must be >= 1")
+    if not os.path.exists(run_dir):
+        raise FileNotFoundError(f"{run_dir} does not exist: give a run folder (runs/<name>) or an export folder")
     weights = load_run_weights(run_dir, source=source)
     state, initialized = complete_state(weights.network, weights.network_kwargs, weights.state_dict)
     # An export written by rayssl already holds every key; its card says which were initialised.
@@ -274,10 +321,35 @@ def export_run(run_dir: str, fmt: ExportFormat = "monai", in_channels: int | Non
         card["network_kwargs"] = kwargs
         card["in_channels_adapted"] = {"in_channels": in_channels, "from": 1, "keys": adapted,
                                        "rule": "1-channel weights repeated along the input axis, scaled by 1/N"}
+    if out_channels is not None:
+        state, initialized = _with_out_channels(card, state, initialized, out_channels)
+        card["num_keys"] = len(state)
     suffix = {"monai": "", "bundle": "_bundle", "safetensors": "_safetensors"}[fmt]
     suffix += f"_{in_channels}ch" if in_channels is not None and in_channels != 1 else ""
+    suffix += f"_{out_channels}out" if out_channels is not None else ""
     target = out or posixpath.join(run_dir, "export" + suffix)  # the default monai target rewrites export/ in place
     write_export(target, state, card, fmt)
     print(f"[rayssl] {fmt} export of {weights.method} ({weights.source}, step {weights.step}): {len(state)} tensors, "
-          f"{len(initialized)} initialised key group(s), network {weights.network} -> {target}")
+          f"{len(initialized)} initialised key group(s), network {card['network']} -> {target}")
     return target
+
+
+def _with_out_channels(card: dict[str, Any], state: dict[str, torch.Tensor], initialized: list[str],
+                       out_channels: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`--out-channels N`: the card's network with a task head of N outputs (load_pretrained's rule);
+    updates `card` in place and returns (state, initialised prefixes) of the new network."""
+    from rayssl.pretrained import _Export, build_pretrained
+
+    pretrained = {k: v for k, v in state.items() if not k.startswith(tuple(initialized))}
+    groups = {k: v for k, v in card["key_groups"].items() if k != "initialized"}
+    net, report = build_pretrained(_Export(source="", network=card["network"], network_kwargs=card["network_kwargs"],
+                                           state=pretrained, key_groups=groups, method=card.get("method"),
+                                           step=card.get("steps")), out_channels=out_channels)
+    if report.prefix:  # the encoder now sits under a wrapper: its key groups move with it
+        groups = {k: [report.prefix + p for p in v] for k, v in groups.items()}
+    fresh = sorted(set(report.initialized) | set(report.reinitialized))
+    card.update(network=report.network, network_kwargs=report.network_kwargs,
+                key_groups={**groups, "initialized": fresh},
+                out_channels_adapted={"out_channels": int(out_channels), "keys": fresh,
+                                      "rule": "task head of N outputs at a seeded fresh initialisation"})
+    return {k: v.detach().contiguous() for k, v in net.state_dict().items()}, fresh
