@@ -151,3 +151,90 @@ def test_run_folder_rerun_command_starts_a_new_run(voco_resume_runs):
         cfg = _resolve(args, [])
         assert cfg.name is None and cfg.method == "voco" and cfg.train.steps == 4
         assert cfg.data.store == config["data"]["store"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The smaller items of issue 28: loss.png's probe panel, MLflow's experiment and URI, TensorBoard's config
+# ---------------------------------------------------------------------------------------------
+def test_probe_panel_shows_the_gain_on_a_fixed_span(tmp_path):
+    """A gain of -0.0015 reads as a small loss against a zero line, not as a curve filling the axis;
+    the title names the probe set as the user did, not the cache's hashed store name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rayssl.train.runfolder import PROBE_MIN_HALF_SPAN, draw_probe, plot_losses
+
+    probe = {"store": "/home/u/.cache/rayssl/demo-n6-s9137f2a1.zarr", "probe_set": "demo", "metric": "dice",
+             "random_init": 0.2641, "points": [{"step": 20, "score": 0.2636}, {"step": 40, "score": 0.2626}]}
+    fig, ax = plt.subplots()
+    draw_probe(ax, probe, 40)
+    low, high = ax.get_ylim()
+    assert high - low >= 2 * PROBE_MIN_HALF_SPAN - 1e-12 and low < 0 < high
+    gains = [line for line in ax.lines if list(line.get_xdata()) == [20, 40]]
+    assert len(gains) == 1
+    assert [round(v, 6) for v in gains[0].get_ydata()] == [-0.0005, -0.0015]
+    title = ax.get_title()
+    assert "demo phantoms" in title and "-0.0015" in title and "9137f2a1" not in title
+    labels = ax.get_legend_handles_labels()[1]
+    assert any("random init" in label and "0.2641" in label for label in labels)
+    plt.close(fig)
+
+    # A large gain widens the axis; a store path given by the user is named by its file name.
+    fig, ax = plt.subplots()
+    draw_probe(ax, {**probe, "probe_set": "/data/my_probe.zarr", "points": [{"step": 40, "score": 0.61}]}, 40)
+    assert ax.get_ylim()[1] > 0.61 - 0.2641 and "on my_probe:" in ax.get_title()
+    plt.close(fig)
+
+    metrics = [{"step": s, "loss": 1.0 / s, "crops_per_s": 1.0, "samples_per_s": 1.0} for s in range(1, 41)]
+    path = plot_losses(str(tmp_path), metrics, ["loss"], probe)
+    assert os.path.getsize(path) > 10_000
+
+
+def test_mlflow_experiment_name_from_the_environment_and_an_absolute_uri(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from rayssl.config import resolve_config
+    from rayssl.train.tracking import read_mlflow_record, start_mlflow_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "my-study")
+    cfg = resolve_config(method="voco", profile="cpu", overrides=["name=r1"])
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    run = start_mlflow_run(str(run_dir), cfg, "sqlite:///mlflow.db")
+    record = read_mlflow_record(str(run_dir))
+    assert record["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert MlflowClient(record["tracking_uri"]).get_experiment(record["experiment_id"]).name == "my-study"
+    # From another folder the recorded URI still finds the same store and run.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert start_mlflow_run(str(run_dir), cfg, record["tracking_uri"]).run_id == run.run_id
+    assert not (tmp_path / "elsewhere" / "mlflow.db").exists()
+
+
+def test_tensorboard_gets_the_resolved_config(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from rayssl.config import resolve_config
+    from rayssl.train.runfolder import rerun_config
+    from rayssl.train.tracking import TrackingCallback
+
+    cfg = resolve_config(method="voco", profile="cpu", overrides=["name=r1", "train.steps=7"])
+    text = rerun_config(cfg, str(tmp_path))
+    assert text.startswith("# rayssl run r1") and f"rayssl pretrain --config {tmp_path}/config.yaml" in text
+    (tmp_path / "config.yaml").write_text(text)
+    tracker = TrackingCallback(str(tmp_path), start_step=0)
+    tracker.log({"step": 1, "loss": 1.0})
+    tracker.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content)
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
+    assert hparams["train.steps"].number_value == 7 and hparams["method"].string_value == "voco"
+    assert hparams["name"].string_value == "None"  # config.yaml leaves the name out (re-runs get a fresh one)
+    assert any(tag.startswith("config") for tag in events.Tags()["tensors"])

@@ -320,7 +320,7 @@ def draw_probe(ax: Any, online_probe: dict[str, Any], last_step: int) -> None:
     half = max(PROBE_MIN_HALF_SPAN, *(abs(v - centre) * 1.15 for v in values))
     ax.set_ylim(centre - half, centre + half)
     ax.set_xlabel("step")
-    ax.set_title(f"linear probe on {probe_set_name(online_probe)}: {title}")
+    ax.set_title(f"linear probe on {probe_set_name(online_probe)}:\n{title}", fontsize="medium")
     ax.set_xlim(0, last_step * 1.05)
     ax.legend(fontsize="small")
 
