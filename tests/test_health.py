@@ -81,3 +81,26 @@ def test_every_method_hands_its_embeddings_to_the_health_metrics(name):
     assert set(health) == {"health_spread", "health_effective_rank", "health_rank_max", "health_dead_fraction"}
     assert all(np.isfinite(v) for v in health.values())
     assert health["health_effective_rank"] >= 1.0
+
+
+# The tensor each method's loss compares, by output key, and its width: the health metrics must read
+# it (a projection / prediction), not the backbone features before the heads (issue 24).
+_COMPARED = {
+    "voco": (("random", "bases"), "proj_dim"),  # cos(p, q_i) of student projections
+    "mlsscl": (("online_axial", "online_coronal", "online_sagittal", "online_short"), "proj_dim"),  # predictions
+    "drasclr": (("query", "neighbor_queries"), "proj_dim"),  # normalised online projections (queries)
+}
+
+
+@pytest.mark.parametrize("name", sorted(_COMPARED))
+def test_contrastive_health_reads_the_embedding_the_loss_compares(name):
+    torch.manual_seed(0)
+    method, batch = _method_batch(name)
+    model = method.build_model()
+    method.setup(model, torch.device("cpu"))
+    outputs = model(batch)
+    keys, width = _COMPARED[name]
+    rows = method.embeddings(outputs)
+    expected = torch.cat([outputs[k].reshape(-1, outputs[k].shape[-1]) for k in keys])
+    assert rows.shape == expected.shape and rows.shape[1] == getattr(method.config, width)
+    assert torch.equal(rows.detach(), expected.detach())
