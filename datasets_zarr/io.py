@@ -140,6 +140,102 @@ def _check_claimed_size(image, path: str) -> None:
             "re-export it.", path=path)
 
 
+# Bytes per element of MetaImage ElementType and NRRD type names.
+_METAIMAGE_TYPES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                    "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_FLOAT": 4,
+                    "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_DOUBLE": 8}
+_NRRD_TYPES = {**{t: 1 for t in ("signed char", "int8", "int8_t", "uchar", "unsigned char",
+                                  "uint8", "uint8_t")},
+               **{t: 2 for t in ("short", "short int", "signed short", "signed short int", "int16",
+                                 "int16_t", "ushort", "unsigned short", "unsigned short int",
+                                 "uint16", "uint16_t")},
+               **{t: 4 for t in ("int", "signed int", "int32", "int32_t", "uint", "unsigned int",
+                                 "uint32", "uint32_t", "float")},
+               **{t: 8 for t in ("longlong", "long long", "long long int", "signed long long",
+                                 "signed long long int", "int64", "int64_t", "ulonglong",
+                                 "unsigned long long", "unsigned long long int", "uint64",
+                                 "uint64_t", "double")}}
+
+
+def _check_itk_claimed_size(path: str) -> None:
+    """MetaImage / NRRD: refuse a header whose image the data cannot hold, before ITK allocates.
+
+    Raw data must fill the claimed size; zlib/gzip data is held to deflate's ratio bound (as
+    `_check_claimed_size`). Encodings without a cheap bound (bzip2, ascii, hex), file lists and
+    patterns are left to ITK.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError:
+        return
+    fields: dict[str, str] = {}
+    header_end = None
+    suffix = path_suffix(path)
+    if suffix in (".mhd", ".mha"):
+        position = 0
+        for line in head.split(b"\n"):
+            position += len(line) + 1
+            key, _, value = line.decode("latin-1").partition("=")
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                header_end = position
+                break
+        try:
+            shape = [int(v) for v in fields["DimSize"].split()]
+            itemsize = _METAIMAGE_TYPES[fields["ElementType"].upper()]
+            channels = int(fields.get("ElementNumberOfChannels", "1") or 1)
+        except (KeyError, ValueError):
+            return  # ITK explains a malformed header itself
+        data_name = fields.get("ElementDataFile", "")
+        compressed = fields.get("CompressedData", "").lower() == "true"
+    elif suffix in (".nrrd", ".nhdr"):
+        position = 0
+        for line in head.split(b"\n"):
+            position += len(line) + 1
+            text = line.decode("latin-1").rstrip("\r")
+            if not text.strip():
+                header_end = position
+                break
+            key, _, value = text.partition(":")
+            fields[key.strip().lower()] = value.lstrip("=").strip()
+        encoding = fields.get("encoding", "raw").lower()
+        try:
+            shape = [int(v) for v in fields["sizes"].split()]
+            itemsize = 1 if fields.get("type", "").lower() in ("char", "signed char") else \
+                _NRRD_TYPES[fields["type"].lower()]
+        except (KeyError, ValueError):
+            return
+        if encoding not in ("raw", "gzip", "gz"):
+            return
+        channels, compressed = 1, encoding in ("gzip", "gz")
+        data_name = fields.get("data file", fields.get("datafile", "LOCAL" if header_end else ""))
+    else:
+        return
+    if header_end is None or not data_name or " " in data_name or "%" in data_name \
+            or data_name.upper() == "LIST":
+        return
+    if data_name.upper() == "LOCAL":
+        data_file, offset = path, header_end
+    else:
+        data_file, offset = os.path.join(os.path.dirname(path), data_name), 0
+        if not os.path.exists(data_file):
+            return  # ITK names the missing data file
+    needed = int(np.prod(shape, dtype=object)) * itemsize * channels
+    available = os.path.getsize(data_file) - offset
+    dims = " x ".join(str(n) for n in shape)
+    claim = f"the header claims a {dims} image of {itemsize}-byte values ({_bytes(needed)})"
+    if compressed and needed > max(available, 0) * DEFLATE_MAX_RATIO + 4096:
+        raise ConversionError(
+            f"{path}: {claim}, but its {max(available, 0)} bytes of compressed data can hold at "
+            f"most {_bytes(max(available, 0) * DEFLATE_MAX_RATIO)}: the data is truncated or the "
+            "header is wrong. Re-download or re-export it.", path=path)
+    if not compressed and needed > available:
+        raise ConversionError(
+            f"{path}: {claim}, but {data_file} holds only {_bytes(max(available, 0))} of data: "
+            "it is truncated or the header is wrong. Re-download or re-export it.", path=path)
+
+
 def _bytes(count: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= scale:
@@ -195,6 +291,7 @@ def read_sitk(path: str | os.PathLike, *, channel: int | None = None) -> ScanVol
                 f"{path}: ElementSpacing '{header_spacing}' has zero, negative or invalid "
                 "values. Fix the .mhd header with the real voxel size, then convert again.",
                 path=path)
+    _check_itk_claimed_size(path)
     try:
         image = sitk.ReadImage(path)
         array = sitk.GetArrayFromImage(image)

@@ -227,6 +227,43 @@ def test_a_valid_gzip_nifti_of_highly_compressible_data_still_reads(tmp_path):
     np.testing.assert_array_equal(dz.read_nifti(tmp_path / "zeros.nii.gz").array, zeros)
 
 
+METAIMAGE_HEADER = ("ObjectType = Image\nNDims = 3\nElementSpacing = 1 1 1\n"
+                    "DimSize = 1024 1024 1024\nElementType = MET_SHORT\n")
+
+
+@pytest.mark.parametrize("name", ["big.mhd", "big.mha", "big.nrrd"])
+def test_metaimage_and_nrrd_headers_claiming_more_than_the_data_are_refused(tmp_path, name):
+    """Compressed .mha took 4.3 GB and 2 minutes in SimpleITK before failing."""
+    path = tmp_path / name
+    junk = bytes(range(92))
+    if name == "big.mhd":
+        (tmp_path / "tiny.raw").write_bytes(junk)
+        path.write_text(METAIMAGE_HEADER + "ElementDataFile = tiny.raw\n")
+    elif name == "big.mha":
+        path.write_bytes((METAIMAGE_HEADER + "CompressedData = True\nElementDataFile = LOCAL\n"
+                          ).encode() + junk)
+    else:
+        path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 1024 1024 1024\n"
+                         b"encoding: gzip\n\n" + junk)
+    started = time.perf_counter()
+    with pytest.raises(dz.ConversionError, match=r"claims a 1024 x 1024 x 1024 image of 2-byte "
+                                                 r"values \(2.1 GB\)") as info:
+        dz.read_sitk(path)
+    assert str(info.value).startswith(str(path)) and "truncated" in str(info.value)
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("name,compress", [("ok.mhd", False), ("ok.mha", True), ("ok.nrrd", True),
+                                           ("raw.nrrd", False)])
+def test_valid_metaimage_and_nrrd_files_still_read(tmp_path, ct, name, compress):
+    import SimpleITK as sitk
+
+    image, _ = ct
+    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(image.T)), str(tmp_path / name),
+                    compress)
+    np.testing.assert_array_equal(dz.read_sitk(tmp_path / name).array, image)
+
+
 # ----------------------------------------------------------------------------------------------
 # Output paths that cannot become a store
 # ----------------------------------------------------------------------------------------------
