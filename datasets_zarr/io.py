@@ -580,6 +580,7 @@ def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = Non
     # Integer slope/intercept (CT in HU): exact integer arithmetic, stored as int16 when it fits.
     # Otherwise float32. Slices are filled one by one to keep peak memory near the output size.
     integral = all(v == round(v) for v in slopes + intercepts)
+    _check_pixel_data_sizes(slices, rows, cols)
     # int32 holds any 16-bit pixel times a sane integer slope; 8-bit/16-bit data is the norm.
     values = np.empty((cols, rows, len(order)), dtype=np.int32 if integral else np.float32)
     for position, index in enumerate(order):
@@ -616,6 +617,27 @@ def read_dicom_series(folder: str | os.PathLike, *, series_uid: str | None = Non
     affine_lps[:3, 3] = sorted_positions[0]
     return ScanVolume(array=array, affine=LPS_TO_RAS @ affine_lps, source=source,
                       modality=modality, source_files=tuple(sorted(files)), notes=notes)
+
+
+def _check_pixel_data_sizes(slices, rows: int, cols: int) -> None:
+    """Refuse a slice whose uncompressed PixelData is shorter than Rows x Columns claims.
+
+    Runs before the volume is allocated, so a header claiming 30000 x 30000 is a message naming
+    the file, not a MemoryError. Compressed transfer syntaxes are checked when decoded.
+    """
+    for file, ds in slices:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        pixels = ds.get("PixelData", None)
+        if syntax is None or syntax.is_compressed or pixels is None:
+            continue
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        needed = rows * cols * samples * bits // 8
+        if len(pixels) < needed:
+            raise ConversionError(
+                f"{file}: Rows x Columns = {rows} x {cols} ({bits}-bit) needs {_bytes(needed)} of "
+                f"pixel data but the file holds {_bytes(len(pixels))}: the slice is truncated or "
+                "its header is wrong. Re-export the series.", path=file)
 
 
 def _blank(value) -> bool:

@@ -156,6 +156,26 @@ def test_ct_series_without_rescale_tags_is_converted_with_a_recorded_warning(tmp
     assert step["op"] == "dicom_rescale" and step["assumed"] and step["warning"] == warning
 
 
+def test_dicom_rows_columns_beyond_the_pixel_data_are_refused_before_allocating(tmp_path, ct):
+    """Was a MemoryError ('ran out of memory ... give the tasks more memory') for 26.8 GiB."""
+    image, affine = ct
+    files = write_dicom_series(image, affine, tmp_path / "series")
+    for file in files:
+        ds = pydicom.dcmread(file)
+        ds.Rows = ds.Columns = 30000
+        ds.save_as(file)
+    tracemalloc.start()
+    try:
+        with pytest.raises(dz.ConversionError, match=r"Rows x Columns = 30000 x 30000 \(16-bit\) "
+                                                     r"needs 1.8 GB of pixel data") as info:
+            dz.read_dicom_series(tmp_path / "series")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value).startswith(str(files[0])) and "Re-export" in str(info.value)
+    assert peak < 50e6
+
+
 # ----------------------------------------------------------------------------------------------
 # One unreadable file fails alone
 # ----------------------------------------------------------------------------------------------
