@@ -9,7 +9,6 @@ key-name mismatch shows up as an error at export time instead of a silent partia
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import posixpath
@@ -21,19 +20,12 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
+# Rebuilding networks from a card and adapting their input channels live in rayssl.pretrained
+# (which load_pretrained shares); re-exported here for the export's callers.
+from rayssl.pretrained import _CHANNEL_KWARGS, _Export, adapt_in_channels, build_pretrained, import_network  # noqa: F401
+
 FORMATS = ("monai", "bundle", "safetensors")
 ExportFormat = Literal["monai", "bundle", "safetensors"]
-# Networks a card may name: building one imports its module, so only these packages are trusted.
-_TRUSTED_PACKAGES = ("monai.", "rayssl.")
-# Names a network's constructor gives its input-channel count.
-_CHANNEL_KWARGS = ("in_channels", "n_input_channels")
-
-
-def import_network(path: str) -> type[nn.Module]:
-    if not path.startswith(_TRUSTED_PACKAGES):
-        raise ValueError(f"network {path!r}: only networks from monai and rayssl are rebuilt from a model card")
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 def build(network: str, network_kwargs: dict[str, Any], seed: int = 0) -> nn.Module:
@@ -65,35 +57,6 @@ def complete_state(network: str, network_kwargs: dict[str, Any], pretrained: dic
         under = [k for k in reference if k.startswith(prefix)]
         exact += [prefix] if all(k not in pretrained for k in under) else [k for k in under if k not in pretrained]
     return state, exact
-
-
-def adapt_in_channels(network: str, network_kwargs: dict[str, Any], state: dict[str, torch.Tensor],
-                      in_channels: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
-    """Weights for `in_channels` input channels from 1-channel weights: each stem weight's input axis
-    is repeated N times and scaled by 1/N, so an input whose N channels are equal gives the same
-    activations as the 1-channel network. Returns (network_kwargs, state, adapted keys)."""
-    channel_key = next((k for k in _CHANNEL_KWARGS if k in network_kwargs), None)
-    if channel_key is None:
-        raise ValueError(f"{network} takes no input-channel argument ({' / '.join(_CHANNEL_KWARGS)}); "
-                         f"--in-channels cannot adapt it")
-    current = int(network_kwargs[channel_key])
-    if in_channels == current:
-        return dict(network_kwargs), dict(state), []
-    if current != 1:
-        raise ValueError(f"--in-channels adapts 1-channel weights; this export already has {current} channels")
-    kwargs = {**network_kwargs, channel_key: int(in_channels)}
-    target = build(network, kwargs).state_dict()
-    adapted, out = [], dict(state)
-    for key, value in state.items():
-        want = tuple(target[key].shape)
-        if tuple(value.shape) == want:
-            continue
-        axes = [i for i, (a, b) in enumerate(zip(value.shape, want)) if a != b]
-        if len(value.shape) != len(want) or len(axes) != 1 or value.shape[axes[0]] != 1 or want[axes[0]] != in_channels:
-            raise ValueError(f"{key}: shape {tuple(value.shape)} cannot become {want} by repeating one input axis")
-        out[key] = (value.repeat_interleave(in_channels, dim=axes[0]) / in_channels).contiguous()
-        adapted.append(key)
-    return kwargs, out, adapted
 
 
 def load_strict(network: str, network_kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
@@ -338,8 +301,6 @@ def _with_out_channels(card: dict[str, Any], state: dict[str, torch.Tensor], ini
                        out_channels: int) -> tuple[dict[str, torch.Tensor], list[str]]:
     """`--out-channels N`: the card's network with a task head of N outputs (load_pretrained's rule);
     updates `card` in place and returns (state, initialised prefixes) of the new network."""
-    from rayssl.pretrained import _Export, build_pretrained
-
     pretrained = {k: v for k, v in state.items() if not k.startswith(tuple(initialized))}
     groups = {k: v for k, v in card["key_groups"].items() if k != "initialized"}
     net, report = build_pretrained(_Export(source="", network=card["network"], network_kwargs=card["network_kwargs"],

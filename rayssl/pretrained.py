@@ -21,6 +21,7 @@ encoder) a Linear head on its representation (`EncoderWithHead`, the export's ke
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,9 +30,48 @@ from typing import Any
 import torch
 from torch import nn
 
-from rayssl.export import adapt_in_channels, import_network
-
 _CARD = "model_card.json"
+# Networks a card may name: building one imports its module, so only these packages are trusted.
+_TRUSTED_PACKAGES = ("monai.", "rayssl.")
+# Names a network's constructor gives its input-channel count.
+_CHANNEL_KWARGS = ("in_channels", "n_input_channels")
+
+
+def import_network(path: str) -> type[nn.Module]:
+    if not path.startswith(_TRUSTED_PACKAGES):
+        raise ValueError(f"network {path!r}: only networks from monai and rayssl are rebuilt from a model card")
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def adapt_in_channels(network: str, network_kwargs: dict[str, Any], state: dict[str, torch.Tensor],
+                      in_channels: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+    """Weights for `in_channels` input channels from 1-channel weights: each stem weight's input axis
+    is repeated N times and scaled by 1/N, so an input whose N channels are equal gives the same
+    activations as the 1-channel network. Returns (network_kwargs, state, adapted keys)."""
+    channel_key = next((k for k in _CHANNEL_KWARGS if k in network_kwargs), None)
+    if channel_key is None:
+        raise ValueError(f"{network} takes no input-channel argument ({' / '.join(_CHANNEL_KWARGS)}); "
+                         f"in_channels (--in-channels) cannot adapt it")
+    current = int(network_kwargs[channel_key])
+    if in_channels == current:
+        return dict(network_kwargs), dict(state), []
+    if current != 1:
+        raise ValueError(f"in_channels (--in-channels) adapts 1-channel weights; this export already has {current} channels")
+    kwargs = {**network_kwargs, channel_key: int(in_channels)}
+    with torch.random.fork_rng(devices=[]):  # only the shapes matter; leave the caller's RNG alone
+        target = import_network(network)(**kwargs).state_dict()
+    adapted, out = [], dict(state)
+    for key, value in state.items():
+        want = tuple(target[key].shape)
+        if tuple(value.shape) == want:
+            continue
+        axes = [i for i, (a, b) in enumerate(zip(value.shape, want)) if a != b]
+        if len(value.shape) != len(want) or len(axes) != 1 or value.shape[axes[0]] != 1 or want[axes[0]] != in_channels:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} cannot become {want} by repeating one input axis")
+        out[key] = (value.repeat_interleave(in_channels, dim=axes[0]) / in_channels).contiguous()
+        adapted.append(key)
+    return kwargs, out, adapted
 
 
 class EncoderWithHead(nn.Module):
