@@ -99,9 +99,14 @@ def test_resume_refuses_a_folder_rayssl_did_not_make(tiny_store, tmp_path, capsy
 def test_resume_of_a_finished_run_writes_nothing(tiny_store, tmp_path, capsys):
     from rayssl.cli import main
 
-    run_dir = _finished_run(tiny_store, tmp_path / "runs")
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    run_dir = _finished_run(str(store), tmp_path / "runs")
     before = _snapshot(run_dir)
-    for extra in ([], ["--profile", "cpu"], ["--method", "mlsscl"]):
+    for extra in ([], ["--profile", "cpu"], ["--method", "mlsscl"], "store gone"):
+        if extra == "store gone":  # deciding that nothing is left to do needs no store
+            shutil.rmtree(store)
+            extra = []
         code = main(["pretrain", "--resume", str(run_dir), "--address", NOBODY_LISTENS, *extra])
         out, err = capsys.readouterr()
         assert code == 0, err

@@ -174,6 +174,18 @@ def explain_placement_failure(err: BaseException, tc: Any, use_gpu: bool) -> Pla
     return explained
 
 
+def _finished(run_dir: str, cfg: RunConfig) -> bool:
+    """True (and says so) when the run's newest complete checkpoint is at or past where `cfg` stops.
+    A finished run stays as it is: no file of it is rewritten and Ray is not started."""
+    start_step = latest_checkpoint_step(run_dir) or 0
+    stop = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
+    if start_step < stop:
+        return False
+    print(f"[rayssl] {run_dir} is already at step {start_step} >= {stop}: nothing to do, nothing written "
+          f"(raise train.steps with --set train.steps=N to continue training)")
+    return True
+
+
 def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = None,
              ray_init: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
              mlflow_uri: str | None = None) -> RunResult:
@@ -203,9 +215,11 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
                 f"or choose another --name")
     cfg = cfg.model_copy(update={"name": name})
 
+    if resume and cfg.train.epochs is None and _finished(run_dir, cfg):
+        return existing_result(run_dir)  # decided without the stores: they may have moved since
+
     # Everything that can be checked without Ray is checked before it starts (seconds, not the
-    # 30-45 s of a Ray start) and before a run folder is made: tracking, stores, manifests, splits.
-    check_tracking(run_dir, mlflow_uri, resumed=bool(resume))
+    # 30-45 s of a Ray start) and before a run folder is made: stores, manifests, splits, tracking.
     method = get_method_class(cfg.method)(cfg.method_cfg())
     stores, weights = resolve_stores(cfg)
     apply_storage_options(stores, cfg.data.storage_options)
@@ -217,13 +231,11 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     per_store = stores_summary(loaded, stores, weights, repeats, cfg.data.samples_per_volume)
     samples_per_epoch = len(loaded) * cfg.data.samples_per_volume if repeats is None else int(repeats.sum())
     cfg = resolve_epochs(cfg, samples_per_epoch)
+    if resume and _finished(run_dir, cfg):
+        return existing_result(run_dir)
     start_step = (latest_checkpoint_step(run_dir) or 0) if resume else 0
     stop = min(cfg.train.stop_after or cfg.train.steps, cfg.train.steps)
-    if start_step >= stop:
-        # A finished run stays as it is: no file of it is rewritten, Ray is not started.
-        print(f"[rayssl] {run_dir} is already at step {start_step} >= {stop}: nothing to do, nothing written "
-              f"(raise train.steps with --set train.steps=N to continue training)")
-        return existing_result(run_dir)
+    check_tracking(run_dir, mlflow_uri, resumed=bool(resume))
     print(describe_batch(cfg.train))
     if not resume:
         claim_run_folder(run_dir, cfg)  # atomic: a second run with this name fails here, before Ray
