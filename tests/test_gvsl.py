@@ -7,7 +7,10 @@ from pydantic import ValidationError
 
 from helpers import load_export
 from rayssl.data.genesis import (
+    CORRUPTIONS,
+    genesis_chain,
     genesis_corrupt,
+    genesis_one_of,
     in_painting,
     local_pixel_shuffling,
     nonlinear_intensity,
@@ -98,6 +101,92 @@ class TestGenesis:
         x = _volume(5)
         out = genesis_corrupt(x, np.random.default_rng(0), shuffle_prob=0, nonlinear_prob=0, paint_prob=0)
         np.testing.assert_array_equal(out, x)
+
+
+class TestCorruptionSampling:
+    """`gvsl.corruption`: one_of (the paper, Sec. 3.1.1) vs chain (the official code)."""
+
+    SINGLE = {"in_painting": lambda x, r: in_painting(x, r),
+              "local_shuffling": lambda x, r: local_pixel_shuffling(x, r, num_blocks=50, block_size=(2, 2, 2)),
+              "nonlinear": lambda x, r: nonlinear_intensity(x, r)}
+
+    def test_one_of_applies_exactly_one_corruption_with_equal_frequency(self):
+        x = _volume(6, (12, 12, 12))
+        rng = np.random.default_rng(11)
+        counts = dict.fromkeys(CORRUPTIONS, 0)
+        n = 300
+        for _ in range(n):
+            replay = np.random.default_rng()
+            replay.bit_generator.state = rng.bit_generator.state
+            out, kind = genesis_one_of(x, rng, shuffle_blocks=50, shuffle_block_size=(2, 2, 2))
+            counts[kind] += 1
+            # Exactly that one corruption and nothing else: replaying the draw that picked it, then
+            # that corruption alone, reproduces the output and leaves the generators in step.
+            assert CORRUPTIONS[int(replay.integers(len(CORRUPTIONS)))] == kind
+            np.testing.assert_array_equal(out, self.SINGLE[kind](x, replay))
+            assert replay.bit_generator.state == rng.bit_generator.state
+        # 1/3 each: binomial sd at n = 300 is 8.2 counts; 5 sd either side.
+        assert all(abs(c - n / 3) < 41 for c in counts.values()), counts
+        # Each kind leaves its own signature (in-painting may draw no box, p 0.05, so at least most).
+        outs = {}
+        for seed in range(60):
+            out, kind = genesis_one_of(x, np.random.default_rng(seed), shuffle_blocks=50, shuffle_block_size=(2, 2, 2))
+            outs.setdefault(kind, []).append(out)
+        shuffled = outs["local_shuffling"][0]
+        assert np.isin(shuffled, x).all()  # values only moved (overlapping blocks may repeat some)
+        assert not np.array_equal(shuffled, x)
+        curved = outs["nonlinear"][0]
+        order = np.argsort(x.ravel())
+        assert np.all(np.diff(curved.ravel()[order]) >= -1e-6)  # a monotone map of the values, nothing moved
+        assert sum(not np.array_equal(o, x) for o in outs["in_painting"]) >= 0.8 * len(outs["in_painting"])
+
+    def test_chain_applies_all_three_and_matches_the_sequence(self):
+        x = _volume(7, (12, 12, 12))
+        rng = np.random.default_rng(3)
+        replay = np.random.default_rng(3)
+        out, applied = genesis_chain(x, rng, shuffle_prob=1.0, nonlinear_prob=1.0, paint_prob=1.0,
+                                     shuffle_blocks=50, shuffle_block_size=(2, 2, 2))
+        assert applied == ["local_shuffling", "nonlinear", "in_painting"]
+        replay.random()
+        y = local_pixel_shuffling(x, replay, num_blocks=50, block_size=(2, 2, 2))
+        replay.random()
+        y = nonlinear_intensity(y, replay)
+        replay.random(), replay.random()
+        np.testing.assert_array_equal(out, in_painting(y, replay))
+        # The official probabilities: shuffle 0.8, non-linear 0.9, in-painting always.
+        rng = np.random.default_rng(5)
+        runs = [genesis_chain(x, rng, shuffle_blocks=20, shuffle_block_size=(2, 2, 2))[1] for _ in range(400)]
+        assert all(r[-1] == "in_painting" for r in runs)
+        assert abs(np.mean(["local_shuffling" in r for r in runs]) - 0.8) < 0.1
+        assert abs(np.mean(["nonlinear" in r for r in runs]) - 0.9) < 0.075
+        assert np.mean([len(r) == 3 for r in runs]) > 0.6
+        # genesis_corrupt is the chain's image, draw for draw.
+        np.testing.assert_array_equal(genesis_corrupt(x, np.random.default_rng(9)), genesis_chain(x, np.random.default_rng(9))[0])
+
+    @pytest.mark.parametrize("profile, mode", [("paper", "one_of"), ("official", "chain"), ("cpu", "chain")])
+    def test_profiles_and_views_use_the_configured_corruption(self, profile, mode):
+        cfg = GVSL.profile_config(profile)
+        assert cfg.corruption == mode
+        # views: with no spatial augmentation the corrupted input is the corruption of image_a.
+        method = GVSL(GVSLConfig(**{**TINY, "corruption": mode, "spatial_aug_prob": 0.0, "shuffle_blocks": 50}))
+        infos = _infos(2)
+        rng = np.random.default_rng(4)
+        requests = method.plan(infos, 0, rng)
+        crops = [np.where(_volume(r.volume, r.size) > 0.3, 300.0, -500.0).astype(np.float32) for r in requests]
+        replay = np.random.default_rng()
+        replay.bit_generator.state = rng.bit_generator.state
+        views = method.views(crops, requests, rng)
+        a = views["image_a"][0]
+        block = tuple(max(2, int(n * method.config.shuffle_block_fraction)) for n in TINY["input_size"])
+        if mode == "one_of":
+            expected, _ = genesis_one_of(a, replay, shuffle_blocks=50, shuffle_block_size=block)
+        else:
+            expected = genesis_corrupt(a, replay, shuffle_blocks=50, shuffle_block_size=block)
+        np.testing.assert_allclose(views["image_a_corrupted"][0], np.clip(expected, 0, 1), atol=1e-6)
+
+    def test_bad_corruption_names_the_field(self):
+        with pytest.raises(ValidationError, match="corruption"):
+            GVSLConfig(corruption="both")
 
 
 class TestConfig:

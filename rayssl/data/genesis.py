@@ -1,9 +1,10 @@
 """Models Genesis appearance corruptions of a 3D volume in [0, 1] (numpy, deterministic given an rng).
 
 Zhou et al., "Models Genesis", MedIA 2021, Sec. 2: local pixel shuffling, non-linear intensity
-transformation (a monotone Bezier curve), in-painting and out-painting with uniform noise. The
-functions take any 3D float array with values in [0, 1] and a `np.random.Generator`; they return
-a new float32 array of the same shape (the input is never modified) whose values stay in [0, 1].
+transformation (a monotone Bezier curve), in-painting and out-painting with uniform noise, applied
+as a chain (`genesis_chain`, what GVSL's official code does) or one per image (`genesis_one_of`,
+what GVSL's paper describes). The functions take any 3D float array with values in [0, 1] and a
+`np.random.Generator`; they return a new float32 array of the same shape (the input is never modified) whose values stay in [0, 1].
 """
 
 from __future__ import annotations
@@ -138,21 +139,67 @@ def out_painting(x: np.ndarray, rng: np.random.Generator, max_extra_blocks: int 
     return out
 
 
-def genesis_corrupt(x: np.ndarray, rng: np.random.Generator, shuffle_prob: float = 0.8, nonlinear_prob: float = 0.9,
-                    paint_prob: float = 1.0, inpaint_prob: float = 1.0, shuffle_blocks: int = 5000,
-                    shuffle_block_size: Sequence[int] | None = None, invert_prob: float = 0.0) -> np.ndarray:
+# The transformation set GVSL samples from (He et al., CVPR 2023, Sec. 3.1.1 and Appendix C).
+CORRUPTIONS: tuple[str, ...] = ("in_painting", "local_shuffling", "nonlinear")
+
+
+def genesis_chain(x: np.ndarray, rng: np.random.Generator, shuffle_prob: float = 0.8, nonlinear_prob: float = 0.9,
+                  paint_prob: float = 1.0, inpaint_prob: float = 1.0, shuffle_blocks: int = 5000,
+                  shuffle_block_size: Sequence[int] | None = None,
+                  invert_prob: float = 0.0) -> tuple[np.ndarray, list[str]]:
     """Models Genesis corruption chain: shuffle -> non-linear -> (in- or out-)painting.
 
     Each step happens with its probability; painting happens with `paint_prob`, and is in-painting
     with probability `inpaint_prob`, out-painting otherwise. The defaults are the ones GVSL's
-    official code actually applies (local 0.8, non-linear 0.9, in-painting always, no out-painting;
-    its `paint_rate=0.9, inpaint_rate=0.2` arguments are stored but never read).
+    official code actually applies (`AppearanceTransform.rand_aug`: local 0.8, non-linear 0.9,
+    in-painting always, no out-painting; its `paint_rate=0.9, inpaint_rate=0.2` arguments are
+    stored but never read).
+
+    Returns:
+        The corrupted volume and the names of the steps applied, in order ("local_shuffling",
+        "nonlinear", "in_painting" or "out_painting").
     """
     out = _as_volume(x)
+    applied: list[str] = []
     if rng.random() < shuffle_prob:
         out = local_pixel_shuffling(out, rng, num_blocks=shuffle_blocks, block_size=shuffle_block_size)
+        applied.append("local_shuffling")
     if rng.random() < nonlinear_prob:
         out = nonlinear_intensity(out, rng, invert_prob=invert_prob)
+        applied.append("nonlinear")
     if rng.random() < paint_prob:
-        out = in_painting(out, rng) if rng.random() < inpaint_prob else out_painting(out, rng)
-    return out
+        if rng.random() < inpaint_prob:
+            out, name = in_painting(out, rng), "in_painting"
+        else:
+            out, name = out_painting(out, rng), "out_painting"
+        applied.append(name)
+    return out, applied
+
+
+def genesis_corrupt(x: np.ndarray, rng: np.random.Generator, shuffle_prob: float = 0.8, nonlinear_prob: float = 0.9,
+                    paint_prob: float = 1.0, inpaint_prob: float = 1.0, shuffle_blocks: int = 5000,
+                    shuffle_block_size: Sequence[int] | None = None, invert_prob: float = 0.0) -> np.ndarray:
+    """The corrupted volume of `genesis_chain` (same arguments, same random draws)."""
+    return genesis_chain(x, rng, shuffle_prob=shuffle_prob, nonlinear_prob=nonlinear_prob, paint_prob=paint_prob,
+                         inpaint_prob=inpaint_prob, shuffle_blocks=shuffle_blocks,
+                         shuffle_block_size=shuffle_block_size, invert_prob=invert_prob)[0]
+
+
+def genesis_one_of(x: np.ndarray, rng: np.random.Generator, shuffle_blocks: int = 5000,
+                   shuffle_block_size: Sequence[int] | None = None,
+                   invert_prob: float = 0.0) -> tuple[np.ndarray, str]:
+    """Exactly one of in-painting, local shuffling and non-linear intensity, drawn uniformly.
+
+    GVSL's paper samples "one transformation operation" per image from this set (Sec. 3.1.1,
+    Appendix C); uniform sampling is our reading (the paper names no weights). The chosen
+    corruption is always applied (in-painting itself may draw no box, with probability 0.05).
+
+    Returns:
+        The corrupted volume and the name of the corruption (an entry of `CORRUPTIONS`).
+    """
+    kind = CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))]
+    if kind == "in_painting":
+        return in_painting(x, rng), kind
+    if kind == "local_shuffling":
+        return local_pixel_shuffling(x, rng, num_blocks=shuffle_blocks, block_size=shuffle_block_size), kind
+    return nonlinear_intensity(x, rng, invert_prob=invert_prob), kind
