@@ -177,6 +177,31 @@ def test_recipe_command_prints_the_resolved_recipe(capsys):
     assert "no public code" in capsys.readouterr().err
 
 
+def test_issue_27_readings_are_profile_fields_that_rayssl_recipe_prints():
+    """The paper-vs-rayssl readings of issue 27 are config fields: the `paper` profile follows the
+    paper, the other behaviour is one --set away, and `rayssl recipe` prints whichever is in force."""
+    def rows(method, profile, *overrides):
+        return recipe_rows(resolve_config(method=method, profile=profile, overrides=list(overrides)))
+
+    # GVSL: one corruption per image in the paper profile; the official chain elsewhere.
+    assert rows("gvsl", "paper")["corruption of x_A"].startswith("one_of")
+    assert rows("gvsl", "official")["corruption of x_A"].startswith("chain")
+    assert rows("gvsl", "cpu")["corruption of x_A"] == rows("gvsl", "official")["corruption of x_A"]
+    assert rows("gvsl", "paper", "gvsl.corruption=chain")["corruption of x_A"].startswith("chain")
+    # VoCo: Eq. 5's reduction, Table 9's spacing and augmentation.
+    paper = rows("voco", "paper")
+    assert paper["L_reg (Eq. 5) reduction"] == "mean over pairs i<j"
+    assert paper["voxel spacing"].startswith("1.5 mm") and "intensity shift" not in paper["augmentation"]
+    literal = rows("voco", "paper", "voco.reg_reduction=literal_sum", "voco.spacing_mm=null")
+    assert literal["L_reg (Eq. 5) reduction"].startswith("2/(n(n-1))") and literal["voxel spacing"] == "the store's own"
+    assert "intensity shift" in rows("voco", "cpu")["augmentation"]
+    with pytest.raises(ValueError, match="reg_reduction"):
+        resolve_config(method="voco", profile="official", overrides=["voco.reg_reduction=literal_sum"])
+    # MLSSCL: the short clip's placement is a labelled reading.
+    assert rows("mlsscl", "paper")["short clip"] == "inside the long (axial) clip"
+    assert rows("mlsscl", "paper", "mlsscl.short_clip_placement=anywhere")["short clip"] == "anywhere in the volume"
+
+
 def test_official_profile_of_mlsscl_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="no public code"):
         resolve_config(method="mlsscl", profile="official")

@@ -88,6 +88,26 @@ class TestConfig:
         with pytest.raises(pydantic.ValidationError, match="extra"):
             tiny_config(lambda_typo=1.0)
 
+    def test_paper_profile_follows_table_9(self):
+        """Paper profile: 1.5 mm stores, no intensity shift (Table 9: rotate and flip), Eq. 5 as the
+        pair mean; the official and cpu profiles keep the store's spacing and the official shift."""
+        paper, official, cpu = (VoCo.profile_config(p) for p in ("paper", "official", "cpu"))
+        assert paper.spacing_mm == 1.5 and official.spacing_mm is None and cpu.spacing_mm is None
+        assert paper.shift_intensity_prob == 0.0 and official.shift_intensity_prob == cpu.shift_intensity_prob == 0.1
+        assert paper.reg_reduction == cpu.reg_reduction == "pair_mean"
+
+    def test_spacing_mm_refuses_other_spacings_naming_the_volume(self):
+        from dataclasses import replace
+
+        method = VoCo(tiny_config(spacing_mm=1.5))
+        coarse = volume()  # 1 mm
+        with pytest.raises(ValueError, match=r"volume 'vol0' has spacing \(1.0, 1.0, 1.0\) mm.*--spacing 1.5"):
+            method.check_volumes([coarse])
+        method.check_volumes([replace(coarse, spacing=(1.5, 1.5, 1.5)), replace(coarse, spacing=(1.51, 1.5, 1.49))])
+        VoCo(tiny_config()).check_volumes([coarse])  # None: any spacing
+        with pytest.raises(pydantic.ValidationError, match="spacing_mm"):
+            tiny_config(spacing_mm=0.0)
+
     def test_n_xy_sets_square_grid(self):
         cfg = tiny_config(n_xy=3, region_size=(96, 96, 32))
         assert cfg.grid == (3, 3, 1) and cfg.num_bases == 9
@@ -264,6 +284,35 @@ class TestLosses:
         assert out["reg"].item() == pytest.approx(math.sqrt(2) / 3, abs=1e-6)
         # l = (1, 0, -1/sqrt2); |y - l| = (0, 0, 1/sqrt2)
         assert out["pred"].item() == pytest.approx(-math.log(1 - 1 / math.sqrt(2)) / 3, abs=1e-6)
+
+    def test_literal_sum_reading_of_eq5_is_twice_the_pair_mean(self):
+        # Eq. 5 as printed: 2/(n(n-1)) sum over ordered pairs i != j. Same three bases: the ordered
+        # sum is 2 (0 + 1/sqrt2 + 1/sqrt2), times 2/(3*2) = 2 sqrt2/3 = twice the pair mean.
+        q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]]])
+        p = torch.tensor([[[1.0, 0.0]]])
+        y = torch.tensor([[[1.0, 0.0, 0.0]]])
+        mean = voco_paper_loss(p, q, y, lambda_reg=1.0, reg_reduction="pair_mean")
+        literal = voco_paper_loss(p, q, y, lambda_reg=1.0, reg_reduction="literal_sum")
+        assert literal["reg"].item() == pytest.approx(2 * math.sqrt(2) / 3, abs=1e-6)
+        assert literal["pred"].item() == pytest.approx(mean["pred"].item())
+        # literal_sum with lambda = pair_mean with 2 lambda, also over a random batch.
+        torch.manual_seed(0)
+        p, q = torch.randn(3, 2, 8), torch.randn(3, 5, 8)
+        y = torch.softmax(torch.randn(3, 2, 5), dim=-1)
+        a = voco_paper_loss(p, q, y, lambda_reg=0.7, reg_reduction="literal_sum")
+        b = voco_paper_loss(p, q, y, lambda_reg=1.4, reg_reduction="pair_mean")
+        assert a["loss"].item() == pytest.approx(b["loss"].item(), rel=1e-6)
+        with pytest.raises(ValueError, match="reg_reduction"):
+            voco_paper_loss(p, q, y, reg_reduction="sum")
+
+    def test_reg_reduction_reaches_the_method_loss_and_needs_the_paper_form(self):
+        with pytest.raises(pydantic.ValidationError, match="reg_reduction"):
+            tiny_config(loss_form="official", reg_reduction="literal_sum")
+        outputs = {"random": torch.randn(2, 2, 8), "bases": torch.randn(2, 4, 8)}
+        batch = {"labels": torch.softmax(torch.randn(2, 2, 4), dim=-1)}
+        mean = VoCo(tiny_config(loss_form="paper")).loss(outputs, batch)
+        literal = VoCo(tiny_config(loss_form="paper", reg_reduction="literal_sum")).loss(outputs, batch)
+        assert literal["reg"].item() == pytest.approx(2 * mean["reg"].item(), rel=1e-6)
 
     def test_paper_loss_is_finite_when_cosine_is_negative(self):
         p = torch.tensor([[[1.0, 0.0]]], requires_grad=True)

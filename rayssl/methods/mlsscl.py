@@ -4,8 +4,9 @@ Cao, Wang, Zhang, Zhang, Kang, Xu, "Multiview Long-Short Spatial Contrastive Lea
 Image Analysis", ICASSP 2022. No official code is public; this module is the reference
 implementation of rayssl and states every reading of the paper it had to make.
 
-What the method does (from the paper's abstract and our issue-tracker spec; equation numbers as
-cited in issue 13: Eq. 1 the pair loss, Eq. 4 the multiview sum):
+What the method does (paper Sec. 2, checked against its text in ../shared/papers/mlsscl.md: Eq. 1
+the pair loss L_N, Eq. 4 the multiview sum, Eq. 5 the long-short loss, Eq. 6 the weighted total;
+the recipe is Sec. 3.1, "Implementation Details"):
 
 * Views. From each volume, three *long* spatial clips, one per anatomical view: C slices taken with
   spatial stride δL along the view's axis at a random position (axial = planes of constant z,
@@ -15,7 +16,9 @@ cited in issue 13: Eq. 1 the pair loss, Eq. 4 the multiview sum):
   intensity shift, Gaussian blur).
 * Model. An online encoder (backbone + projector + predictor, trained by backprop) and a target
   encoder of the same architecture without predictor, updated by momentum (BYOL's cosine schedule
-  from 0.99 to 1). One memory queue of past target embeddings per target view gives negatives.
+  from 0.99 to 1: the paper states the "starting momentum" 0.99 and follows BYOL, Sec. 2.4 and
+  3.1; the rise to 1 is our reading, not stated). One memory queue of past target embeddings per
+  target view gives negatives.
 * Loss. L = α·L_multiview + β·L_long_short with InfoNCE pair losses L_N.
 
 Readings of the paper (where it is not explicit) -- also listed in docs/methods/mlsscl.md:
@@ -38,7 +41,8 @@ Readings of the paper (where it is not explicit) -- also listed in docs/methods/
    The long-short loss is one direction, short clip predicting the long clip (as in long-short
    temporal contrastive learning of video): L_long_short = ℓ(S → L), negatives = the axial (long)
    queue. So there are three queues (axial, coronal, sagittal) and the target never embeds S.
-5. Short clip position. By default the short clip lies inside the long (axial) clip: same in-plane
+5. Short clip position (the paper only says "randomly sample C axial slices with spatial stride
+   δS", Sec. 2.4). By default the short clip lies inside the long (axial) clip: same in-plane
    window, z-range inside the long clip's z-range (a local part matched to its global context;
    it is cut from the long clip's crop, so no extra read). `short_clip_placement: anywhere` samples
    it independently in the volume (one more read).
@@ -236,11 +240,12 @@ class MLSSCL(Method):
                       "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
                       "steps": 40, "grad_clip": 1.0, "amp": True},
         },
-        # Published values as recorded in issue 13 (only the paper's abstract was readable from the
-        # build machine): C, δL, δS, K, momentum from 0.99, α, β, ResNet-18, 128-d heads, SGD lr
-        # 0.03 with cosine decay, batch 64, 100 epochs. Not in the paper, and no code to read, so
-        # rayssl's choices: τ = 0.2 (MoCo v2's value), SGD momentum 0.9 and weight decay 1e-4 (MoCo's),
-        # no warm-up, fp32, no clipping, the whole foreground plane resized to 128 x 128.
+        # Paper Sec. 3.1 ("Implementation Details"): C, δL, δS, α, β, B = 64, queue 320, starting
+        # momentum 0.99, ResNet-18 with a 3x3x3 first conv, (1024, 128) heads, SGD lr 0.03 with cosine
+        # decay, 100 epochs. Not in the paper, and no code to read, so rayssl's choices: τ = 0.2
+        # (MoCo v2's value), SGD momentum 0.9 and weight decay 1e-4 (MoCo's), no warm-up, fp32, no
+        # clipping, no stem max-pool, momentum rising to 1 (BYOL's), the short clip inside the long
+        # clip, the whole foreground plane resized to 128 x 128.
         "paper": {
             "clip_length": 16, "long_stride": 4, "short_stride": 2, "plane_size": None, "image_size": 128,
             "backbone": "resnet18", "resnet_widen_factor": 1.0, "proj_dim": 128, "queue_length": 320,
@@ -548,6 +553,8 @@ class MLSSCL(Method):
         return {
             "network": network,
             "clips": f"C = {c.clip_length}, δL = {c.long_stride}, δS = {c.short_stride}",
+            "short clip": ("inside the long (axial) clip" if c.short_clip_placement == "inside_long"
+                           else "anywhere in the volume"),
             "clip in-plane size": f"{plane} resized to {c.image_size}^2",
             "loss form": f"{c.multiview_direction} pair loss, α = {c.alpha:g}, β = {c.beta:g}",
             "temperature": f"{c.temperature:g}",

@@ -20,11 +20,13 @@ in the model and is updated in `after_step`.
 
 Loss, two forms (`loss_form`):
 
-* ``paper`` (CVPR paper, Sec. 3): l_i = cos(p, sg(q_i)) for a random crop's projection p and the
-  base crops' projections q_i; L_pred = -(1/n) sum_i log(1 - |y_i - l_i|);
-  L_reg = mean over unordered pairs i<j of |cos(q_i, q_j)|; L = L_pred + lambda * L_reg. The
-  paper's Eq. 5 writes L_reg = 2/(n(n-1)) sum over i != j: read over ordered pairs that is twice
-  our mean, so lambda here weights the i<j mean (lambda_reg = 2 is the literal ordered reading).
+* ``paper`` (CVPR paper, Sec. 3.2-3.3): l_i = cos(p, sg(q_i)) for a random crop's projection p
+  and the base crops' projections q_i (Eq. 1); L_pred = -(1/n) sum_i log(1 - |y_i - l_i|)
+  (Eq. 2-3); L_reg (Eq. 5) and L = L_pred + lambda * L_reg (Eq. 7). Eq. 5 writes
+  L_reg = 2/(n(n-1)) sum over i != j of |cos(q_i, q_j)|, which is ambiguous: its factor counts
+  unordered pairs, its sum runs over ordered ones. `reg_reduction="pair_mean"` (default, and the
+  official code's normalisation) reads it as the mean over unordered pairs i<j;
+  ``"literal_sum"`` takes the formula as printed, twice that mean (= pair_mean with lambda x 2).
 * ``official`` (what `models/voco_head.py` trains): an EMA teacher sees the same crops;
   logits = (ReLU(cos(p_student, q_teacher)) + ReLU(cos(p_teacher, q_student))) / 2;
   pos = sum_i -y_i log(1 - |y_i - l_i| + 1e-6) / sum_i y_i (only bases the crop overlaps count);
@@ -51,7 +53,9 @@ Other departures from the official code, all deliberate:
 
 * Regions are crops of the stored volume at its own spacing (``region_mode="crop"``); the
   official pipeline resizes the whole foreground box to 384x384x96, which
-  ``region_mode="foreground_resize"`` reproduces (the "paper" profile uses it).
+  ``region_mode="foreground_resize"`` reproduces (the "paper" profile uses it). The paper's Table 9
+  pre-processing spacing (1.5 mm) is a requirement on the stores (`spacing_mm`, set by the "paper"
+  profile; `check_volumes` refuses other spacings); the official get_loader resamples nothing.
 * The teacher starts as a copy of the student (official: an independent random init, pulled to the
   student by EMA). The official code updates the teacher at the start of each forward with the
   current student weights; updating right after the optimizer step with the same weights gives
@@ -123,6 +127,11 @@ class VoCoConfig(MethodConfig):
     # --- loss ---
     loss_form: Literal["paper", "official"] = "official"
     lambda_reg: float = Field(1.0, ge=0.0, description="weight of the base-crop regulariser (paper's lambda)")
+    reg_reduction: Literal["pair_mean", "literal_sum"] = Field(
+        "pair_mean",
+        description="paper form's L_reg (Eq. 5): pair_mean = mean |cos| over unordered pairs i<j (the official "
+        "code's normalisation); literal_sum = 2/(n(n-1)) x the sum over ordered pairs i != j, as printed (2x)",
+    )
     teacher_momentum: float = Field(0.9, ge=0.0, le=1.0, description="EMA momentum of the official form's teacher")
     log_eps: float = Field(1e-6, gt=0.0, lt=0.1, description="clamp inside the paper form's log")
     export_weights: Literal["student", "teacher"] = "student"
@@ -143,6 +152,11 @@ class VoCoConfig(MethodConfig):
         None,
         description="where prepared regions are written: a filesystem path every data actor can read "
         "(default: <store>.fg-XxYxZ.zarr beside a local source store)",
+    )
+    spacing_mm: float | None = Field(
+        None, gt=0.0,
+        description="isotropic voxel spacing (mm) the stores must have been converted at (paper Table 9: 1.5); "
+        "check_volumes refuses other spacings; None = the store's own spacing",
     )
     n_x: int = Field(4, ge=2, le=5, description="base crops along x")
     n_y: int = Field(4, ge=2, le=5, description="base crops along y")
@@ -198,6 +212,9 @@ class VoCoConfig(MethodConfig):
             raise ValueError(f"ct_window={self.ct_window} must be (low, high) with low < high")
         if not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
             raise ValueError(f"percentiles={self.percentiles} must satisfy 0 <= low < high <= 100")
+        if self.reg_reduction != "pair_mean" and self.loss_form != "paper":
+            raise ValueError(f"reg_reduction={self.reg_reduction!r} reads the paper's Eq. 5 and needs loss_form='paper' "
+                             f"(the official form's regulariser is the official code's mean over pairs)")
         if self.export_weights == "teacher" and self.loss_form != "official":
             raise ValueError("export_weights='teacher' needs loss_form='official' (the paper form has no teacher)")
         return self
@@ -227,7 +244,7 @@ def base_boxes(region_size: Sequence[int], grid: Sequence[int]) -> list[tuple[Tr
 
 
 def position_labels(starts: np.ndarray, crop_size: Sequence[int], region_size: Sequence[int], grid: Sequence[int]) -> np.ndarray:
-    """[k, n_bases] fraction of each random crop's voxels that lie in each base crop (paper Eq. 1).
+    """[k, n_bases] fraction of each random crop's voxels that lie in each base crop (paper Sec. 3.2, Fig. 4).
 
     The overlap of two axis-aligned boxes is the product of the per-axis interval overlaps, so the
     voxel count is exact without visiting voxels. Rows sum to 1 for crops inside the region.
@@ -278,14 +295,16 @@ def _upper_pairs(sim: torch.Tensor) -> torch.Tensor:
 
 
 def voco_paper_loss(random_feats: torch.Tensor, base_feats: torch.Tensor, labels: torch.Tensor,
-                    lambda_reg: float = 1.0, log_eps: float = 1e-6) -> dict[str, torch.Tensor]:
-    """VoCo loss as written in the paper (Wu et al., CVPR 2024, Sec. 3; L_reg is Eq. 5).
+                    lambda_reg: float = 1.0, log_eps: float = 1e-6,
+                    reg_reduction: str = "pair_mean") -> dict[str, torch.Tensor]:
+    """VoCo loss as written in the paper (Wu et al., CVPR 2024, Sec. 3.2-3.3, Eq. 1-3, 5, 7).
 
-    l_i = cos(p, sg(q_i)); L_pred = -(1/n) sum_i log(1 - |y_i - l_i|), averaged over random crops
-    and samples; L_reg = 2/(n(n-1)) sum_{i<j} |cos(q_i, q_j)| (the mean over unordered pairs),
-    averaged over samples; L = L_pred + lambda * L_reg. Eq. 5 sums over i != j; read over ordered
-    pairs it is twice this L_reg, so `lambda_reg` refers to the i<j scale (2 = the literal reading). 1 - |y - l| is clamped at `log_eps` inside the log: a raw cosine
-    may be negative, which can make |y - l| >= 1 (the log would be -inf or NaN).
+    l_i = cos(p, sg(q_i)) (Eq. 1); L_pred = -(1/n) sum_i log(1 - |y_i - l_i|) (Eq. 2-3), averaged
+    over random crops and samples; L_reg (Eq. 5) averaged over samples; L = L_pred + lambda * L_reg
+    (Eq. 7). Eq. 5 is 2/(n(n-1)) sum_{i != j} |cos(q_i, q_j)|: `reg_reduction="pair_mean"` reads
+    it as the mean over unordered pairs i<j (its factor's count), `"literal_sum"` as printed, over
+    ordered pairs, which is twice the pair mean. 1 - |y - l| is clamped at `log_eps` inside the
+    log: a raw cosine may be negative, which can make |y - l| >= 1 (the log would be -inf or NaN).
 
     Args:
         random_feats: [B, k, C] projections p of the random crops.
@@ -293,6 +312,7 @@ def voco_paper_loss(random_feats: torch.Tensor, base_feats: torch.Tensor, labels
         labels: [B, k, n] overlap fractions y (rows sum to 1).
         lambda_reg: weight of L_reg (lambda >= 0).
         log_eps: lower clamp of 1 - |y - l|.
+        reg_reduction: "pair_mean" or "literal_sum" (see above).
 
     Returns:
         {"loss", "pred", "reg"} scalars.
@@ -300,7 +320,15 @@ def voco_paper_loss(random_feats: torch.Tensor, base_feats: torch.Tensor, labels
     logits = _cosine(random_feats, base_feats.detach())
     distance = (labels - logits).abs()
     pred = -torch.log((1.0 - distance).clamp_min(log_eps)).mean()
-    reg = _upper_pairs(_cosine(base_feats, base_feats)).abs().mean()
+    similarity = _cosine(base_feats, base_feats)
+    if reg_reduction == "pair_mean":
+        reg = _upper_pairs(similarity).abs().mean()
+    elif reg_reduction == "literal_sum":
+        n = similarity.shape[-1]
+        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=similarity.device)
+        reg = (similarity.abs() * off_diagonal).sum(dim=(1, 2)).mean() * (2.0 / (n * (n - 1)))
+    else:
+        raise ValueError(f"reg_reduction must be 'pair_mean' or 'literal_sum', got {reg_reduction!r}")
     return {"loss": pred + lambda_reg * reg, "pred": pred, "reg": reg}
 
 
@@ -462,13 +490,16 @@ class VoCo(Method):
         "proj_dim": 2048, "region_mode": "foreground_resize", "n_x": 4, "n_y": 4, "n_z": 1, "input_size": 64,
     }
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
-        # Paper (Sec. 4.1 as recorded in issue 13; that section's text was not readable from the build
-        # machine): 384x384x64 region, 4x4 base crops resized to 64^3, 4 random crops (sw batch 4),
-        # batch 4, lr 1e-3, 100 warm-up steps, 100k steps, λ = 1,
-        # the paper's loss (Sec. 3, L_reg Eq. 5). Where the paper is silent, the official code's value:
-        # AdamW with amsgrad and torch's default weight decay 0.01, cosine decay, AMP, no clipping.
+        # Paper (Sec. 4.2 and Appendix B, Table 9): AdamW, lr 1e-3, warm-up cosine with 100 warm-up
+        # steps, "regularization weight" (weight decay) 1e-2, batch 4, sw batch 4 (random crops),
+        # 100k steps, 1.5 mm spacing, resize to 384x384x64, crops resized to 64^3, 4x4 bases,
+        # λ = 1 (Eq. 7), augmentation "random rotate and flip" (no intensity shift); the paper's loss
+        # (Sec. 3.2-3.3), Eq. 5 read as the mean over unordered pairs (reg_reduction; its factor
+        # 2/(n(n-1)) counts those pairs, and the official code normalises so). Not stated, the
+        # official code's value: amsgrad, flip/rot90 probabilities 0.2, AMP, no clipping.
         "paper": {
-            **_SWIN_B_4X4, "loss_form": "paper", "lambda_reg": 1.0,
+            **_SWIN_B_4X4, "loss_form": "paper", "lambda_reg": 1.0, "reg_reduction": "pair_mean",
+            "spacing_mm": 1.5, "shift_intensity_prob": 0.0,
             "region_size": (384, 384, 64), "num_random_crops": 4,
             "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-2, "amsgrad": True,
                       "schedule": "cosine", "warmup_steps": 100, "final_lr_fraction": 0.0,
@@ -479,7 +510,8 @@ class VoCo(Method):
         # 2 random crops (sw_batch_size 2), crops resized to 64^3 (roi 64), projector 2048-2048,
         # EMA teacher 0.9; AdamW(lr 1e-4, amsgrad=True, default weight decay 0.01), WarmupCosine
         # with 5000 warm-up steps over num_steps 250000, batch 2, AMP on (args.amp = True), and no
-        # clipping (clip_grad_norm_ is only in the non-AMP branch, behind --grad_clip).
+        # clipping (clip_grad_norm_ is only in the non-AMP branch, behind --grad_clip). get_loader has
+        # no Spacingd (the --space_x/y/z arguments are unused); RandShiftIntensityd(0.1, p 0.1).
         "official": {
             **_SWIN_B_4X4, "loss_form": "official", "lambda_reg": 1.0, "teacher_momentum": 0.9,
             "region_size": (384, 384, 96), "num_random_crops": 2,
@@ -502,6 +534,7 @@ class VoCo(Method):
         "cpu": {
             "backbone": "unet", "unet_features": (8, 16, 32, 64, 128, 8), "feature_pooling": "multiscale",
             "proj_hidden_dim": 256, "proj_dim": 256, "loss_form": "paper", "lambda_reg": 1.0,
+            "reg_reduction": "pair_mean",
             "region_size": (96, 96, 32), "region_mode": "crop", "n_x": 4, "n_y": 4, "n_z": 1,
             "num_random_crops": 2, "input_size": 32,
             "train": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-2, "amsgrad": False,
@@ -545,6 +578,15 @@ class VoCo(Method):
         return [prepared[i] for i in range(len(volumes))]
 
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
+        wanted = self.config.spacing_mm
+        if wanted is not None:
+            for v in volumes:
+                if not np.allclose(v.spacing, (wanted,) * 3, rtol=0.02, atol=1e-3):
+                    raise ValueError(
+                        f"volume {v.id!r} has spacing {tuple(round(float(x), 3) for x in v.spacing)} mm, but "
+                        f"voco.spacing_mm={wanted:g} asks for {wanted:g} mm isotropic voxels (the paper's Table 9 "
+                        f"pre-processing). Resample the store (`rayssl convert ... --spacing {wanted:g}`) or set "
+                        f"--set voco.spacing_mm=null to train at the store's spacing")
         if self.config.intensity == "ct_window":
             for v in volumes:
                 if v.modality.upper() != "CT":
@@ -701,7 +743,8 @@ class VoCo(Method):
         out = {k: v.float() for k, v in outputs.items()}
         labels = batch["labels"].float()
         if self.config.loss_form == "paper":
-            return voco_paper_loss(out["random"], out["bases"], labels, self.config.lambda_reg, self.config.log_eps)
+            return voco_paper_loss(out["random"], out["bases"], labels, self.config.lambda_reg, self.config.log_eps,
+                                   self.config.reg_reduction)
         return voco_official_loss(out["random"], out["bases"], out["random_teacher"], out["bases_teacher"],
                                   labels, self.config.lambda_reg)
 
@@ -743,8 +786,16 @@ class VoCo(Method):
             "base crops": f"{_dims(c.grid)} of {_dims(c.base_size)}",
             "crop input size": f"{c.input_size}^3",
             "random crops per volume": str(c.num_random_crops),
+            "voxel spacing": f"{c.spacing_mm:g} mm isotropic (stores converted at it)" if c.spacing_mm is not None
+            else "the store's own",
+            "augmentation": (f"flip p {c.flip_prob:g} per axis, rot90 p {c.rot90_prob:g}"
+                             + (f", intensity shift ±{c.shift_intensity_offset:g} p {c.shift_intensity_prob:g}"
+                                if c.shift_intensity_prob > 0 else "")),
             "loss form": c.loss_form,
-            "λ (weights the i<j mean of L_reg)": f"{c.lambda_reg:g}",
+            "L_reg (Eq. 5) reduction": (("mean over pairs i<j" if c.reg_reduction == "pair_mean"
+                                         else "2/(n(n-1)) x sum over i≠j (2x the pair mean)")
+                                        if c.loss_form == "paper" else "official: mean ReLU(cos)^2 over pairs i<j"),
+            "λ": f"{c.lambda_reg:g}",
             "teacher": teacher,
         }
 
