@@ -59,6 +59,15 @@ def _batch(b: int = 3, n: int = 2, p: int = 8, landmarks=(0, 2, 0), n_landmarks:
     }
 
 
+def _fill_bank(method: DrasCLR, n_landmarks: int = 3) -> None:
+    """Fill every landmark queue with random unit keys (queues start empty, so a fresh bank has no negatives)."""
+    bank = method._ensure_bank(n_landmarks)
+    g = torch.Generator().manual_seed(1)
+    for landmark in range(n_landmarks):
+        keys = torch.nn.functional.normalize(torch.randn(bank.length, bank.buffer.shape[2], generator=g), dim=1)
+        bank.enqueue(keys, torch.full((bank.length,), landmark))
+
+
 def _volumes(n_landmarks: int = 5) -> list[VolumeInfo]:
     """Two prepared volumes with landmarks on a line (atlas coordinates and neighbours by hand)."""
     centres = np.stack([np.arange(n_landmarks) * 4 + 8, np.full(n_landmarks, 10), np.full(n_landmarks, 9)], 1)
@@ -132,10 +141,11 @@ class TestLosses:
     def test_negatives_come_from_each_sample_landmark_queue(self):
         method = _method()
         model = method.build_model()
+        _fill_bank(method)
         batch = _batch()
         outputs = model(batch)
         losses = method.loss(outputs, batch)
-        queue = method._bank.buffer  # [3 landmarks, K, D], still the random initialisation
+        queue = method._bank.buffer  # [3 landmarks, K, D], full of random keys
         expected_local = info_nce(outputs["query"], outputs["key"], queue[batch["landmark"]], 0.2)
         expected_neighbor = neighbor_info_nce(
             outputs["neighbor_queries"], outputs["key"], queue[batch["landmark"]], 0.2
@@ -153,6 +163,7 @@ class TestModel:
         torch.manual_seed(0)
         method = _method()
         model = method.build_model()
+        _fill_bank(method)
         batch = _batch(b=3, landmarks=(0, 2, 1))
         method.loss(model(batch), batch)["loss"].backward()
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

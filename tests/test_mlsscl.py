@@ -228,6 +228,9 @@ class TestModel:
         method = make_method()
         model = method.build_model()
         method.setup(model, torch.device("cpu"))
+        # Queues start empty; a batch of 1 with no queue has no negatives (loss 0), so fill them first.
+        for queue in method._queues.values():
+            queue.enqueue(torch.nn.functional.normalize(torch.randn(8, 16), dim=1))
         model.train()
         batch = make_batch(method, batch_size)
         outputs = model(batch)

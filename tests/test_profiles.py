@@ -39,7 +39,7 @@ SMALL = {
     "mlsscl": ["clip_length=2", "plane_size=16", "image_size=8", "resnet_widen_factor=0.125",
                "proj_hidden_dim=16", "proj_dim=8", "queue_length=16", "augment=false"],
     "gvsl": ["input_size=[16,16,16]", "features=[4,4,8,8,16,4]", "num_groups=2", "shuffle_blocks=20"],
-    "drasclr": ["patch_size=8", "landmark_step=8", "widths=[2,2,4,4,8]", "rep_dim=8", "proj_dim=8",
+    "drasclr": ["patch_size=8", "landmark_step=8", "widths=[4,4,4,4,8]", "rep_dim=8", "proj_dim=8",
                 "num_experts=2", "queue_size=16", "queue_dtype=float32"],
 }
 SHAPE = (64, 64, 48)
@@ -137,6 +137,66 @@ def test_every_profile_takes_one_optimizer_step(method_name, profile):
         assert mc.multiview_direction == "one_way"
     if profile != "cpu":
         assert tc.grad_clip is None  # no paper or official code clips gradients
+
+
+def _cpu_step_batchnorm_rows(method_name: str, extra: list[str]) -> tuple[torch.nn.Module, dict[str, int]]:
+    """Rows every BatchNorm layer normalised over in one `cpu`-profile step at the profile's batch size."""
+    from rayssl.nn.norm import count_batchnorm_rows
+
+    # VoCo at its real 4x4 grid: how many crops a volume gives decides its projector's rows.
+    overrides = [o for o in SMALL[method_name] if o.split("=")[0] not in ("n_x", "n_y")] + extra
+    cfg = resolve_config(method=method_name, profile="cpu", overrides=overrides)
+    torch.manual_seed(0)
+    method = get_method_class(method_name)(cfg.method_cfg())
+    volumes, arrays = _volumes()
+    if method_name == "drasclr":
+        volumes = _attach_landmarks(method, volumes)
+    rng = np.random.default_rng(0)
+    micro_batches = [_batch(method, volumes, arrays, cfg.train.batch_size, rng) for _ in range(cfg.train.accumulate)]
+    model = method.build_model()
+    method.setup(model, torch.device("cpu"))
+    model.train()
+    with count_batchnorm_rows(model) as rows:
+        losses, _ = accumulate_gradients(model, method.loss, micro_batches)
+    assert torch.isfinite(losses["loss"])
+    return model, rows
+
+
+@pytest.mark.parametrize("method_name", sorted(PROFILES))
+def test_a_cpu_profile_step_never_meets_batchnorm_with_fewer_than_16_rows(method_name):
+    """Issue 24: at the cpu batch of 2, BatchNorm statistics are those of two volumes; the cpu
+    profiles use batch-independent norms, or BatchNorm only where a step gives it >= 16 rows."""
+    from rayssl.nn.norm import MIN_BATCHNORM_ROWS
+    from rayssl.train.loop import small_batchnorm_warning
+
+    model, rows = _cpu_step_batchnorm_rows(method_name, [])
+    assert all(n >= MIN_BATCHNORM_ROWS for n in rows.values()), rows
+    assert small_batchnorm_warning(model, rows, method_name, ["norm", "head_norm"]) is None
+    if method_name == "voco":
+        assert rows and min(rows.values()) == 2 * 18  # the projector's BatchNorm: 2 volumes x 18 crops
+
+
+def test_the_paper_norm_at_the_cpu_batch_meets_batchnorm_with_2_rows_and_the_warning_names_it():
+    """The same cpu step with MLSSCL's paper norms: BatchNorm sees 4 views x 2 clips (online) and
+    3 x 2 (target); the start-up warning names the layers and both fixes."""
+    from rayssl.train.loop import small_batchnorm_warning
+
+    model, rows = _cpu_step_batchnorm_rows("mlsscl", ["mlsscl.norm=batch", "mlsscl.head_norm=batch"])
+    assert rows["online.backbone.resnet.bn1"] == 8 and rows["target.backbone.resnet.bn1"] == 6
+    assert rows["online.projector.1"] == 8 and rows["predictor.1"] == 8
+    warning = small_batchnorm_warning(model, rows, "mlsscl", ["norm", "head_norm"])
+    assert warning is not None and "online.backbone.resnet.bn1 (8 rows)" in warning
+    assert "--set mlsscl.norm=group" in warning and "--set mlsscl.head_norm=layer" in warning
+    assert f"{len(rows)} BatchNorm layer(s)" in warning
+
+
+@pytest.mark.parametrize("method_name, profile", [(m, p) for m, p in CASES if p != "cpu" and m != "gvsl"])
+def test_paper_and_official_profiles_keep_the_papers_batchnorm(method_name, profile):
+    cfg = resolve_config(method=method_name, profile=profile, overrides=SMALL[method_name])
+    model = get_method_class(method_name)(cfg.method_cfg()).build_model()
+    kinds = {type(m) for m in model.modules()}
+    assert kinds & {torch.nn.BatchNorm1d, torch.nn.BatchNorm3d}
+    assert torch.nn.GroupNorm not in kinds and torch.nn.LayerNorm not in kinds
 
 
 def test_recipe_tables_in_the_docs_match_rayssl_recipe():

@@ -337,8 +337,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cluster, demo_store_p
     assert not os.path.exists(os.path.join(run_dir, "export", "backbone.pt"))
 
 
-# MLSSCL: its ResNet-18 and heads have BatchNorm, whose running statistics a NaN batch poisons
-# during the forward pass, before the loss can be checked.
+# MLSSCL with the paper's norms: its ResNet-18 and heads have BatchNorm, whose running statistics a NaN
+# batch poisons during the forward pass, before the loss can be checked (the cpu profile's GroupNorm has none).
 MLSSCL_TINY = ["clip_length=4", "long_stride=3", "short_stride=2", "plane_size=12", "image_size=12",
                "resnet_widen_factor=0.125", "proj_dim=16", "queue_length=8", "intensity=none",
                "train.batch_size=1", "data.split=all", "data.actors_max=1", "train.report_every=1"]
@@ -348,7 +348,7 @@ def test_nan_loss_with_skip_policy_skips_the_step_and_leaves_no_trace(cluster, d
     store = _store_with_nan_volume(demo_store_path, tmp_path / "nan.zarr", whole=True)
     cfg = resolve_config(method="mlsscl", profile="cpu", overrides=[
         f"data.store={store}", f"out={tmp_path / 'runs'}", *MLSSCL_TINY, "name=nanskip", "train.steps=3",
-        "train.checkpoint_every=3", "train.nan_policy=skip"])
+        "train.checkpoint_every=3", "train.nan_policy=skip", "mlsscl.norm=batch", "mlsscl.head_norm=batch"])
     result = pretrain(cfg)
     assert result.status == "finished" and result.steps == 3
     metrics = _metrics(result.run_dir)

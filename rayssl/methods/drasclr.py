@@ -38,6 +38,7 @@ from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat, is_distributed
 from rayssl.nn.heads import mlp
 from rayssl.nn.momentum import make_momentum_copy, momentum_update
+from rayssl.nn.norm import ConvNorm, conv_norm, conv_norm_text
 from rayssl.nn.queue import KeyedMemoryQueues
 
 # Keys of VolumeInfo.extra written by `DrasCLR.prepare` (small numpy arrays, see datasets_zarr.landmarks).
@@ -100,6 +101,8 @@ class DrasCLRConfig(MethodConfig):
     rep_dim: int = Field(128, ge=1, description="representation size (encoder output)")
     proj_dim: int = Field(128, ge=1, description="MoCo embedding size (projection head output)")
     num_experts: int = Field(8, ge=1, le=64, description="experts per Loc-CondConv layer")
+    norm: ConvNorm = Field("batch", description="norm after every Loc-CondConv: batch (official) needs a large "
+                           "batch; group / layer / instance do not depend on the batch (docs/methods/drasclr.md)")
     # MoCo with a conditional memory bank.
     momentum: float = Field(0.999, ge=0.0, le=1.0, description="key-encoder EMA momentum")
     temperature: float = Field(0.2, gt=0.0, description="InfoNCE temperature")
@@ -141,9 +144,10 @@ class DrasCLRConfig(MethodConfig):
 
 
 class _ConvBlock(nn.Module):
-    """Loc-CondConv -> BatchNorm -> ELU."""
+    """Loc-CondConv -> norm (BatchNorm in the official code) -> ELU."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, num_experts: int, coord_dim: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, num_experts: int, coord_dim: int,
+                 norm: ConvNorm = "batch") -> None:
         super().__init__()
         self.conv = LocCondConv3d(
             in_channels,
@@ -154,7 +158,7 @@ class _ConvBlock(nn.Module):
             num_experts=num_experts,
             coord_dim=coord_dim,
         )
-        self.bn = nn.BatchNorm3d(out_channels)
+        self.bn = conv_norm(norm, out_channels, 3)  # `bn` for any norm: the official key names
         self.act = nn.ELU(inplace=True)
 
     def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
@@ -164,18 +168,20 @@ class _ConvBlock(nn.Module):
 class _DownBlock(nn.Module):
     """Two stride-1 conv blocks and a stride-2 conv block (the official `Block`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_experts: int, coord_dim: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, num_experts: int, coord_dim: int,
+                 norm: ConvNorm = "batch") -> None:
         super().__init__()
-        self.conv1 = _ConvBlock(in_channels, out_channels, 1, num_experts, coord_dim)
-        self.conv2 = _ConvBlock(out_channels, out_channels, 1, num_experts, coord_dim)
-        self.conv3 = _ConvBlock(out_channels, out_channels, 2, num_experts, coord_dim)
+        self.conv1 = _ConvBlock(in_channels, out_channels, 1, num_experts, coord_dim, norm)
+        self.conv2 = _ConvBlock(out_channels, out_channels, 1, num_experts, coord_dim, norm)
+        self.conv3 = _ConvBlock(out_channels, out_channels, 2, num_experts, coord_dim, norm)
 
     def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         return self.conv3(self.conv2(self.conv1(x, loc), loc), loc)
 
 
 class DrasCLREncoder(nn.Module):
-    """The DrasCLR patch encoder: 13 Loc-CondConv layers, each with BatchNorm and ELU; 5 stride-2 stages.
+    """The DrasCLR patch encoder: 13 Loc-CondConv layers, each with a norm (`norm`; official: BatchNorm)
+    and ELU; 5 stride-2 stages.
 
     Layout of the official `cnn3d.Encoder`: stem (conv w0 s1, conv w0 s2), three down blocks
     (w1, w2, w3), conv w4 s1, conv rep_dim s2, then global average pooling (equal to the official
@@ -193,6 +199,7 @@ class DrasCLREncoder(nn.Module):
         rep_dim: int = 128,
         num_experts: int = 8,
         coord_dim: int = 3,
+        norm: ConvNorm = "batch",
     ) -> None:
         super().__init__()
         if len(widths) != 5:
@@ -204,14 +211,15 @@ class DrasCLREncoder(nn.Module):
             rep_dim=rep_dim,
             num_experts=num_experts,
             coord_dim=coord_dim,
+            norm=norm,
         )
-        self.stem1 = _ConvBlock(in_channels, w0, 1, num_experts, coord_dim)
-        self.stem2 = _ConvBlock(w0, w0, 2, num_experts, coord_dim)
-        self.down1 = _DownBlock(w0, w1, num_experts, coord_dim)
-        self.down2 = _DownBlock(w1, w2, num_experts, coord_dim)
-        self.down3 = _DownBlock(w2, w3, num_experts, coord_dim)
-        self.head1 = _ConvBlock(w3, w4, 1, num_experts, coord_dim)
-        self.head2 = _ConvBlock(w4, rep_dim, 2, num_experts, coord_dim)
+        self.stem1 = _ConvBlock(in_channels, w0, 1, num_experts, coord_dim, norm)
+        self.stem2 = _ConvBlock(w0, w0, 2, num_experts, coord_dim, norm)
+        self.down1 = _DownBlock(w0, w1, num_experts, coord_dim, norm)
+        self.down2 = _DownBlock(w1, w2, num_experts, coord_dim, norm)
+        self.down3 = _DownBlock(w2, w3, num_experts, coord_dim, norm)
+        self.head1 = _ConvBlock(w3, w4, 1, num_experts, coord_dim, norm)
+        self.head2 = _ConvBlock(w4, rep_dim, 2, num_experts, coord_dim, norm)
         self.out_channels = rep_dim
 
     STAGES: ClassVar[tuple[str, ...]] = ("stem1", "stem2", "down1", "down2", "down3", "head1", "head2")
@@ -239,7 +247,7 @@ class _Branch(nn.Module):
     def __init__(self, encoder: DrasCLREncoder, proj_dim: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = mlp(encoder.out_channels, encoder.out_channels, proj_dim, batch_norm=False)
+        self.head = mlp(encoder.out_channels, encoder.out_channels, proj_dim, norm=None)
 
     def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x, loc))
@@ -250,7 +258,7 @@ class DrasCLRModel(nn.Module):
 
     def __init__(self, config: DrasCLRConfig) -> None:
         super().__init__()
-        encoder = DrasCLREncoder(1, config.widths, config.rep_dim, config.num_experts, coord_dim=3)
+        encoder = DrasCLREncoder(1, config.widths, config.rep_dim, config.num_experts, coord_dim=3, norm=config.norm)
         self.online = _Branch(encoder, config.proj_dim)
         self.target = make_momentum_copy(self.online)
         self.shuffle_bn = config.shuffle_bn
@@ -291,7 +299,8 @@ class DrasCLRModel(nn.Module):
 
 
 def neighbor_info_nce(
-    neighbor_queries: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float
+    neighbor_queries: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float,
+    negative_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DrasCLR's neighbouring contrastive loss L_neighbor (Yu et al., MedIA 2024, Eq. 8).
 
@@ -307,6 +316,7 @@ def neighbor_info_nce(
         key: [B, D] anchor keys (normalised here; no gradient expected).
         negatives: [B, K, D] the queue of each anchor's landmark (normalised here).
         temperature: τ > 0.
+        negative_mask: [B, K] bool, True for the queue entries that are filled (the rest are left out).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -315,6 +325,8 @@ def neighbor_info_nce(
     n = F.normalize(negatives, dim=-1)
     positive = (summed * k).sum(dim=-1, keepdim=True)
     negative = torch.einsum("bd,bkd->bk", summed, n)
+    if negative_mask is not None:
+        negative = negative.masked_fill(~negative_mask.to(negative.device), float("-inf"))
     logits = torch.cat([positive, negative], dim=1) / temperature
     labels = torch.zeros(summed.shape[0], dtype=torch.long, device=summed.device)
     return F.cross_entropy(logits, labels)
@@ -389,7 +401,7 @@ class DrasCLR(Method):
     _published: ClassVar[dict[str, Any]] = {
         "patch_size": 32, "landmark_step": 26, "n_neighbors": 2, "spacing_mm": 1.0, "widths": (8, 16, 32, 64, 128),
         "rep_dim": 128, "proj_dim": 128, "num_experts": 8, "queue_size": 4096, "momentum": 0.999,
-        "temperature": 0.2, "neighbor_weight": 1.0,
+        "temperature": 0.2, "neighbor_weight": 1.0, "norm": "batch",
         # train.py trains one landmark at a time: num_iter_sub_epoch = iterations / num_patch steps of
         # all subjects at patch_idx, then the next (data/copd_patch.py set_patch_idx).
         "landmark_sampling": "per_batch", "landmark_hold_steps": None,
@@ -407,6 +419,9 @@ class DrasCLR(Method):
         "cpu": {
             "patch_size": 16, "landmark_step": 8, "n_neighbors": 2, "spacing_mm": None, "widths": (4, 8, 16, 32, 64),
             "rep_dim": 64, "proj_dim": 64, "num_experts": 4, "queue_size": 32, "queue_dtype": "float32",
+            # Batch-independent norm: BatchNorm3d over 2 key patches a step makes keys of different
+            # steps incomparable in a queue (issue 24, docs/methods/drasclr.md).
+            "norm": "group",
             "momentum": 0.99, "temperature": 0.2, "neighbor_weight": 1.0,
             "landmark_sampling": "per_batch", "landmark_hold_steps": None,
             "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine",
@@ -721,9 +736,8 @@ class DrasCLR(Method):
         """The memory bank, created on first use: the landmark count is known from the data only."""
         if self._bank is None:
             cfg = self.config
-            bank = KeyedMemoryQueues(n_landmarks, cfg.queue_size, cfg.proj_dim, seed=0, device="cpu")
-            bank.buffer = bank.buffer.to(getattr(torch, cfg.queue_dtype))
-            self._bank = bank.to(self._device)
+            self._bank = KeyedMemoryQueues(n_landmarks, cfg.queue_size, cfg.proj_dim, device=self._device,
+                                           dtype=getattr(torch, cfg.queue_dtype))
             self._enqueued = torch.zeros(n_landmarks, dtype=torch.long, device=self._device)
         elif self._bank.buffer.shape[0] != n_landmarks:
             raise ValueError(
@@ -734,13 +748,24 @@ class DrasCLR(Method):
         return self._bank
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """L = L_local + β·L_neighbor; negatives are the queue of each sample's landmark."""
+        """L = L_local + β·L_neighbor; negatives are the filled entries of each sample's landmark queue,
+        or, while that queue is empty (the landmark's first step), the batch's other keys."""
         bank = self._ensure_bank(int(batch["n_landmarks"].reshape(-1)[0]))
         query = outputs["query"]
-        negatives = bank.negatives(outputs["landmark"]).to(device=query.device, dtype=query.dtype)
-        local = info_nce(query, outputs["key"], negatives, self.config.temperature)
-        neighbor = neighbor_info_nce(outputs["neighbor_queries"], outputs["key"], negatives, self.config.temperature)
+        negatives, valid = bank.negatives_with_batch_fallback(outputs["landmark"], outputs["key"])
+        negatives, valid = negatives.to(device=query.device, dtype=query.dtype), valid.to(query.device)
+        local = info_nce(query, outputs["key"], negatives, self.config.temperature, negative_mask=valid)
+        neighbor = neighbor_info_nce(outputs["neighbor_queries"], outputs["key"], negatives, self.config.temperature,
+                                     negative_mask=valid)
         return {"loss": local + self.config.neighbor_weight * neighbor, "loss_local": local, "loss_neighbor": neighbor}
+
+    def valid_negatives(self, landmarks: torch.Tensor) -> torch.Tensor:
+        """[B] long: negatives of each sample of a batch with these landmark ids, now: K of its chance
+        level ln(1 + K) for L_local and L_neighbor (its landmark queue's filled entries, or while that
+        is empty the batch's other B - 1 keys)."""
+        if self._bank is None:
+            return torch.full((landmarks.shape[0],), landmarks.shape[0] - 1, dtype=torch.long)
+        return self._bank.valid_negatives(landmarks)
 
     def after_step(
         self, model: nn.Module, outputs: dict[str, torch.Tensor], step: int, total_steps: int
@@ -772,6 +797,8 @@ class DrasCLR(Method):
         assert self._bank is not None
         self._bank.load_state_dict(state["bank"])
         self._enqueued = state["enqueued"].to(self._device).clone()
+        if "filled" not in state["bank"]:  # a checkpoint from before the fill count: keys received per landmark
+            self._bank.filled = self._enqueued.clamp(max=self._bank.length).to(self._bank.pointers.device)
 
     def embeddings(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Online embeddings of the anchor patches and their neighbours."""
@@ -815,6 +842,7 @@ class DrasCLR(Method):
                 else f"one per optimizer step, kept {c.landmark_hold_steps} steps"),
             "loss form": f"L_local + {c.neighbor_weight:g} L_neighbor",
             "temperature": f"{c.temperature:g}",
+            "normalisation": conv_norm_text(c.norm),
             "queue size": f"{c.queue_size} per landmark",
             "key momentum": f"{c.momentum:g}",
         }

@@ -55,8 +55,18 @@ Readings of the paper (where it is not explicit) -- also listed in docs/methods/
    scaled at conversion -> unchanged, MR -> percentiles), recorded by `prepare` on the driver.
    `intensity: ct` on a volume that is not CT falls back to percentiles (a HU window flattens MR).
    Augmentations then act on [0, 1] intensities.
-8. BatchNorm1d in the heads with batch size 1: all clips of a batch go through the backbone and
-   heads concatenated (4·B rows online, 3·B rows target), so BN always sees >= 3 rows.
+8. Normalisation. The paper's ResNet-18 and BYOL-style heads use BatchNorm (`norm: batch`,
+   `head_norm: batch`, the `paper` profile). All clips of a batch go through the backbone and heads
+   concatenated (4·B rows online, 3·B rows target), so BN always sees >= 3 rows; but at the `cpu`
+   profile's batch of 2 its statistics are those of two volumes, and a key normalised by one step's
+   statistics is not comparable with the queue's keys from other steps: the InfoNCE terms sat at
+   chance (issue 24). The `cpu` profile uses GroupNorm(4) in the ResNet (`norm: group`; the export
+   names `rayssl.nn.backbones.monai_resnet_with_norm`, which rebuilds MONAI's ResNet with that norm)
+   and LayerNorm in the heads (`head_norm: layer`). The BasicUNet encoder keeps MONAI's instance norm whatever `norm`.
+9. Queues start empty (not MoCo's random unit vectors, which are easy negatives): a pair loss uses
+   only the filled entries of its queue, so its chance level is ln(1 + filled). On the first step,
+   with every queue empty, the other keys of the batch are the negatives (chance ln B; a batch of
+   one gives 0 and no gradient). `valid_negatives(batch_size)` says which K holds.
 """
 
 from __future__ import annotations
@@ -98,6 +108,7 @@ from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat
 from rayssl.nn.heads import mlp
 from rayssl.nn.momentum import cosine_momentum, make_momentum_copy, momentum_update
+from rayssl.nn.norm import ConvNorm, HeadNorm, conv_norm_text, head_norm_text
 from rayssl.nn.queue import MemoryQueue
 
 # Views keyed by name; the array axis that is constant on each slice of the view's clip.
@@ -142,6 +153,10 @@ class MLSSCLConfig(MethodConfig):
     proj_hidden_dim: int | None = Field(None, ge=1, description="None = 2 x backbone feature dim (paper: 1024 / 512)")
     proj_dim: int = Field(128, ge=1)
     pred_hidden_dim: int | None = Field(None, ge=1, description="None = proj_hidden_dim")
+    norm: ConvNorm = Field("batch", description="ResNet norm layers: batch (paper) needs a large batch; group / "
+                           "layer / instance do not depend on the batch (docs/methods/mlsscl.md)")
+    head_norm: HeadNorm = Field("batch", description="projector / predictor norm: batch (paper, BYOL) or the "
+                                "batch-independent layer / group")
 
     # Loss and momentum.
     temperature: float = Field(0.2, gt=0.0)
@@ -200,10 +215,11 @@ class MLSSCLModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden_dim: int, proj_dim: int,
-                 pred_hidden_dim: int) -> None:
+                 pred_hidden_dim: int, head_norm: HeadNorm = "batch") -> None:
         super().__init__()
-        self.online = nn.ModuleDict({"backbone": backbone, "projector": mlp(feature_dim, proj_hidden_dim, proj_dim)})
-        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim)
+        self.online = nn.ModuleDict({"backbone": backbone,
+                                     "projector": mlp(feature_dim, proj_hidden_dim, proj_dim, norm=head_norm)})
+        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, norm=head_norm)
         self.target = make_momentum_copy(self.online)
 
     @staticmethod
@@ -235,6 +251,9 @@ class MLSSCL(Method):
         "cpu": {
             "clip_length": 16, "long_stride": 4, "short_stride": 2, "plane_size": 48, "image_size": 32,
             "resnet_widen_factor": 0.25, "proj_dim": 64, "queue_length": 64, "temperature": 0.2,
+            # Batch-independent norms: BatchNorm over a batch of 2 volumes made queue keys incomparable
+            # across steps and the InfoNCE terms sat at chance (issue 24, docs/methods/mlsscl.md).
+            "norm": "group", "head_norm": "layer",
             "momentum": 0.99, "alpha": 0.5, "beta": 0.5, "multiview_direction": "one_way",
             "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-5, "schedule": "cosine",
                       "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
@@ -249,6 +268,7 @@ class MLSSCL(Method):
         "paper": {
             "clip_length": 16, "long_stride": 4, "short_stride": 2, "plane_size": None, "image_size": 128,
             "backbone": "resnet18", "resnet_widen_factor": 1.0, "proj_dim": 128, "queue_length": 320,
+            "norm": "batch", "head_norm": "batch",
             "temperature": 0.2, "momentum": 0.99, "alpha": 0.5, "beta": 0.5, "multiview_direction": "one_way",
             "train": {"optimizer": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
                       "schedule": "cosine", "warmup_steps": 0, "final_lr_fraction": 0.0, "batch_size": 64,
@@ -437,7 +457,8 @@ class MLSSCL(Method):
     def _build_backbone(self) -> nn.Module:
         cfg = self.config
         if cfg.backbone == "resnet18":
-            backbone: nn.Module = ResNetEncoder(depth=18, in_channels=1, widen_factor=cfg.resnet_widen_factor)
+            backbone: nn.Module = ResNetEncoder(depth=18, in_channels=1, widen_factor=cfg.resnet_widen_factor,
+                                                norm=cfg.norm)
         else:
             backbone = UNetEncoder(in_channels=1, features=cfg.unet_features)
         return keep_clip_axis(backbone)
@@ -448,14 +469,14 @@ class MLSSCL(Method):
         feature_dim = int(backbone.out_channels)
         proj_hidden = cfg.proj_hidden_dim or 2 * feature_dim
         pred_hidden = cfg.pred_hidden_dim or proj_hidden
-        return MLSSCLModel(backbone, feature_dim, proj_hidden, cfg.proj_dim, pred_hidden)
+        return MLSSCLModel(backbone, feature_dim, proj_hidden, cfg.proj_dim, pred_hidden, head_norm=cfg.head_norm)
 
     def _ensure_queues(self, device: torch.device | str) -> dict[str, MemoryQueue]:
         if self._queues is None:
-            # Fixed seeds: every DDP rank starts from the same queues.
+            # Empty: every DDP rank starts from the same queues, and no random entry is ever a negative.
             self._queues = {
-                view: MemoryQueue(self.config.queue_length, self.config.proj_dim, seed=i, device=device)
-                for i, view in enumerate(TARGET_VIEWS)
+                view: MemoryQueue(self.config.queue_length, self.config.proj_dim, device=device)
+                for view in TARGET_VIEWS
             }
         return self._queues
 
@@ -464,10 +485,11 @@ class MLSSCL(Method):
             queue.to(device)
 
     def _pair_loss(self, outputs: dict[str, torch.Tensor], query_view: str, key_view: str) -> torch.Tensor:
-        """ℓ(v1 → v2): InfoNCE of the online prediction of v1 against the target of v2, negatives = queue of v2."""
+        """ℓ(v1 → v2): InfoNCE of the online prediction of v1 against the target of v2, negatives = the
+        filled entries of v2's queue, or while it is empty (first step) the batch's other v2 keys."""
         query = outputs[f"online_{query_view}"]
         queue = self._ensure_queues(query.device)[key_view]
-        negatives = queue.buffer.to(query.device, query.dtype)
+        negatives = queue.negatives().to(query.device, query.dtype) if queue.filled else None
         return info_nce(query, outputs[f"target_{key_view}"], negatives, self.config.temperature)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -509,6 +531,12 @@ class MLSSCL(Method):
             queues[view].enqueue(F.normalize(keys, dim=1))
         return {"momentum": momentum}
 
+    def valid_negatives(self, batch_size: int) -> dict[str, int]:
+        """Negatives of the pair losses keyed by each target view, now: K of their chance level
+        ln(1 + K). The queue's filled entries (queue_length once full), or while it is empty the
+        other `batch_size - 1` keys of a batch (per rank)."""
+        return {view: queue.valid_negatives() or batch_size - 1 for view, queue in self._ensure_queues("cpu").items()}
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
         for view, queue in self._ensure_queues("cpu").items():
@@ -518,7 +546,9 @@ class MLSSCL(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for view, queue in self._ensure_queues("cpu").items():
-            queue.load_state_dict({key: state[f"queue_{view}_{key}"] for key in ("buffer", "pointer")})
+            # "filled" is absent in checkpoints from before queues started empty.
+            queue.load_state_dict({key: state[f"queue_{view}_{key}"] for key in ("buffer", "pointer", "filled")
+                                   if f"queue_{view}_{key}" in state})
 
     # ---- export ---------------------------------------------------------------------------
     def embeddings(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -556,6 +586,8 @@ class MLSSCL(Method):
             "short clip": ("inside the long (axial) clip" if c.short_clip_placement == "inside_long"
                            else "anywhere in the volume"),
             "clip in-plane size": f"{plane} resized to {c.image_size}^2",
+            "normalisation": (f"{conv_norm_text(c.norm)} (ResNet), " if c.backbone == "resnet18" else "") +
+                             f"{head_norm_text(c.head_norm)} (heads)",
             "loss form": f"{c.multiview_direction} pair loss, α = {c.alpha:g}, β = {c.beta:g}",
             "temperature": f"{c.temperature:g}",
             "queue size": str(c.queue_length),

@@ -65,7 +65,8 @@ Other departures from the official code, all deliberate:
 * Random crop positions are uniform over every position inside the region (official: the last
   position along x and y is never drawn); with `n_z > 1` z is random too (official: n_z = 1).
 * `lambda_reg` weights the official regulariser too (official weight 1 = our default).
-* BatchNorm statistics in the projector are per rank (official converts to SyncBatchNorm).
+* BatchNorm statistics in the projector are per rank (official converts to SyncBatchNorm; here
+  `train.sync_batchnorm=true` does, on GPUs). `head_norm: layer` / `group` replace it.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ from rayssl.methods.base import (
 )
 from rayssl.nn.backbones import SwinViTEncoder, UNetEncoder, global_pool
 from rayssl.nn.momentum import make_momentum_copy, momentum_update
+from rayssl.nn.norm import HeadNorm, head_norm, head_norm_text
 
 Triple = tuple[int, int, int]
 
@@ -124,6 +126,8 @@ class VoCoConfig(MethodConfig):
     )
     proj_hidden_dim: int = Field(2048, ge=8)
     proj_dim: int = Field(2048, ge=8)
+    head_norm: HeadNorm = Field("batch", description="projector norm: batch (official, affine-free, batch statistics "
+                                "over every crop of the step) or the batch-independent layer / group")
     # --- loss ---
     loss_form: Literal["paper", "official"] = "official"
     lambda_reg: float = Field(1.0, ge=0.0, description="weight of the base-crop regulariser (paper's lambda)")
@@ -416,19 +420,21 @@ class VoCoUNetEncoder(UNetEncoder):
         return torch.cat([global_pool(f) for f in levels], dim=1)
 
 
-def voco_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """The official VoCo projection head: (Linear-BN-ReLU) x 2 then Linear.
+def voco_projector(in_dim: int, hidden_dim: int, out_dim: int, norm: HeadNorm = "batch") -> nn.Sequential:
+    """The official VoCo projection head: (Linear-norm-ReLU) x 2 then Linear.
 
-    BatchNorm has no affine parameters and no running statistics (always batch statistics, also for
-    the teacher), as in the official code; the Linear layers before it drop their bias, which the
-    normalisation would cancel anyway.
+    `norm="batch"` (official): BatchNorm without affine parameters or running statistics (always
+    batch statistics, also for the teacher); the Linear layers before it drop their bias, which the
+    normalisation would cancel anyway. `layer` / `group`: the same without affine, per crop; these
+    keep the bias (a per-feature bias is not cancelled by normalising over a row's features).
     """
+    bias = norm != "batch"
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim, bias=False),
-        nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
+        nn.Linear(in_dim, hidden_dim, bias=bias),
+        head_norm(norm, hidden_dim, affine=False),
         nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, hidden_dim, bias=False),
-        nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
+        nn.Linear(hidden_dim, hidden_dim, bias=bias),
+        head_norm(norm, hidden_dim, affine=False),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
     )
@@ -488,6 +494,7 @@ class VoCo(Method):
     _SWIN_B_4X4: ClassVar[dict[str, Any]] = {
         "backbone": "swin", "feature_size": 48, "feature_pooling": "multiscale", "proj_hidden_dim": 2048,
         "proj_dim": 2048, "region_mode": "foreground_resize", "n_x": 4, "n_y": 4, "n_z": 1, "input_size": 64,
+        "head_norm": "batch",
     }
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
         # Paper (Sec. 4.2 and Appendix B, Table 9): AdamW, lr 1e-3, warm-up cosine with 100 warm-up
@@ -534,6 +541,9 @@ class VoCo(Method):
         "cpu": {
             "backbone": "unet", "unet_features": (8, 16, 32, 64, 128, 8), "feature_pooling": "multiscale",
             "proj_hidden_dim": 256, "proj_dim": 256, "loss_form": "paper", "lambda_reg": 1.0,
+            # The official BatchNorm stays: it normalises over every crop of the step (2 volumes x 18
+            # crops = 36 rows >= 16), and the loss compares crops of one step only (no queue).
+            "head_norm": "batch",
             "reg_reduction": "pair_mean",
             "region_size": (96, 96, 32), "region_mode": "crop", "n_x": 4, "n_y": 4, "n_z": 1,
             "num_random_crops": 2, "input_size": 32,
@@ -735,7 +745,7 @@ class VoCo(Method):
             backbone: VoCoSwinEncoder | VoCoUNetEncoder = VoCoSwinEncoder(c.feature_size, multiscale)
         else:
             backbone = VoCoUNetEncoder(c.unet_features, multiscale)
-        student = VoCoEncoder(backbone, voco_projector(backbone.pooled_dim, c.proj_hidden_dim, c.proj_dim))
+        student = VoCoEncoder(backbone, voco_projector(backbone.pooled_dim, c.proj_hidden_dim, c.proj_dim, c.head_norm))
         return VoCoModel(student, with_teacher=c.loss_form == "official")
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -797,6 +807,7 @@ class VoCo(Method):
                                         if c.loss_form == "paper" else "official: mean ReLU(cos)^2 over pairs i<j"),
             "λ": f"{c.lambda_reg:g}",
             "teacher": teacher,
+            "projector normalisation": head_norm_text(c.head_norm),
         }
 
     def card(self) -> dict[str, Any]:

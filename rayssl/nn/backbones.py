@@ -9,6 +9,8 @@ from monai.networks.nets import BasicUNet, SwinUNETR
 from monai.networks.nets import resnet as monai_resnet
 from torch import nn
 
+from rayssl.nn.norm import ConvNorm, replace_batchnorm
+
 
 class SwinViTEncoder(nn.Module):
     """The Swin transformer encoder of MONAI's SwinUNETR (`swinViT`), returning the deepest features.
@@ -74,20 +76,45 @@ class UNetEncoder(nn.Module):
         return {"encoder": [f"{b}." for b in self.ENCODER_BLOCKS], "stem": ["conv_0."], "input_projection": ["conv_0.conv_0.conv."]}
 
 
-class ResNetEncoder(nn.Module):
-    """MONAI's 3D ResNet (3x3x3 first convolution, stride 1, no max-pool), without the classifier."""
+_RESNETS = {10: monai_resnet.resnet10, 18: monai_resnet.resnet18, 34: monai_resnet.resnet34}
 
-    def __init__(self, depth: int = 18, in_channels: int = 1, widen_factor: float = 1.0) -> None:
+
+def monai_resnet_with_norm(depth: int = 18, norm: ConvNorm = "batch", **kwargs: Any) -> monai_resnet.ResNet:
+    """MONAI's `resnet{depth}(**kwargs)` with every norm layer `norm` (rayssl.nn.norm.ConvNorm).
+
+    MONAI 1.6's ResNet hands its own `norm=` argument to the stem only (its residual layers keep
+    BatchNorm), so the layers are replaced after construction; module names and the state_dict
+    layout stay MONAI's. A model card names this builder for a ResNet pretrained with another norm.
+    """
+    if depth not in _RESNETS:
+        raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
+    return replace_batchnorm(_RESNETS[depth](**kwargs), norm)  # type: ignore[return-value]
+
+
+class ResNetEncoder(nn.Module):
+    """MONAI's 3D ResNet (3x3x3 first convolution, stride 1, no max-pool), without the classifier.
+
+    `norm` picks every norm layer. With BatchNorm (MONAI's default) the export names
+    `monai.networks.nets.resnet{depth}`; with another norm it names `monai_resnet_with_norm`, which
+    builds the same MONAI ResNet with that norm, so the weights load strictly either way.
+    """
+
+    def __init__(self, depth: int = 18, in_channels: int = 1, widen_factor: float = 1.0,
+                 norm: ConvNorm = "batch") -> None:
         super().__init__()
-        factories = {10: monai_resnet.resnet10, 18: monai_resnet.resnet18, 34: monai_resnet.resnet34}
-        if depth not in factories:
-            raise ValueError(f"ResNet depth must be one of {sorted(factories)}, got {depth}")
-        self.network_kwargs: dict[str, Any] = dict(
+        if depth not in _RESNETS:
+            raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
+        monai_kwargs: dict[str, Any] = dict(
             spatial_dims=3, n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1,
             no_max_pool=True, widen_factor=widen_factor, feed_forward=False,
         )
-        self.factory = f"monai.networks.nets.resnet{depth}"
-        self.resnet = factories[depth](**self.network_kwargs)
+        if norm == "batch":
+            self.factory = f"monai.networks.nets.resnet{depth}"
+            self.network_kwargs: dict[str, Any] = monai_kwargs
+        else:
+            self.factory = "rayssl.nn.backbones.monai_resnet_with_norm"
+            self.network_kwargs = dict(depth=depth, norm=norm, **monai_kwargs)
+        self.resnet = monai_resnet_with_norm(depth, norm, **monai_kwargs)
         self.out_channels = int(512 * widen_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

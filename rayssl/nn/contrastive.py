@@ -12,6 +12,7 @@ def info_nce(
     negatives: torch.Tensor | None,
     temperature: float,
     reduction: str = "mean",
+    negative_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE loss, Oord et al. 2018 / MoCo (He et al. 2020, Eq. 1).
 
@@ -25,6 +26,8 @@ def info_nce(
             or None (then only the other keys of the batch are negatives).
         temperature: τ > 0.
         reduction: "mean" or "none".
+        negative_mask: [B, K] bool, True for the negatives that count (a partly filled queue);
+            the others are left out of the sum. A row with none left gives exactly 0 (chance ln 1).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -44,6 +47,8 @@ def info_nce(
         negative_logits = torch.einsum("bd,bkd->bk", q, n)
     else:
         raise ValueError(f"negatives must be [K, D] or [B, K, D], got shape {tuple(n.shape)}")
+    if negative_mask is not None:
+        negative_logits = negative_logits.masked_fill(~negative_mask.to(negative_logits.device), float("-inf"))
     logits = torch.cat([positive_logit, negative_logits], dim=1) / temperature
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, labels, reduction=reduction)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from rayssl.config import RunConfig
 from rayssl.export import complete_state, export_card, write_export
 from rayssl.methods import get_method_class
 from rayssl.nn.health import collapse_warnings, representation_health
+from rayssl.nn.norm import MIN_BATCHNORM_ROWS, count_batchnorm_rows, has_batchnorm
 from rayssl.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
 from rayssl.train.heldout import (
     FirstHeldout,
@@ -91,6 +93,35 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def small_batchnorm_warning(model: torch.nn.Module, rows: dict[str, int], method: str, method_fields: Any,
+                            minimum: int = MIN_BATCHNORM_ROWS) -> str | None:
+    """The warning for BatchNorm layers that saw fewer than `minimum` rows in a step (`rows`: layer name
+    -> fewest rows, from rayssl.nn.norm.count_batchnorm_rows), naming them and the fix; None if none.
+
+    `method_fields`: the method config's field names; a `norm` / `head_norm` field is offered as the fix
+    for conv / 1-D BatchNorm layers (the methods' convention), so the loop needs no method by name.
+    """
+    small = {name: n for name, n in rows.items() if n < minimum}
+    if not small:
+        return None
+    modules = dict(model.named_modules())
+    names = list(small)
+    shown = ", ".join(f"{name} ({small[name]} rows)" for name in names[:3])
+    if len(names) > 3:
+        shown += f" and {len(names) - 3} more"
+    fixes = []
+    heads = any(isinstance(modules.get(name), torch.nn.BatchNorm1d) for name in names)
+    convs = any(not isinstance(modules.get(name), torch.nn.BatchNorm1d) for name in names)
+    if convs and "norm" in method_fields:
+        fixes.append(f"--set {method}.norm=group")
+    if heads and "head_norm" in method_fields:
+        fixes.append(f"--set {method}.head_norm=layer")
+    fixes += ["a larger train.batch_size", "train.sync_batchnorm=true across several GPU workers"]
+    return (f"{len(names)} BatchNorm layer(s) normalise over fewer than {minimum} rows per step: {shown}. Batch "
+            f"statistics of so few samples are noise, and embeddings normalised by different steps' statistics "
+            f"are not comparable (a queue of negatives then holds incomparable keys). Fix: {', or '.join(fixes)}")
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -113,6 +144,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     method = get_method_class(cfg.method)(method_cfg)
     device = ray.train.torch.get_device()
     model = method.build_model().to(device)
+    if tc.sync_batchnorm and world > 1 and has_batchnorm(model):
+        if device.type == "cuda":
+            # One set of batch statistics over every worker's rows; parameters stay the same objects.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif rank == 0:
+            _say("[rayssl] warning: train.sync_batchnorm needs GPU workers (torch's SyncBatchNorm runs on CUDA "
+                 "only); BatchNorm stays per worker")
     method.setup(model, device)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,6 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     micro_batches: list[dict[str, torch.Tensor]] = []
     data_wait, eta = DataWaitMeter(world_size=world), SteadyEta()
     last_warnings: list[str] = []
+    batchnorm_checked = False
     reports_since_warning = 0
     for batch in data_wait.timed(batches):
         if to_skip > 0:
@@ -185,10 +224,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # folded the bad batch into BatchNorm running statistics; keep them to put back.
         norm_stats = running_norm_stats(model) if tc.nan_policy == "skip" else None
         optimizer.zero_grad(set_to_none=True)
-        losses, outputs = accumulate_gradients(
-            ddp_model, method.loss, step_batches, scale=scaler.scale,
-            autocast=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp),
-            all_ranks_finite=lambda finite: not _any_rank(not finite))
+        # The first step counts the rows every BatchNorm layer normalises over (forward pre-hooks).
+        with count_batchnorm_rows(model) if not batchnorm_checked else contextlib.nullcontext({}) as batchnorm_rows:
+            losses, outputs = accumulate_gradients(
+                ddp_model, method.loss, step_batches, scale=scaler.scale,
+                autocast=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp),
+                all_ranks_finite=lambda finite: not _any_rank(not finite))
+        if not batchnorm_checked:
+            batchnorm_checked = True
+            warning = small_batchnorm_warning(model, batchnorm_rows, cfg.method, type(method_cfg).model_fields)
+            if warning and rank == 0:
+                _say(f"[rayssl] warning: {warning}")
+                _write_text(posixpath.join(run_dir, "warnings.json"),
+                            json.dumps({"step": step + 1, "warnings": [warning]}, indent=2) + "\n")
         loss = losses["loss"]
         if _any_rank(not bool(torch.isfinite(loss.detach()).all())):
             if tc.nan_policy == "stop":
