@@ -131,8 +131,8 @@ def fuse_affine_dvf(matrix: torch.Tensor | None, dvf: torch.Tensor | None,
     Warping image m by the affine gives m_a(p) = m(T(p)); warping m_a by u gives
     m_a(p + u(p)) = m(T(p + u(p))). The fused DVF is therefore T(p + u(p)) - p, computed exactly
     (T is affine, so no resampling of u is needed): one interpolation of m instead of two. This is
-    the order of the official GVSL code, `stn(atn(B, A), u)`; it differs from the supplementary's
-    Eq. 12, which evaluates u at T(p).
+    the order of the official GVSL code, `stn(atn(B, A), u)`; it differs from the paper's Eq. 15
+    (Appendix D.3), which evaluates u at T(p).
 
     Args:
         matrix: [B, 3, 4] affine (normalised coordinates) or None for the identity.
