@@ -57,6 +57,22 @@ def _test_hook_pause_mid_write(path: str, step: int) -> None:
     os.remove(path + ".writing")
 
 
+def load_weights_file(path: str) -> dict[str, Any]:
+    """A state_dict from a weights file (`.safetensors`, else torch's format with `weights_only=True`);
+    a truncated or corrupt file is a ValueError naming it, not a zip/pickle traceback."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zip, pickle and safetensors each raise their own kinds
+        raise ValueError(f"{path}: cannot read the weights ({type(err).__name__}: {err}); the file is truncated or "
+                         f"corrupt: export it again from its run (rayssl export RUN) or copy it again") from None
+
+
 def load_checkpoint_dir(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, STATE_FILE)
     if not os.path.exists(path):

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rayssl.checkpoint import load_weights_file
+
 _CARD = "model_card.json"
 # Networks a card may name: building one imports its module, so only these packages are trusted.
 _TRUSTED_PACKAGES = ("monai.", "rayssl.")
@@ -141,12 +143,7 @@ def _read_card_export(folder: str, weights: str | None = None) -> _Export:
     path = weights or os.path.join(folder, card.get("weights", "backbone.pt"))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: the weights named by {os.path.join(folder, _CARD)} are missing")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path)
     # An export holds every key of its network; those the method did not pretrain are the card's
     # "initialized" group (at a seeded init, not weights worth keeping).
     initialized = tuple(card.get("key_groups", {}).get("initialized", []))

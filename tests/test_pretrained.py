@@ -238,3 +238,20 @@ def test_tensorboard_gets_the_resolved_config(tmp_path):
     assert hparams["train.steps"].number_value == 7 and hparams["method"].string_value == "voco"
     assert hparams["name"].string_value == "None"  # config.yaml leaves the name out (re-runs get a fresh one)
     assert any(tag.startswith("config") for tag in events.Tags()["tensors"])
+
+
+def test_truncated_weights_are_named_not_a_traceback(tmp_path):
+    """A truncated export/backbone.pt (or .safetensors): load_pretrained and the probe's loader name the file."""
+    from rayssl import load_pretrained
+    from rayssl.eval.features import load_run_weights
+    from rayssl.export import export_run
+
+    run_dir, _ = make_run(str(tmp_path), "gvsl")
+    st = export_run(run_dir, "safetensors", out=str(tmp_path / "st"))
+    for weights in (os.path.join(run_dir, "export", "backbone.pt"), os.path.join(st, "model.safetensors")):
+        with open(weights, "r+b") as f:
+            f.truncate(os.path.getsize(weights) // 2)
+        with pytest.raises(ValueError, match=re.escape(weights) + r": cannot read the weights .*truncated or corrupt"):
+            load_pretrained(os.path.dirname(weights))
+    with pytest.raises(ValueError, match=r"backbone.pt: cannot read the weights"):
+        load_run_weights(run_dir)

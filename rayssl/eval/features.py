@@ -16,7 +16,7 @@ from torch import nn
 from rayssl.config import RunConfig, resolve_config
 from rayssl.methods import MethodConfig, VolumeInfo, get_method_class
 from rayssl.nn.backbones import global_pool
-from rayssl.checkpoint import complete_checkpoints, load_checkpoint_dir
+from rayssl.checkpoint import complete_checkpoints, load_checkpoint_dir, load_weights_file
 
 # Networks a model card may name: rebuilding one imports its module, so only these packages are trusted.
 _TRUSTED_PACKAGES = ("monai.", "rayssl.")
@@ -96,8 +96,7 @@ def load_run_weights(run_dir: str, source: str = "auto", checkpoint: str | None 
                                     f"use --source checkpoint to probe its latest checkpoint")
         with open(os.path.join(export_dir, "model_card.json")) as f:
             card = json.load(f)
-        state = torch.load(os.path.join(export_dir, card.get("weights", "backbone.pt")), map_location="cpu",
-                           weights_only=True)
+        state = load_weights_file(os.path.join(export_dir, card.get("weights", "backbone.pt")))
         # Exports hold every key of the network; those the method did not pretrain are at a seeded init
         # (the card's "initialized" group). Evaluation keeps only the pretrained ones, as from a checkpoint.
         initialized = tuple(card.get("key_groups", {}).get("initialized", []))
