@@ -44,11 +44,20 @@ def _spacing(lo, hi, spacing, size) -> tuple[float, float, float]:
     return tuple(float((b - a) * s / n) for a, b, s, n in zip(lo, hi, spacing, size))
 
 
-def _key(volume, size: Sequence[int]) -> dict:
-    """What a prepared region depends on: the source volume's content, its box, the target size."""
-    return {"source_store": str(volume.extra.get("store")), "source_group": str(volume.extra.get("group")),
-            "source_sha256": str(volume.extra.get("source_sha256", "")), "bbox": [int(v) for v in volume.bbox],
-            "shape": [int(v) for v in volume.shape], "size": [int(v) for v in size], "version": RESIZE_VERSION}
+def _key(volume, size: Sequence[int], via_spacing: float | None = None) -> dict:
+    """What a prepared region depends on: the source volume's content, its box, the target size (and the
+    spacing it is resampled to on the way, when one is asked for)."""
+    key = {"source_store": str(volume.extra.get("store")), "source_group": str(volume.extra.get("group")),
+           "source_sha256": str(volume.extra.get("source_sha256", "")), "bbox": [int(v) for v in volume.bbox],
+           "shape": [int(v) for v in volume.shape], "size": [int(v) for v in size], "version": RESIZE_VERSION}
+    if via_spacing is not None:
+        key["via_spacing_mm"] = float(via_spacing)
+    return key
+
+
+def spacing_grid(lo: Sequence[int], hi: Sequence[int], spacing: Sequence[float], via_spacing: float) -> tuple[int, ...]:
+    """Voxels per axis of the box [lo, hi) resampled to `via_spacing` mm (at least 2 per axis)."""
+    return tuple(max(2, int(round((b - a) * s / via_spacing))) for a, b, s in zip(lo, hi, spacing))
 
 
 def _existing_key(out: str, volume_id: str) -> dict | None:
@@ -61,7 +70,9 @@ def _existing_key(out: str, volume_id: str) -> dict | None:
 
 
 def _resize_one(volume, size: tuple[int, int, int], out: str, key: dict) -> None:
-    """Read `volume`'s foreground box, resize it to `size` (trilinear, align_corners), write it to `out`."""
+    """Read `volume`'s foreground box, resize it to `size` (trilinear, align_corners), write it to `out`.
+    With `key["via_spacing_mm"]` the box is first resampled to that isotropic spacing (the paper pipeline's
+    pre-processing, e.g. VoCo's Table 9: 1.5 mm, then resize), so detail finer than it is gone as there."""
     import torch
     import torch.nn.functional as F
 
@@ -73,8 +84,14 @@ def _resize_one(volume, size: tuple[int, int, int], out: str, key: dict) -> None
     box = reader.read(volume.extra["group"], lo, [b - a for a, b in zip(lo, hi)], pad_value=volume.background,
                       dtype=None)
     with torch.no_grad():
-        region = F.interpolate(torch.from_numpy(box.astype(np.float32))[None, None], size=size, mode="trilinear",
-                               align_corners=True)[0, 0].numpy()
+        voxels = torch.from_numpy(box.astype(np.float32))[None, None]
+        steps = [size]
+        if key.get("via_spacing_mm") is not None:
+            steps.insert(0, spacing_grid(lo, hi, volume.spacing, key["via_spacing_mm"]))
+        for shape in steps:
+            # antialias is unsupported for 3D trilinear; the first step is a resample like Spacingd's.
+            voxels = F.interpolate(voxels, size=tuple(shape), mode="trilinear", align_corners=True)
+        region = voxels[0, 0].numpy()
     if np.issubdtype(box.dtype, np.integer):  # int16 HU stays int16 HU (rounding: +-0.5 HU)
         info = np.iinfo(box.dtype)
         region = np.clip(np.rint(region), info.min, info.max).astype(box.dtype)
@@ -83,13 +100,15 @@ def _resize_one(volume, size: tuple[int, int, int], out: str, key: dict) -> None
     write_volume(out, volume.id, region, affine, modality=volume.modality.upper(), bbox=[0, 0, 0, *size],
                  background=volume.background, source=f"{volume.extra['store']}#{volume.extra['group']}",
                  source_sha256=key["source_sha256"],
-                 preprocessing=[{"step": "resize_foreground_box", "bbox": key["bbox"], "size": list(size)}],
+                 preprocessing=[{"step": "resize_foreground_box", "bbox": key["bbox"], "size": list(size),
+                                 **({"via_spacing_mm": key["via_spacing_mm"]} if "via_spacing_mm" in key else {})}],
                  extra_attrs={"resized_from": key})
 
 
 def resize_foreground_boxes(volumes: Sequence, size: Sequence[int], out: str, *, use_ray: bool = True,
-                            progress: bool = True) -> list:
-    """Each volume's foreground box resized to `size`, in the store `out`; returns their VolumeInfo.
+                            progress: bool = True, via_spacing: float | None = None) -> list:
+    """Each volume's foreground box resized to `size` (resampled to `via_spacing` mm isotropic on the
+    way, when given), in the store `out`; returns their VolumeInfo.
 
     Volumes already in `out` from the same source volume, box and size are reused, so a second run
     (or a resumed one) starts at once. The returned list keeps the order (and `index`) of `volumes`.
@@ -99,7 +118,7 @@ def resize_foreground_boxes(volumes: Sequence, size: Sequence[int], out: str, *,
 
     size = tuple(int(v) for v in size)
     os.makedirs(out, exist_ok=True)
-    keys = {v.id: _key(v, size) for v in volumes}
+    keys = {v.id: _key(v, size, via_spacing) for v in volumes}
     todo = [v for v in volumes if _existing_key(out, v.id) != keys[v.id]]
     if todo:
         print(f"[rayssl] resizing {len(todo)} of {len(volumes)} foreground boxes to {'x'.join(map(str, size))} "

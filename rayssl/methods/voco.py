@@ -159,8 +159,9 @@ class VoCoConfig(MethodConfig):
     )
     spacing_mm: float | None = Field(
         None, gt=0.0,
-        description="isotropic voxel spacing (mm) the stores must have been converted at (paper Table 9: 1.5); "
-        "check_volumes refuses other spacings; None = the store's own spacing",
+        description="isotropic voxel spacing (mm) of the paper's pre-processing (Table 9: 1.5): prepared "
+        "foreground regions are resampled to it before the resize; in crop mode the stores must be at it "
+        "(check_volumes refuses others); None = the store's own spacing",
     )
     n_x: int = Field(4, ge=2, le=5, description="base crops along x")
     n_y: int = Field(4, ge=2, le=5, description="base crops along y")
@@ -583,19 +584,24 @@ class VoCo(Method):
         prepared: dict[int, VolumeInfo] = {}
         for out, members in targets.items():
             resized = resize_foreground_boxes([volumes[i] for i in members], c.region_size, out,
-                                              use_ray=self.prepare_with_ray)
+                                              use_ray=self.prepare_with_ray, via_spacing=c.spacing_mm)
             prepared.update(zip(members, resized))
         return [prepared[i] for i in range(len(volumes))]
 
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
         wanted = self.config.spacing_mm
-        if wanted is not None:
+        # Prepared foreground regions are resampled to spacing_mm on the way to region_size (prepare), so
+        # any store serves; other region modes cut the stored grid, which must then be at spacing_mm.
+        resampled = self.config.region_mode == "foreground_resize" and self.config.prepare_regions
+        if wanted is not None and not resampled:
             for v in volumes:
                 if not np.allclose(v.spacing, (wanted,) * 3, rtol=0.02, atol=1e-3):
                     raise ValueError(
                         f"volume {v.id!r} has spacing {tuple(round(float(x), 3) for x in v.spacing)} mm, but "
                         f"voco.spacing_mm={wanted:g} asks for {wanted:g} mm isotropic voxels (the paper's Table 9 "
-                        f"pre-processing). Resample the store (`rayssl convert ... --spacing {wanted:g}`) or set "
+                        f"pre-processing) and region_mode={self.config.region_mode!r} cuts regions from the stored "
+                        f"grid. Resample the store (`rayssl convert ... --spacing {wanted:g}`), use "
+                        f"region_mode=foreground_resize with prepare_regions (which resamples each region), or set "
                         f"--set voco.spacing_mm=null to train at the store's spacing")
         if self.config.intensity == "ct_window":
             for v in volumes:
@@ -796,7 +802,8 @@ class VoCo(Method):
             "base crops": f"{_dims(c.grid)} of {_dims(c.base_size)}",
             "crop input size": f"{c.input_size}^3",
             "random crops per volume": str(c.num_random_crops),
-            "voxel spacing": f"{c.spacing_mm:g} mm isotropic (stores converted at it)" if c.spacing_mm is not None
+            "voxel spacing": (f"{c.spacing_mm:g} mm isotropic (each prepared region resampled to it before the resize; "
+                              f"`crop` mode: stores converted at it)") if c.spacing_mm is not None
             else "the store's own",
             "augmentation": (f"flip p {c.flip_prob:g} per axis, rot90 p {c.rot90_prob:g}"
                              + (f", intensity shift ±{c.shift_intensity_offset:g} p {c.shift_intensity_prob:g}"
