@@ -36,7 +36,7 @@ TINY = {
     "mlsscl": ["clip_length=4", "long_stride=3", "short_stride=2", "plane_size=12", "image_size=12",
                "resnet_widen_factor=0.125", "mlsscl.proj_dim=16", "queue_length=8"],
     "gvsl": ["gvsl.input_size=[32,32,32]", "features=[4,4,8,8,16,4]", "num_groups=2"],
-    "drasclr": ["patch_size=8", "landmark_step=4", "widths=[2,4,4,8,8]", "rep_dim=8", "drasclr.proj_dim=6",
+    "drasclr": ["patch_size=8", "landmark_step=4", "widths=[4,4,4,8,8]", "rep_dim=8", "drasclr.proj_dim=6",
                 "num_experts=3", "queue_size=4", "n_neighbors=2"],
 }
 

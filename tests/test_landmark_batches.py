@@ -199,7 +199,7 @@ def test_two_worker_pretrain_trains_every_step_on_one_landmark(ray_local, demo_s
         f"data.store={demo_store_path}", f"out={tmp_path / 'runs'}", "data.split=all", "data.actors_max=2",
         "data.actor_cpus=0.2", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=2",
         "train.accumulate=2", "train.max_failures=0", f"train.steps={steps}", "train.report_every=1",
-        f"train.checkpoint_every={steps}", "drasclr.widths=[2,4,4,8,8]", "drasclr.rep_dim=8", "drasclr.proj_dim=8",
+        f"train.checkpoint_every={steps}", "drasclr.widths=[4,4,4,8,8]", "drasclr.rep_dim=8", "drasclr.proj_dim=8",
         "drasclr.num_experts=2", "drasclr.queue_size=8"])
     from rayssl.train.trainer import pretrain
 
