@@ -186,3 +186,13 @@ class TestRowsAndWarning:
         assert rows == {}
         assert small_batchnorm_warning(model, rows, "mlsscl", MLSSCLConfig.model_fields) is None
         assert small_batchnorm_warning(model, {"online.projector.1": 16}, "mlsscl", MLSSCLConfig.model_fields) is None
+
+
+def test_drasclr_widths_that_group_norm_cannot_divide_are_refused_by_the_config():
+    """Before Ray starts (config validation), not when a worker builds the encoder."""
+    from rayssl.config import resolve_config
+
+    with pytest.raises(ValueError, match=r"widths \[2, 4, 4, 8, 8\]: norm 'group' is GroupNorm\(4\)"):
+        resolve_config(method="drasclr", profile="cpu", overrides=["widths=[2,4,4,8,8]"])
+    resolve_config(method="drasclr", profile="cpu", overrides=["widths=[2,4,4,8,8]", "drasclr.norm=layer"])
+    resolve_config(method="drasclr", profile="paper", overrides=["widths=[2,4,4,8,8]"])  # BatchNorm: any width

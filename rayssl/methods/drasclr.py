@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from rayssl.data.read import read_box
@@ -38,7 +38,7 @@ from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat, is_distributed
 from rayssl.nn.heads import mlp
 from rayssl.nn.momentum import make_momentum_copy, momentum_update
-from rayssl.nn.norm import ConvNorm, conv_norm, conv_norm_text
+from rayssl.nn.norm import GROUPS as NORM_GROUPS, ConvNorm, conv_norm, conv_norm_text
 from rayssl.nn.queue import KeyedMemoryQueues
 
 # Keys of VolumeInfo.extra written by `DrasCLR.prepare` (small numpy arrays, see datasets_zarr.landmarks).
@@ -136,6 +136,14 @@ class DrasCLRConfig(MethodConfig):
         if value % 2:
             raise ValueError(f"patch_size must be even (the landmark sits at the patch centre), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _widths_fit_the_norm(self) -> "DrasCLRConfig":
+        # Found here, before Ray starts, instead of when a worker builds the encoder.
+        if self.norm == "group" and any(w % NORM_GROUPS for w in self.widths):
+            raise ValueError(f"widths {list(self.widths)}: norm 'group' is GroupNorm({NORM_GROUPS}), which needs every "
+                             f"width divisible by {NORM_GROUPS}; change the widths or set drasclr.norm=layer")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
