@@ -36,6 +36,16 @@ def demo_store_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """3 CT phantoms of 32^3 voxels, chunks 16^3 (splits: 2 train, 1 val; a real store, built without Ray),
+    for the tests that fail before Ray starts (tests/test_validation.py, tests/test_run_ownership.py)."""
+    from datasets_zarr import demo_store
+
+    return str(demo_store(root=tmp_path_factory.mktemp("tiny"), n=3, shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0),
+                          chunks=16))
+
+
+@pytest.fixture(scope="session")
 def voco_resume_runs(ray_local, demo_store_path, tmp_path_factory):
     """One tiny VoCo run of 4 steps (checkpoints at 2 and 4) made three ways, shared by
     tests/test_train.py (run folder, export, exact resume), tests/test_tracking.py (TensorBoard and

@@ -18,6 +18,11 @@ MLSSCL_TINY = ["clip_length=4", "long_stride=3", "short_stride=2", "plane_size=1
                "train.batch_size=1", "data.split=all", "data.actors_max=1", "train.report_every=1"]
 
 
+# An address nobody listens on (the discard port): a connection is refused at once, so a check that ran
+# after Ray started would show up as a connection error.
+NOBODY_LISTENS = "127.0.0.1:9"
+
+
 def corrupt_volume(store, group):
     """Overwrite every chunk of `group`'s image with bytes no codec can decode."""
     chunks = [p for p in glob.glob(os.path.join(str(store), group, "image", "c", "**"), recursive=True)

@@ -67,13 +67,18 @@ def _method_batch(name):
     return method, _batch(method, 2)
 
 
-@pytest.mark.parametrize("name", ["voco", "mlsscl", "drasclr", "gvsl"])
-def test_every_method_hands_its_embeddings_to_the_health_metrics(name):
+def _forward(name):
+    """The method (set up) and its training forward's outputs on a tiny batch, seeded."""
     torch.manual_seed(0)
     method, batch = _method_batch(name)
     model = method.build_model()
     method.setup(model, torch.device("cpu"))
-    outputs = model(batch)
+    return method, model(batch)
+
+
+@pytest.mark.parametrize("name", ["voco", "mlsscl", "drasclr", "gvsl"])
+def test_every_method_hands_its_embeddings_to_the_health_metrics(name):
+    method, outputs = _forward(name)
     rows = method.embeddings(outputs)
     assert rows.dim() == 2 and rows.shape[0] >= 2 * 2 and rows.shape[1] >= 4
     assert not rows.requires_grad or name != "gvsl"
@@ -94,11 +99,7 @@ _COMPARED = {
 
 @pytest.mark.parametrize("name", sorted(_COMPARED))
 def test_contrastive_health_reads_the_embedding_the_loss_compares(name):
-    torch.manual_seed(0)
-    method, batch = _method_batch(name)
-    model = method.build_model()
-    method.setup(model, torch.device("cpu"))
-    outputs = model(batch)
+    method, outputs = _forward(name)
     keys, width = _COMPARED[name]
     rows = method.embeddings(outputs)
     expected = torch.cat([outputs[k].reshape(-1, outputs[k].shape[-1]) for k in keys])

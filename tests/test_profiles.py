@@ -88,18 +88,23 @@ def _batch(method, volumes, arrays, size: int, rng: np.random.Generator) -> dict
     return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
 
 
-@pytest.mark.parametrize("method_name, profile", CASES)
-def test_every_profile_takes_one_optimizer_step(method_name, profile):
-    cfg = resolve_config(method=method_name, profile=profile, overrides=SMALL[method_name])
-    tc = cfg.train
+def _step_inputs(method_name: str, profile: str, overrides: list[str]):
+    """(config, method, the micro-batches of one optimizer step at the profile's batch, a fresh model), seeded."""
+    cfg = resolve_config(method=method_name, profile=profile, overrides=overrides)
     torch.manual_seed(0)
     method = get_method_class(method_name)(cfg.method_cfg())
     volumes, arrays = _volumes()
     if method_name == "drasclr":
         volumes = _attach_landmarks(method, volumes)
     rng = np.random.default_rng(0)
-    micro_batches = [_batch(method, volumes, arrays, tc.batch_size, rng) for _ in range(tc.accumulate)]
-    model = method.build_model()
+    micro_batches = [_batch(method, volumes, arrays, cfg.train.batch_size, rng) for _ in range(cfg.train.accumulate)]
+    return cfg, method, micro_batches, method.build_model()
+
+
+@pytest.mark.parametrize("method_name, profile", CASES)
+def test_every_profile_takes_one_optimizer_step(method_name, profile):
+    cfg, method, micro_batches, model = _step_inputs(method_name, profile, SMALL[method_name])
+    tc = cfg.train
     method.setup(model, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
@@ -145,15 +150,7 @@ def _cpu_step_batchnorm_rows(method_name: str, extra: list[str]) -> tuple[torch.
 
     # VoCo at its real 4x4 grid: how many crops a volume gives decides its projector's rows.
     overrides = [o for o in SMALL[method_name] if o.split("=")[0] not in ("n_x", "n_y")] + extra
-    cfg = resolve_config(method=method_name, profile="cpu", overrides=overrides)
-    torch.manual_seed(0)
-    method = get_method_class(method_name)(cfg.method_cfg())
-    volumes, arrays = _volumes()
-    if method_name == "drasclr":
-        volumes = _attach_landmarks(method, volumes)
-    rng = np.random.default_rng(0)
-    micro_batches = [_batch(method, volumes, arrays, cfg.train.batch_size, rng) for _ in range(cfg.train.accumulate)]
-    model = method.build_model()
+    cfg, method, micro_batches, model = _step_inputs(method_name, "cpu", overrides)
     method.setup(model, torch.device("cpu"))
     model.train()
     with count_batchnorm_rows(model) as rows:

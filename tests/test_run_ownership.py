@@ -19,19 +19,9 @@ import yaml
 
 from rayssl.config import resolve_config
 
-from helpers import MLSSCL_TINY
+from helpers import MLSSCL_TINY, NOBODY_LISTENS
 
-NOBODY_LISTENS = "127.0.0.1:9"  # the discard port: connection refused at once
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory):
-    """3 CT phantoms of 32^3 voxels, chunks 16^3 (a real store, built without Ray)."""
-    from datasets_zarr import demo_store
-
-    return str(demo_store(root=tmp_path_factory.mktemp("tiny"), n=3, shape=(32, 32, 32), spacing=(6.0, 6.0, 6.0),
-                          chunks=16))
 
 
 def _cfg(store, out, *extra):
