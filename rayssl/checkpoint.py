@@ -73,6 +73,21 @@ def load_weights_file(path: str) -> dict[str, Any]:
                          f"corrupt: export it again from its run (rayssl export RUN) or copy it again") from None
 
 
+def load_export_folder(folder: str, weights: str | None = None) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(model card, pretrained tensors, weights path) of an export folder: the weights file its card names
+    (or `weights`), without the card's "initialized" key group. An export holds every key of its network;
+    those the method did not pretrain are at a seeded init, not weights worth keeping."""
+    card_path = os.path.join(folder, "model_card.json")
+    with open(card_path) as f:
+        card = json.load(f)
+    path = weights or os.path.join(folder, card.get("weights", "backbone.pt"))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: the weights named by {card_path} are missing")
+    initialized = tuple(card.get("key_groups", {}).get("initialized", []))
+    state = {k: v for k, v in load_weights_file(path).items() if not (initialized and k.startswith(initialized))}
+    return card, state, path
+
+
 def load_checkpoint_dir(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, STATE_FILE)
     if not os.path.exists(path):

@@ -22,7 +22,6 @@ encoder) a Linear head on its representation (`EncoderWithHead`, the export's ke
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rayssl.checkpoint import load_weights_file
+from rayssl.checkpoint import load_export_folder
 
 _CARD = "model_card.json"
 # Networks a card may name: building one imports its module, so only these packages are trusted.
@@ -138,16 +137,7 @@ class _Export:
 
 
 def _read_card_export(folder: str, weights: str | None = None) -> _Export:
-    with open(os.path.join(folder, _CARD)) as f:
-        card = json.load(f)
-    path = weights or os.path.join(folder, card.get("weights", "backbone.pt"))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: the weights named by {os.path.join(folder, _CARD)} are missing")
-    state = load_weights_file(path)
-    # An export holds every key of its network; those the method did not pretrain are the card's
-    # "initialized" group (at a seeded init, not weights worth keeping).
-    initialized = tuple(card.get("key_groups", {}).get("initialized", []))
-    state = {k: v for k, v in state.items() if not (initialized and k.startswith(initialized))}
+    card, state, path = load_export_folder(folder, weights)
     return _Export(source=path, network=card["network"], network_kwargs=dict(card["network_kwargs"]), state=state,
                    key_groups=card.get("key_groups", {}), method=card.get("method"), step=card.get("steps"))
 

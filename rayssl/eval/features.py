@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -16,7 +15,7 @@ from torch import nn
 from rayssl.config import RunConfig, resolve_config
 from rayssl.methods import MethodConfig, VolumeInfo, get_method_class
 from rayssl.nn.backbones import global_pool
-from rayssl.checkpoint import complete_checkpoints, load_checkpoint_dir, load_weights_file
+from rayssl.checkpoint import complete_checkpoints, load_checkpoint_dir, load_export_folder
 
 # Networks a model card may name: rebuilding one imports its module, so only these packages are trusted.
 _TRUSTED_PACKAGES = ("monai.", "rayssl.")
@@ -94,13 +93,8 @@ def load_run_weights(run_dir: str, source: str = "auto", checkpoint: str | None 
         if not has_export:
             raise FileNotFoundError(f"{export_dir} has no backbone.pt: the run did not finish; "
                                     f"use --source checkpoint to probe its latest checkpoint")
-        with open(os.path.join(export_dir, "model_card.json")) as f:
-            card = json.load(f)
-        state = load_weights_file(os.path.join(export_dir, card.get("weights", "backbone.pt")))
-        # Exports hold every key of the network; those the method did not pretrain are at a seeded init
-        # (the card's "initialized" group). Evaluation keeps only the pretrained ones, as from a checkpoint.
-        initialized = tuple(card.get("key_groups", {}).get("initialized", []))
-        state = {k: v for k, v in state.items() if not (initialized and k.startswith(initialized))}
+        # Only the pretrained keys (not the card's "initialized" group), as from a checkpoint.
+        card, state, _ = load_export_folder(export_dir)
         return RunWeights(method=card["method"], network=card["network"], network_kwargs=dict(card["network_kwargs"]),
                           state_dict=state, key_groups=card.get("key_groups", {}), source="export",
                           step=card.get("steps"), run_config=_run_config(run_dir, card), card=card)
