@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import secrets
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ MANIFEST_NAME = "manifest.parquet"
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 MANIFEST_COLUMNS = ("id", "store", "group", "shape", "spacing", "dtype", "modality", "split",
-                    "bbox", "background", "has_label", "has_mask", "source", "source_sha256")
+                    "bbox", "background", "has_label", "has_mask", "source", "source_sha256", "intensity")
 
 
 def manifest_schema():
@@ -36,6 +37,7 @@ def manifest_schema():
         ("bbox", pa.list_(pa.int64())), ("background", pa.float64()),
         ("has_label", pa.bool_()), ("has_mask", pa.bool_()), ("source", pa.string()),
         ("source_sha256", pa.string()),
+        ("intensity", pa.string()),  # the volume's `intensity` attribute as JSON (rayssl.data.intensity.hu_offset reads it)
     ])
 
 
@@ -82,6 +84,7 @@ def manifest_row(store: str | os.PathLike, attrs: dict, split: str) -> dict:
         "has_mask": bool(attrs["has_mask"]),
         "source": str(attrs.get("source", "")),
         "source_sha256": str(attrs.get("source_sha256", "")),
+        "intensity": json.dumps(attrs.get("intensity", {}), sort_keys=True),
     }
 
 
