@@ -275,6 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as err:
         print(f"rayssl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - a failed run: its traceback is in the run's ray.log already
+        log = getattr(err, "rayssl_log", None)
+        if log is None:
+            raise
+        from rayssl.runtime import error_summary
+
+        print(f"rayssl {args.command}: error: {error_summary(err)}\n(traceback and Ray's output: {log})",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Any
 
 # How long the cluster's GCS port may take to accept a TCP connection before we give up.
@@ -91,3 +92,145 @@ def start_or_attach(address: str | None = None, **init_kwargs: Any) -> str | Non
     check_reachable(target)
     ray.init(address=target, **init_kwargs)
     return target
+
+
+# Where a run keeps Ray's own output (its loggers, Python warnings, the forwarded lines of Ray's workers and
+# actors), so the console holds rayssl's lines only.
+RAY_LOG_NAME = "ray.log"
+# The marker of rayssl's own lines, which workers print to stdout and the driver shows as they are.
+RAYSSL_LINE = "[rayssl]"
+
+
+def _worker_prefix(data: dict[str, Any]) -> str:
+    """Ray's "(ActorName pid=N, ip=...)" prefix of a forwarded line, without its colour codes."""
+    who = data.get("actor_name") or data.get("task_name") or ""
+    ip = data.get("ip")
+    where = "" if not ip or ip == data.get("localhost") else f", ip={ip}"
+    return f"({who + ' ' if who else ''}pid={data.get('pid')}{where})"
+
+
+class RayOutputToFile:
+    """For the duration of a run, Ray's own output goes to `path` and only rayssl's lines reach the console.
+
+    On entering, Ray's Python loggers (`ray`, `ray.data`, ... whose handlers write to the terminal) and
+    Python warnings write to the file; after `ray.init`, `take_worker_output()` replaces Ray's printer of
+    forwarded worker lines (which adds a coloured `(RayTrainWorker pid=...)` prefix) with one that prints
+    rayssl's lines as they are and appends every other line, prefixed, to the file. Everything is put
+    back on exit. Ray's printer is private API (`ray._private.ray_logging`); without it, worker lines
+    stay as Ray prints them.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: Any = None
+        self._streams: list[tuple[Any, Any]] = []
+        self._showwarning: Any = None
+        self._ray_printers: list[tuple[str, Any]] = []
+        self._dispatcher: Any = None
+
+    def __enter__(self) -> "RayOutputToFile":
+        import logging
+        import warnings
+
+        import ray
+
+        self._ray_was_running = ray.is_initialized()
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+        terminals = {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__}
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if not isinstance(logger, logging.Logger) or not (name == "ray" or name.startswith("ray.")):
+                continue
+            for handler in logger.handlers:
+                if type(handler) is not logging.FileHandler and getattr(handler, "stream", None) in terminals:
+                    self._streams.append((handler, handler.setStream(self._file)))
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._warning
+        return self
+
+    def _warning(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+        import warnings
+
+        self._file.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    def write(self, text: str) -> None:
+        """Append `text` (e.g. a traceback) to the log file."""
+        if self._file is not None:
+            self._file.write(text if text.endswith("\n") else text + "\n")
+
+    def take_worker_output(self) -> None:
+        """Route the worker lines Ray forwards to this driver (call after `ray.init`)."""
+        try:
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        except ImportError:
+            return
+        with dispatcher._lock:
+            self._ray_printers = [pair for pair in dispatcher.handlers if pair[0] == "ray_print_logs"]
+        if not self._ray_printers:
+            return  # log_to_driver=False (e.g. a test's runtime): nothing is forwarded
+        self._dispatcher = dispatcher
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("rayssl_print_logs", self._worker_lines)
+
+    def _worker_lines(self, data: dict[str, Any]) -> None:
+        if data.get("pid") == "autoscaler":
+            self._autoscaler_lines(data)
+            return
+        prefix = None
+        for line in data.get("lines", []):
+            if line.startswith(RAYSSL_LINE):
+                print(line, flush=True)
+            else:
+                prefix = prefix or _worker_prefix(data)
+                self._file.write(f"{prefix} {line}\n")
+
+    def _late_lines(self, data: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as self._file:
+            self._worker_lines(data)
+        self._file = None
+
+    def _autoscaler_lines(self, data: dict[str, Any]) -> None:
+        """The autoscaler's events (its status tables are noise): a warning or error (e.g. a resource request
+        no node type can meet) also to the console, in rayssl's words; the rest to the file."""
+        from ray._private.worker import filter_autoscaler_events
+
+        for event in filter_autoscaler_events(data.get("lines", [])):
+            if "Warning:" in event or "Error:" in event:
+                print(f"{RAYSSL_LINE} Ray's autoscaler says: {event.strip()}", flush=True)
+            self._file.write(f"(autoscaler) {event}\n")
+
+    def __exit__(self, *exc: Any) -> None:
+        import warnings
+
+        import ray
+
+        if self._dispatcher is not None:
+            self._dispatcher.remove_handler("rayssl_print_logs")
+            if ray.is_initialized() and self._ray_was_running:  # a runtime the caller started: as it was
+                for name, handler in self._ray_printers:
+                    self._dispatcher.add_handler(name, handler)
+            elif ray.is_initialized():
+                # The runtime this run started lives until the process ends (the CLI): Ray's late lines (actors
+                # shutting down) still go to the file, reopened for each batch.
+                self._dispatcher.add_handler("rayssl_print_logs", self._late_lines)
+        for handler, stream in self._streams:
+            handler.setStream(stream)
+        warnings.showwarning = self._showwarning
+        self._file.close()
+        self._file = None
+
+
+def error_summary(err: BaseException) -> str:
+    """A failure in a few lines: a Ray Train failure as its workers' (or controller's) own error messages
+    (the last line of each, one per distinct message), not Ray's wrapper with every rank's traceback."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if not failures and getattr(err, "controller_failure", None) is not None:
+        failures = {"controller": err.controller_failure}
+    if not failures:
+        return str(err)
+    messages: dict[str, list[str]] = {}
+    for who, failure in failures.items():
+        lines = [line for line in str(failure).strip().splitlines() if line.strip()]
+        messages.setdefault(lines[-1] if lines else type(failure).__name__, []).append(str(who))
+    return "; ".join(f"{message} (rank {', '.join(who)})" if who != ["controller"] else message
+                     for message, who in messages.items())

@@ -170,3 +170,28 @@ def assert_run_records_its_network_and_config(run_dir, method: str, steps: int) 
     if method == "drasclr":
         assert method_cfg.atlas is not None and card["landmarks"]["atlas"] == method_cfg.atlas
         assert card["landmarks"]["count"] and card["landmarks"]["count"] > 0
+
+
+def run_cli(args: list[str], cwd, ray_address: str | None = None, timeout: float = 600):
+    """`rayssl ARGS` as a user runs it: a subprocess whose stdout and stderr are pipes (not a terminal),
+    attached to `ray_address` (the session's runtime) through RAY_ADDRESS when given. Returns the
+    CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return subprocess.run([sys.executable, "-m", "rayssl.cli", *args], cwd=str(cwd), env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_clean_console(text: str, ray_log: str) -> None:
+    """A run's console holds rayssl's lines only: no Ray worker prefixes, colour codes or Ray's C++ log lines;
+    Ray's own output went to `ray_log` instead."""
+    assert "\x1b[" not in text, text
+    assert "pid=" not in text and "core_worker" not in text and "Token authentication" not in text, text
+    assert "Traceback" not in text, text
+    assert os.path.isfile(ray_log), ray_log
+    with open(ray_log) as f:
+        assert "pid=" in f.read(), ray_log  # Ray's workers and actors did say things: here, not on the console

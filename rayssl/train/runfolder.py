@@ -9,6 +9,7 @@ import os
 import platform
 import posixpath
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -44,7 +45,9 @@ Method **{method}** (profile `{profile}`), {steps} steps, data: {stores} ({volum
 | `metrics.jsonl` | one JSON line per reported step: loss terms, lr, samples/s, crops/s, step time, `data_wait_pct` (share of the window the worker waited for its next batch), `data_cpu_s_per_sample` and `data_cores_needed` (data-actor cores that keep data wait under 5 %), representation health (`health_spread`, `health_effective_rank`, `health_dead_fraction`), on held-out steps `heldout_loss` and `heldout_<term>` (`train.heldout_samples` fixed samples, every `train.heldout_every` steps) with the line to read them against: `heldout_fixed_total` / `heldout_fixed_<term>` against `heldout_chance` (queue methods: fixed negatives, chance ln(1 + K) per term), `heldout_identity` (the identity prediction's loss) or `heldout_first` (the run's first held-out loss), and on probed steps `probe_score` / `probe_random` / `probe_gain` |
 | `loss.png` | loss curves (raw and smoothed, total and each term) and the held-out loss (the objective on fixed samples never trained on: the curve to read for a trend) with its labelled chance / reference line; throughput with data wait %; with `--probe`, the probe's gain over random init (pretrained minus random-init score, zero line = random init) against the step |
 | `online_probe.json` | with `--probe`: the linear probe of each probed checkpoint and of the random-init network (store, metric, points, gains) |
-| `summary.json` | status, wall time, peak memory, mean data wait, held-out loss first -> last and against its chance / reference line (`below_reference_pct`), final metrics, skipped volumes |
+| `summary.json` | status, wall time, peak memory, mean data wait, held-out loss first -> last and against its chance / reference line (`below_reference_pct`), final metrics, skipped volumes, the run's warnings (`warnings`) and where Ray's own output went (`ray_log`) |
+| `warnings.json` | when the run warned about its setup (e.g. BatchNorm layers normalising over too few rows per step): the step and each warning with its fix, as printed on the console |
+| `ray.log` | Ray's own output during the run (its warnings, its workers' and actors' lines, tracebacks of a failure), kept off the console |
 | `tensorboard/` | TensorBoard event files of the same metrics: `tensorboard --logdir {run_dir}` |
 | `mlflow.json` | when the run logs to MLflow (`--mlflow URI` or `MLFLOW_TRACKING_URI`): tracking URI, experiment and run id; a resumed run continues that MLflow run |
 | `checkpoint_*/` | Ray Train checkpoints (`state.pt`: model, optimizer, scheduler, step, RNG, method state such as queues) |
@@ -86,10 +89,21 @@ def start_run_folder(run_dir: str, cfg: RunConfig, stores: Sequence[str], volume
                                                       steps=cfg.train.steps,
                                                       stores=", ".join(f"`{s}`" for s in stores), volumes=volumes,
                                                       run_dir=run_dir))
+    # The first line a run prints says where Ray's own output went (rayssl/runtime.py RayOutputToFile).
     if resumed_from is not None:
-        print(f"[rayssl] resuming {run_dir} from step {resumed_from}")
+        print(f"[rayssl] resuming {run_dir} from step {resumed_from} (Ray's own output: {ray_log_path(run_dir)})")
     else:
-        print(f"[rayssl] run folder: {run_dir}")
+        print(f"[rayssl] run folder: {run_dir} (Ray's own output: {ray_log_path(run_dir)})")
+
+
+def ray_log_path(run_dir: str) -> str:
+    """The local file that holds Ray's own output for this run: `ray.log` in a local run folder; for a
+    run folder in object storage, a file of that name in the local temp folder (a log is appended to)."""
+    from rayssl.runtime import RAY_LOG_NAME
+
+    if _is_local(run_dir):
+        return os.path.join(fsspec.core.url_to_fs(run_dir)[1], RAY_LOG_NAME)
+    return os.path.join(tempfile.gettempdir(), f"rayssl-{posixpath.basename(run_dir.rstrip('/'))}-{RAY_LOG_NAME}")
 
 
 # Written when rayssl creates a run folder: `--resume` trains only into folders that hold it
@@ -361,6 +375,9 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         "data": data or {},
         "online_probe": online_probe,
         "exported": exported,
+        # warnings.json (written by the training loop) and Ray's log, named where a reader of the summary looks.
+        "warnings": _read_warnings(run_dir),
+        "ray_log": ray_log_path(run_dir),
         "host": platform.node(),
     }
     write_run_file(run_dir, "summary.json", json.dumps(summary, indent=2, default=str))
@@ -384,6 +401,14 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
     return RunResult(run_dir=run_dir, status=status, steps=summary["steps"], wall_time_s=wall_time_s,
                      peak_memory_mb=peak_memory_mb, metrics=last, skipped=skipped,
                      error=str(error) if error else None)
+
+
+def _read_warnings(run_dir: str) -> dict[str, Any] | None:
+    """warnings.json of the run ({"file", "step", "warnings"}), or None when the run gave no such warning."""
+    if not run_file_exists(run_dir, "warnings.json"):
+        return None
+    with fsspec.open(run_path(run_dir, "warnings.json"), "r") as f:
+        return {"file": "warnings.json", **json.load(f)}
 
 
 def heldout_summary(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ import posixpath
 import secrets
 import threading
 import time
+import traceback
 from typing import Any
 
 import fsspec
@@ -21,7 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayssl.config import RunConfig
 from rayssl.data.pipeline import SkipLedger, build_dataset
-from rayssl.data.storage import apply_storage_options
+from rayssl.data.storage import apply_storage_options, fsspec_defaults
 from rayssl.data.stores import stores_summary, volume_repeats
 from rayssl.data.types import VolumeInfo
 from rayssl.data.volumes import (check_volumes_in_split, load_volumes, manifest_digest, read_manifest_table,
@@ -30,13 +31,14 @@ from rayssl.eval.online import OnlineProbe
 from rayssl.eval.online import record as record_online_probe
 from rayssl.methods import get_method_class
 from rayssl.methods.base import Method
-from rayssl.runtime import attach_address, start_or_attach
+from rayssl.runtime import RayOutputToFile, attach_address, start_or_attach
 from rayssl.checkpoint import latest_checkpoint_step
 from rayssl.train.heldout import build_heldout_batches, heldout_every
+from rayssl.train.jobs import ray_job_runner
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.optim import describe_batch, effective_batch, resolve_epochs
 from rayssl.train.runfolder import (RunResult, check_resume, claim_run_folder, existing_result, finish_run_folder,
-                                    release_run_folder, start_run_folder)
+                                    ray_log_path, release_run_folder, start_run_folder)
 from rayssl.train.shards import RANK_DATASET, rank_data_config, rank_datasets
 from rayssl.train.tracking import (TrackingCallback, check_tracking, finish_mlflow_run, log_online_probe,
                                   start_tracking)
@@ -95,9 +97,11 @@ def load_store_volumes(stores: list[str], split: str | None) -> list[VolumeInfo]
 
 
 def prepare_volumes(method: Method, volumes: list[VolumeInfo]) -> list[VolumeInfo]:
-    """`method.prepare(volumes)`, checked to return one VolumeInfo per volume in the same order
-    (sample plans, store shares and resumed runs index volumes by their manifest row)."""
-    prepared = method.prepare(volumes)
+    """`method.prepare(volumes)` with its per-volume jobs as Ray tasks, checked to return one
+    VolumeInfo per volume in the same order (sample plans, store shares and resumed runs index
+    volumes by their manifest row)."""
+    stores = {str(v.extra.get("store", "")) for v in volumes}
+    prepared = method.prepare(volumes, runner=ray_job_runner(storage_defaults=fsspec_defaults(stores)))
     if [v.id for v in prepared] != [v.id for v in volumes]:
         raise RuntimeError(f"{type(method).__name__}.prepare returned volumes {[v.id for v in prepared][:5]}... for "
                            f"{[v.id for v in volumes][:5]}...: it must return one VolumeInfo per volume, same order")
@@ -240,113 +244,124 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     if not resume:
         claim_run_folder(run_dir, cfg)  # atomic: a second run with this name fails here, before Ray
 
-    try:
-        ray_init = dict(ray_init or {})
-        if cfg.eval.probe_store and not attach_address(address) and not ray.is_initialized():
-            # The online probe's task reserves its own CPUs; on a private local runtime they are logical
-            # CPUs on top of the cores, so the probe shares the cores with training instead of waiting for it.
-            ray_init.setdefault("num_cpus", (os.cpu_count() or 1) + math.ceil(cfg.eval.probe_cpus))
-        ensure_ray(address, **ray_init)
-        # Each volume is prepared in its own store (VolumeInfo.extra["store"]).
-        volumes = prepare_volumes(method, loaded)
-        cfg = cfg.with_method_cfg(method.config)
-        tc = cfg.train
-        use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-        # config.yaml records the values this run resolved (GPU or not, the held-out cadence), not null.
-        tc = tc.model_copy(update={"use_gpu": use_gpu, "heldout_every": heldout_every(tc)})
-        cfg = cfg.model_copy(update={"train": tc})
-        start_run_folder(run_dir, cfg, stores=stores, volumes=len(volumes),
-                         resumed_from=start_step if resume else None)
+    # Ray's own output (its warnings, its workers' lines) goes to the run folder's ray.log; the console
+    # keeps rayssl's lines (rayssl/runtime.py RayOutputToFile).
+    with RayOutputToFile(ray_log_path(run_dir)) as ray_output:
+        try:
+            ray_init = dict(ray_init or {})
+            if cfg.eval.probe_store and not attach_address(address) and not ray.is_initialized():
+                # The online probe's task reserves its own CPUs; on a private local runtime they are logical
+                # CPUs on top of the cores, so the probe shares the cores with training instead of waiting for it.
+                ray_init.setdefault("num_cpus", (os.cpu_count() or 1) + math.ceil(cfg.eval.probe_cpus))
+            ensure_ray(address, **ray_init)
+            ray_output.take_worker_output()
+            # Each volume is prepared in its own store (VolumeInfo.extra["store"]).
+            volumes = prepare_volumes(method, loaded)
+            cfg = cfg.with_method_cfg(method.config)
+            tc = cfg.train
+            use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+            # config.yaml records the values this run resolved (GPU or not, the held-out cadence), not null.
+            tc = tc.model_copy(update={"use_gpu": use_gpu, "heldout_every": heldout_every(tc)})
+            cfg = cfg.model_copy(update={"train": tc})
+            start_run_folder(run_dir, cfg, stores=stores, volumes=len(volumes),
+                             resumed_from=start_step if resume else None)
 
-        # On a cluster, nodes come and go (spot preemption, node loss): restart from the last checkpoint.
-        # Locally a lost worker (OOM kill) is worth one restart; a bug or bad input only repeats once.
-        max_failures = tc.max_failures if tc.max_failures is not None else (3 if attach_address(address) else 1)
-        global_batch = effective_batch(tc)  # samples per optimizer step (micro-batches included)
-        # Progress is the loop's per-step line (step, loss terms, crops/s, ETA); Ray Data's operator
-        # bars would interleave with it on every refresh.
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        # On the driver's node: a 0-CPU actor may otherwise land on any worker node, and losing that
-        # node would fail a run that Train itself recovered (cluster work, see docs/cluster.md).
-        mlflow_run = start_tracking(run_dir, cfg, mlflow_uri, resumed=bool(resume))
-        ledger = SkipLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=False)).remote()
-        # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
-        build = functools.partial(
-            build_dataset, volumes, method.plan, method.views,
-            seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
-            on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
-            repeats=repeats,
-        )
-        heldout_ref = _heldout_samples(volumes, method, cfg, global_batch, repeats)
-        start_sample, num_samples = start_step * global_batch, (stop - start_step) * global_batch + global_batch
-        ingest = ray.train.DataConfig.default_ingest_options()
-        ingest.preserve_order = True  # reproducible sample order => exact resume
-        if method.step_shared_plans:
-            # Step-shared plans (DrasCLR's landmark per batch): samples [k*G, (k+1)*G) are step k, so
-            # every rank streams exactly its own micro-batches of them (rayssl/train/shards.py).
-            datasets = rank_datasets(functools.partial(build, samples_per_step=global_batch),
-                                     start_sample=start_sample, num_samples=num_samples, micro_batch=tc.batch_size,
-                                     world=tc.num_workers, actors=(cfg.data.actors_min, cfg.data.actors_max),
-                                     actor_cpus=cfg.data.actor_cpus)
-            data_config, dataset_name = rank_data_config(ingest), RANK_DATASET
-        else:
-            datasets = {"train": build(num_samples=num_samples, start_sample=start_sample,
-                                       actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus)}
-            data_config, dataset_name = ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest), "train"
-        card = {
-            # "store": the store of a single-store run; "stores" lists every store of the run.
-            "data": {"store": stores[0] if len(stores) == 1 else None, "manifest_sha256": manifest_digest(stores),
-                     "volumes": len(volumes), "split": cfg.data.split, "stores": per_store},
-            "pretraining_spacing_mm": spacing_summary(volumes),
-        }
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"run": cfg.model_dump(mode="json"), "run_dir": run_dir, "data_start_step": start_step,
-                               "dataset": dataset_name, "card": card, "samples_per_epoch": samples_per_epoch,
-                               "heldout": heldout_ref},
-            scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": tc.cpus_per_worker}),
-            run_config=ray.train.RunConfig(
-                name=name, storage_path=storage,
-                failure_config=ray.train.FailureConfig(max_failures=max_failures,
-                                                       controller_failure_limit=tc.controller_failure_limit),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-                callbacks=[*(callbacks or []), TrackingCallback(run_dir, start_step, mlflow_run)],
-                # Our loop prints one progress line per report; Train's own INFO lines would repeat it.
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            ),
-            datasets=datasets,
-            dataset_config=data_config,
-        )
-    except BaseException:
-        if not resume:  # failed before training: remove the folder this run made (nothing of value in it)
-            release_run_folder(run_dir)
-        raise
-    online = OnlineProbe(run_dir, cfg, start_step=start_step) if cfg.eval.probe_store else None
-    if online is not None:
-        online.start()
-    watcher = _MemoryWatcher()
-    watcher.start()
-    error = None
-    try:
-        trainer.fit()
-    except Exception as err:  # noqa: BLE001 - recorded in the run folder, then re-raised
-        error = explain_placement_failure(err, tc, use_gpu) or err
-    peak = watcher.stop()
-    probe_summary = None
-    if online is not None:
-        probe_summary = online.finish(failed=error is not None)
-        record_online_probe(run_dir, probe_summary)
-        log_online_probe(run_dir, probe_summary, mlflow_run)
-    skipped = ray.get(ledger.summary.remote())
-    data_failure = ray.get(ledger.failure.remote()) if error is not None else None
-    if data_failure is not None:  # the volume and chunk, not Train's truncated traceback of the data actor
-        error = DataReadError(f"{data_failure} (data.on_error=raise; --set data.on_error=skip trains on the other "
-                              f"volumes and lists the unreadable ones in summary.json)")
-    result = finish_run_folder(run_dir, cfg, wall_time_s=time.perf_counter() - t0, peak_memory_mb=peak,
-                               skipped=skipped, error=error, data={"stores": per_store}, online_probe=probe_summary)
-    if mlflow_run is not None:
-        finish_mlflow_run(run_dir, mlflow_run, result.status)
+            # On a cluster, nodes come and go (spot preemption, node loss): restart from the last checkpoint.
+            # Locally a lost worker (OOM kill) is worth one restart; a bug or bad input only repeats once.
+            max_failures = tc.max_failures if tc.max_failures is not None else (3 if attach_address(address) else 1)
+            global_batch = effective_batch(tc)  # samples per optimizer step (micro-batches included)
+            # Progress is the loop's per-step line (step, loss terms, crops/s, ETA); Ray Data's operator
+            # bars would interleave with it on every refresh.
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            # On the driver's node: a 0-CPU actor may otherwise land on any worker node, and losing that
+            # node would fail a run that Train itself recovered (cluster work, see docs/cluster.md).
+            mlflow_run = start_tracking(run_dir, cfg, mlflow_uri, resumed=bool(resume))
+            ledger = SkipLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False)).remote()
+            # Enough samples for the remaining steps, plus one batch per worker so drop_last never starves.
+            build = functools.partial(
+                build_dataset, volumes, method.plan, method.views,
+                seed=cfg.seed, samples_per_volume=cfg.data.samples_per_volume,
+                on_error=cfg.data.on_error, ledger=ledger, read_dtype=method.read_dtype, measure_cpu=True,
+                repeats=repeats,
+            )
+            heldout_ref = _heldout_samples(volumes, method, cfg, global_batch, repeats)
+            start_sample, num_samples = start_step * global_batch, (stop - start_step) * global_batch + global_batch
+            ingest = ray.train.DataConfig.default_ingest_options()
+            ingest.preserve_order = True  # reproducible sample order => exact resume
+            if method.step_shared_plans:
+                # Step-shared plans (DrasCLR's landmark per batch): samples [k*G, (k+1)*G) are step k, so
+                # every rank streams exactly its own micro-batches of them (rayssl/train/shards.py).
+                datasets = rank_datasets(functools.partial(build, samples_per_step=global_batch),
+                                         start_sample=start_sample, num_samples=num_samples, micro_batch=tc.batch_size,
+                                         world=tc.num_workers, actors=(cfg.data.actors_min, cfg.data.actors_max),
+                                         actor_cpus=cfg.data.actor_cpus)
+                data_config, dataset_name = rank_data_config(ingest), RANK_DATASET
+            else:
+                datasets = {"train": build(num_samples=num_samples, start_sample=start_sample,
+                                           actors=(cfg.data.actors_min, cfg.data.actors_max), actor_cpus=cfg.data.actor_cpus)}
+                data_config, dataset_name = ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest), "train"
+            card = {
+                # "store": the store of a single-store run; "stores" lists every store of the run.
+                "data": {"store": stores[0] if len(stores) == 1 else None, "manifest_sha256": manifest_digest(stores),
+                         "volumes": len(volumes), "split": cfg.data.split, "stores": per_store},
+                "pretraining_spacing_mm": spacing_summary(volumes),
+                # The method's intensity rule and what it resolved to on this run's volumes (the
+                # export's bundle metadata reads it: value_range, modality, format).
+                "intensity_resolved": method.intensity_rule().summary(volumes),
+            }
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"run": cfg.model_dump(mode="json"), "run_dir": run_dir, "data_start_step": start_step,
+                                   "dataset": dataset_name, "card": card, "samples_per_epoch": samples_per_epoch,
+                                   "heldout": heldout_ref},
+                scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                                                       resources_per_worker={"CPU": tc.cpus_per_worker}),
+                run_config=ray.train.RunConfig(
+                    name=name, storage_path=storage,
+                    failure_config=ray.train.FailureConfig(max_failures=max_failures,
+                                                           controller_failure_limit=tc.controller_failure_limit),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                    callbacks=[*(callbacks or []), TrackingCallback(run_dir, start_step, mlflow_run)],
+                    # Our loop prints one progress line per report; Train's own INFO lines would repeat it.
+                    logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                ),
+                datasets=datasets,
+                dataset_config=data_config,
+            )
+        except BaseException:
+            if not resume:  # failed before training: remove the folder this run made (nothing of value in it)
+                release_run_folder(run_dir)
+            raise
+        online = OnlineProbe(run_dir, cfg, start_step=start_step) if cfg.eval.probe_store else None
+        if online is not None:
+            online.start()
+        watcher = _MemoryWatcher()
+        watcher.start()
+        error = failure = None
+        try:
+            trainer.fit()
+        except Exception as err:  # noqa: BLE001 - recorded in the run folder, then re-raised
+            failure = err
+            error = explain_placement_failure(err, tc, use_gpu) or err
+        peak = watcher.stop()
+        probe_summary = None
+        if online is not None:
+            probe_summary = online.finish(failed=error is not None)
+            record_online_probe(run_dir, probe_summary)
+            log_online_probe(run_dir, probe_summary, mlflow_run)
+        skipped = ray.get(ledger.summary.remote())
+        data_failure = ray.get(ledger.failure.remote()) if error is not None else None
+        if data_failure is not None:  # the volume and chunk, not Train's truncated traceback of the data actor
+            error = DataReadError(f"{data_failure} (data.on_error=raise; --set data.on_error=skip trains on the other "
+                                  f"volumes and lists the unreadable ones in summary.json)")
+        result = finish_run_folder(run_dir, cfg, wall_time_s=time.perf_counter() - t0, peak_memory_mb=peak,
+                                   skipped=skipped, error=error, data={"stores": per_store}, online_probe=probe_summary)
+        if mlflow_run is not None:
+            finish_mlflow_run(run_dir, mlflow_run, result.status)
+        if error is not None:
+            ray_output.write("".join(traceback.format_exception(failure)) + f"rayssl: the run failed: {error}\n")
+            error.rayssl_log = ray_output.path  # the CLI names it beside the error in rayssl's words
     if error is not None:
         raise error
     return result
