@@ -12,6 +12,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from rayssl.data.intensity import stored_hu_offset
+
 from .errors import ConversionError
 from .store import blosc_codecs, read_volume_attrs
 
@@ -293,8 +295,11 @@ def ensure_mask(store: str | os.PathLike, volume_id: str, kind: MaskKind = "lung
     if attrs is None:
         raise ConversionError(f"{store}: no volume {volume_id!r}", volume_id=volume_id)
     spacing = [float(s) for s in attrs["spacing"]]
-    is_hu = attrs.get("modality") == "CT" and attrs.get("intensity", {}).get("unit") == "HU"
+    offset = stored_hu_offset(str(attrs.get("modality", "")), attrs.get("intensity"), str(attrs.get("dtype", "")))
+    is_hu = offset is not None
     image = zarr.open_array(str(store / volume_id / "image"), mode="r")[...]
+    if offset:  # stored = HU + offset (e.g. a uint16 CT): the thresholds are in HU
+        image = image.astype(np.float32) - np.float32(offset)
     if kind == "lung":
         if not is_hu:
             raise ConversionError(

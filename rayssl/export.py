@@ -20,6 +20,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
+from rayssl.data.intensity import bundle_input_format
+
 # Rebuilding networks from a card and adapting their input channels live in rayssl.pretrained
 # (which load_pretrained shares); re-exported here for the export's callers.
 from rayssl.pretrained import _CHANNEL_KWARGS, _Export, adapt_in_channels, build_pretrained, import_network  # noqa: F401
@@ -135,7 +137,8 @@ def bundle_metadata(card: dict[str, Any]) -> dict[str, Any]:
         patch = [patch] * 3
     patch = bundle_input_shape(card["network"], patch)
     channels = int(next((card["network_kwargs"][k] for k in _CHANNEL_KWARGS if k in card["network_kwargs"]), 1))
-    intensity = card.get("intensity")
+    # From the run's resolved intensity mappings (rayssl.data.intensity), not from the card's text.
+    inputs = bundle_input_format(card.get("intensity_resolved"))
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
         "version": "0.1.0",
@@ -151,10 +154,9 @@ def bundle_metadata(card: dict[str, Any]) -> dict[str, Any]:
         "references": [str(card["paper"])] if card.get("paper") else [],
         "network_data_format": {
             "inputs": {"image": {
-                "type": "image", "format": "hounsfield" if "ct_window" in json.dumps(intensity, default=str) else "magnitude",
-                "modality": "CT" if "ct_window" in json.dumps(intensity, default=str) else "unknown",
+                "type": "image", "format": inputs["format"], "modality": inputs["modality"],
                 "num_channels": channels, "spatial_shape": [int(p) for p in patch], "dtype": "float32",
-                "value_range": [0, 1], "is_patch_data": True,
+                "value_range": inputs["value_range"], "is_patch_data": True,
                 "channel_def": {str(i): "image" for i in range(channels)},
             }},
             "outputs": {"pred": {

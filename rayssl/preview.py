@@ -46,8 +46,9 @@ def _colours(figures: Sequence[PreviewFigure]) -> dict[str, Any]:
     return {g: palette[i % len(palette)] for i, g in enumerate(groups)}
 
 
-def _draw_box(ax: Any, box: PreviewBox, plane: str, at: float, colour: Any) -> bool:
-    """Outline `box` on a plane; solid when the plane cuts it, dashed (its projection) when not."""
+def _draw_box(ax: Any, box: PreviewBox, plane: str, at: float, colour: Any, labels: list[Any]) -> bool:
+    """Outline `box` on a plane; solid when the plane cuts it, dashed (its projection) when not. Its label
+    (top-left, inside) is appended to `labels`, to be kept apart from the others (_separate_labels)."""
     from matplotlib.patches import Rectangle
 
     h, v, n = PLANES[plane]
@@ -63,18 +64,72 @@ def _draw_box(ax: Any, box: PreviewBox, plane: str, at: float, colour: Any) -> b
             else:
                 ax.plot([box.start[h], box.start[h] + box.size[h]], [c, c], color=colour, linewidth=0.5, alpha=0.8)
     if box.label and cuts:
-        ax.text(box.start[h] + 0.5, box.start[v] + box.size[v] - 0.5, box.label, color=colour, fontsize=5.5,
-                va="top", ha="left")
+        text = ax.annotate(box.label, (box.start[h], box.start[v] + box.size[v]), xytext=_BOX_LABEL_OFFSETS[0],
+                           textcoords="offset points", color=colour, fontsize=5.5, va="top", ha="left")
+        text.rayssl_offsets = _BOX_LABEL_OFFSETS
+        labels.append(text)
     if box.note and cuts:
         ax.text(box.start[h] + box.size[h] / 2, box.start[v] + box.size[v] / 2, box.note, color="white",
                 fontsize=5, va="center", ha="center", bbox=dict(facecolor="black", alpha=0.45, pad=0.5, linewidth=0))
     return cuts
 
 
+# Where a point's label may sit, in points from the point: tried in order until it overlaps no other label.
+_LABEL_OFFSETS = [(dx, dy) for dy in (3, -9, 10, -16, 17, -23) for dx in (3, -13)]
+# A box's label: inside its top-left corner, else lower down its left edge.
+_BOX_LABEL_OFFSETS = [(2, -2 - 7 * k) for k in range(6)]
+
+
+def _separate_labels(fig: Any, labels: Sequence[Sequence[Any]]) -> None:
+    """Move point labels (annotations in offset points, one list per axes) so that no two of an axes overlap:
+    each takes the first of _LABEL_OFFSETS clear of the labels placed before it (else the least overlapping)."""
+    if not any(labels):
+        return
+    fig.canvas.draw()  # the final layout, so extents are those of the saved figure
+    renderer = fig.canvas.get_renderer()
+
+    def overlap(a: Any, b: Any) -> float:
+        return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+
+    for texts in labels:
+        placed: list[Any] = []
+        for text in texts:
+            best = None
+            for offset in getattr(text, "rayssl_offsets", _LABEL_OFFSETS):
+                text.set_position(offset)
+                box = text.get_window_extent(renderer)
+                clash = sum(overlap(box, other) for other in placed)
+                if best is None or clash < best[0]:
+                    best = (clash, offset)
+                if clash == 0:
+                    break
+            text.set_position(best[1])
+            placed.append(text.get_window_extent(renderer))
+
+
+def legend_handles(colours: dict[str, Any], projected: bool, points_in_plane: bool, points_off_plane: bool) -> list[Any]:
+    """The legend: one line per group, then how to read dashed boxes and filled / hollow dots where drawn."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour, linewidth=1.4, label=group) for group, colour in colours.items()]
+    if projected:
+        handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=0.9,
+                              label="dashed: box does not cross this plane (its projection)"))
+    if points_in_plane:
+        handles.append(Line2D([], [], marker="o", markersize=4, color="grey", linestyle="none",
+                              label="filled dot: point within 1 voxel of this plane"))
+    if points_off_plane:
+        handles.append(Line2D([], [], marker="o", markersize=4, color="grey", markerfacecolor="none", linestyle="none",
+                              label="hollow dot: point off this plane (its projection)"))
+    handles.append(Line2D([], [], color="#999999", linestyle=":", linewidth=0.8, label="volume edge"))
+    return handles
+
+
 def _draw_scene_plane(ax: Any, scene: PreviewScene, volume: VolumeInfo, image: np.ndarray, plane: str,
-                      colours: dict[str, Any], grey: tuple[float, float]) -> bool:
+                      colours: dict[str, Any], grey: tuple[float, float]) -> tuple[bool, set[bool], list[Any]]:
     """One plane of a scene: the volume slice `image` through the focus, its outline, boxes and points.
-    Returns whether some box was drawn as a projection (for the legend)."""
+    Returns whether some box was drawn as a projection, which kinds of dot were drawn (True: in the
+    plane, filled; False: off it, hollow) for the legend, and the points' labels (to keep apart)."""
     h, v, n = PLANES[plane]
     at = int(np.floor(scene.focus[n]))
     lo, hi = grey
@@ -87,17 +142,21 @@ def _draw_scene_plane(ax: Any, scene: PreviewScene, volume: VolumeInfo, image: n
                            linewidth=0.6, linestyle=":"))
     projected = False
     xs, ys = [0.0, float(volume.shape[h])], [0.0, float(volume.shape[v])]
+    labels: list[Any] = []
     for box in scene.boxes:
-        projected |= not _draw_box(ax, box, plane, at, colours[box.group])
+        projected |= not _draw_box(ax, box, plane, at, colours[box.group], labels)
         xs += [box.start[h], box.start[h] + box.size[h]]
         ys += [box.start[v], box.start[v] + box.size[v]]
+    dots: set[bool] = set()
     for point in scene.points:
         in_plane = abs(point.position[n] - (at + 0.5)) <= 1.0
+        dots.add(in_plane)
         colour = colours[point.group]
         ax.plot(point.position[h], point.position[v], marker="o", markersize=4 if point.label else 2.5,
                 markerfacecolor=colour if in_plane else "none", markeredgecolor=colour, linestyle="none")
-        if point.label:
-            ax.text(point.position[h] + 1, point.position[v] + 1, point.label, color=colour, fontsize=6)
+        if point.label:  # placed apart from the others once the layout is final (_separate_labels)
+            labels.append(ax.annotate(point.label, (point.position[h], point.position[v]), xytext=_LABEL_OFFSETS[0],
+                                      textcoords="offset points", color=colour, fontsize=6))
         xs.append(point.position[h])
         ys.append(point.position[v])
     pad = 2.0
@@ -108,7 +167,7 @@ def _draw_scene_plane(ax: Any, scene: PreviewScene, volume: VolumeInfo, image: n
     ax.set_ylabel(f"{_AXIS_NAMES[v]} (voxel)", fontsize=6, labelpad=1)
     ax.tick_params(labelsize=5, length=2, pad=1)
     ax.set_title(f"{plane} plane {_AXIS_NAMES[n]}={at}", fontsize=7)
-    return projected
+    return projected, dots, labels
 
 
 def _scene_rows(scenes: Sequence[PreviewScene], ncols: int) -> list[list[PreviewScene]]:
@@ -128,7 +187,6 @@ def render_preview(figure: PreviewFigure, volumes: Sequence[VolumeInfo], path: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     from rayssl.data.read import StoreReader
 
@@ -140,7 +198,7 @@ def render_preview(figure: PreviewFigure, volumes: Sequence[VolumeInfo], path: s
                           height_ratios=[3.0] * len(scene_rows) + ([2.6 * image_rows] if image_rows else []))[:, 0]
     colours = _colours([figure])
     readers: dict[str, StoreReader] = {}
-    projected = False
+    projected, dots, labels = False, set(), []
     for row, scenes in zip(rows, scene_rows):
         used = sum(len(s.planes) for s in scenes)
         parts = row.subfigures(1, len(scenes) + (1 if used < ncols else 0), squeeze=False,
@@ -155,7 +213,10 @@ def render_preview(figure: PreviewFigure, volumes: Sequence[VolumeInfo], path: s
             grey = _display_range(np.concatenate([i.ravel() for i in images]))
             for c, (plane, image) in enumerate(zip(scene.planes, images)):
                 ax = part.add_subplot(1, len(scene.planes), c + 1)
-                projected |= _draw_scene_plane(ax, scene, volume, image, plane, colours, grey)
+                box_projected, plane_dots, plane_labels = _draw_scene_plane(ax, scene, volume, image, plane, colours, grey)
+                projected |= box_projected
+                dots |= plane_dots
+                labels.append(plane_labels)
     if image_rows:
         axes = rows[-1].subplots(image_rows, ncols, squeeze=False).ravel()
         for ax in axes:
@@ -165,16 +226,13 @@ def render_preview(figure: PreviewFigure, volumes: Sequence[VolumeInfo], path: s
             lo, hi = item.display_range if item.display_range is not None else _display_range(image)
             ax.imshow(image.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_title(item.title, fontsize=6.5)
-    handles = [Line2D([], [], color=colour, linewidth=1.4, label=group) for group, colour in colours.items()]
-    if projected:
-        handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=0.9,
-                              label="dashed: box does not cross this plane (its projection)"))
-    handles.append(Line2D([], [], color="#999999", linestyle=":", linewidth=0.8, label="volume edge"))
+    handles = legend_handles(colours, projected, points_in_plane=True in dots, points_off_plane=False in dots)
     # The title heads the legend: constrained layout then keeps both above the panels, apart.
     fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 4), fontsize=6.5, frameon=False,
                title=figure.title, title_fontproperties={"size": 10, "weight": "bold"})
     if figure.notes:
         fig.supxlabel("\n".join(figure.notes), fontsize=6, x=0.01, ha="left")
+    _separate_labels(fig, labels)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

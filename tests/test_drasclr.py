@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import shutil
 from dataclasses import replace
 
@@ -13,7 +14,7 @@ import torch
 from helpers import load_export
 from rayssl.config import resolve_config
 from rayssl.methods import get_method_class
-from rayssl.methods.base import VolumeInfo
+from rayssl.methods.base import ReadRequest, VolumeInfo
 from rayssl.methods.drasclr import (
     EXTRA_ATLAS_COORDS,
     EXTRA_NEIGHBORS,
@@ -249,7 +250,6 @@ class TestViews:
     def test_plan_and_views_shapes_and_landmark_identity(self):
         method = _method()
         volumes = _volumes()
-        method.attach(volumes)
         rng = np.random.default_rng(7)
         expected_j = int(np.random.default_rng(7).integers(5))
         requests = method.plan(volumes, 1, rng)
@@ -274,11 +274,15 @@ class TestViews:
         again = method.views(crops, requests, np.random.default_rng(0))
         np.testing.assert_array_equal(again["view_q"], views["view_q"])
 
-    def test_views_without_landmark_tables_is_a_clear_error(self):
-        method = _method()
+    def test_views_of_a_copy_that_never_planned(self):
+        # The data actors run `views` on a pickled copy: the landmark travels in the plan's requests.
         requests = _method().plan(_volumes(), 0, np.random.default_rng(0))
-        with pytest.raises(RuntimeError, match="prepare"):
-            method.views([np.zeros((8, 8, 8), np.float32)] * 3, requests, np.random.default_rng(0))
+        views = pickle.loads(pickle.dumps(_method().views))([np.zeros((8, 8, 8), np.float32)] * 3, requests,
+                                                             np.random.default_rng(0))
+        assert int(views["landmark"]) == requests[0].context["landmark"]
+        bare = [ReadRequest(r.volume, r.start, r.size) for r in requests]  # boxes without the plan's context
+        with pytest.raises(ValueError, match="DrasCLR.plan"):
+            _method().views([np.zeros((8, 8, 8), np.float32)] * 3, bare, np.random.default_rng(0))
 
 
 def test_end_to_end_on_demo_phantoms(demo_store_path, tmp_path):

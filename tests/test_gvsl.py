@@ -18,7 +18,7 @@ from rayssl.data.genesis import (
 )
 from rayssl.methods import get_method_class
 from rayssl.methods.base import VolumeInfo
-from rayssl.methods.gvsl import GVSL, GVSLConfig, _pair_box, _scale_intensity
+from rayssl.methods.gvsl import GVSL, GVSLConfig, _pair_box
 
 # Tiny settings: 32^3 keeps the bottleneck at 2^3 (GroupNorm needs more than one value per group).
 TINY = dict(input_size=(32, 32, 32), features=(4, 4, 8, 8, 16, 4), num_groups=2,
@@ -240,19 +240,26 @@ class TestViews:
                               modality="CT", extra={"dtype": "float32"})
         mr = VolumeInfo(index=2, id="m", shape=ct.shape, spacing=ct.spacing, bbox=ct.bbox, background=0.0,
                         modality="MR")
-        method.prepare([ct, ct_float, mr])
-        assert method._intensity_by_volume == {0: "ct", 1: "none", 2: "percentile"}
+        volumes = [ct, ct_float, mr]
+        # Each plan's boxes carry their volume's mapping; the method object keeps nothing.
+        kinds = {r.volume: r.intensity.kind for i in range(3) for r in method.plan(volumes, i, np.random.default_rng(i))}
+        assert kinds == {0: "hu_window", 1: "none", 2: "percentile"}
+        assert not any(k.startswith("_intensity") for k in vars(method))
         fixed = GVSL(GVSLConfig(**TINY, intensity="percentile"))
-        fixed.prepare([ct])
-        assert fixed._intensity_by_volume == {0: "percentile"}
+        assert {r.intensity.kind for r in fixed.plan(volumes, 0, np.random.default_rng(0))} == {"percentile"}
 
     def test_intensity_scaling(self):
+        ct_info = _infos(1)[0]
+        mr_info = VolumeInfo(index=0, id="m", shape=ct_info.shape, spacing=ct_info.spacing, bbox=ct_info.bbox,
+                             background=0.0, modality="MR")
+        method = GVSL(GVSLConfig(**TINY, ct_window=(-1024.0, 1024.0), percentiles=(10.0, 90.0)))
         ct = np.array([-2000.0, -1024.0, 0.0, 1024.0, 3000.0], dtype=np.float32).reshape(5, 1, 1)
-        np.testing.assert_allclose(_scale_intensity(ct, "auto", (-1024.0, 1024.0), (0.5, 99.5)).ravel(),
-                                   [0.0, 0.0, 0.5, 1.0, 1.0])
+        np.testing.assert_allclose(method.input_intensity(ct, ct_info).ravel(), [0.0, 0.0, 0.5, 1.0, 1.0])
         mr = np.arange(101, dtype=np.float32).reshape(101, 1, 1)
-        scaled = _scale_intensity(mr, "auto", (-1024.0, 1024.0), (10.0, 90.0)).ravel()
+        scaled = method.input_intensity(mr, mr_info).ravel()
         assert scaled[10] == 0.0 and scaled[90] == 1.0 and abs(scaled[50] - 0.5) < 1e-6
+        paper = GVSL(GVSLConfig(**TINY, intensity="stored_2048"))  # stored [0, 2048] / 2048 on a HU store
+        np.testing.assert_allclose(paper.input_intensity(ct, ct_info).ravel(), [0.0, 0.0, 0.0, 0.5, 1.0])
 
     def test_views_shapes_range_and_determinism(self):
         method = GVSL(GVSLConfig(**TINY))

@@ -39,16 +39,14 @@ def _volumes(n_volumes: int = 3) -> list[VolumeInfo]:
 
 
 def _method(**overrides) -> DrasCLR:
-    method = DrasCLR(DrasCLRConfig(patch_size=8, **overrides))
-    method.attach(_volumes())
-    return method
+    return DrasCLR(DrasCLRConfig(patch_size=8, **overrides))
 
 
 def _landmarks(method: DrasCLR, samples_per_step: int | None, samples: range, seed: int = 3) -> list[int]:
     """The landmark each global sample index is planned at."""
     planner = Planner(_volumes(), method.plan, seed=seed, samples_per_volume=N_LANDMARKS,
                       samples_per_step=samples_per_step if method.step_shared_plans else None)
-    return [method._landmark_of(planner.plan_requests(s)[2]) for s in samples]
+    return [planner.plan_requests(s)[2][0].context["landmark"] for s in samples]
 
 
 class TestPlanner:
@@ -89,7 +87,7 @@ class TestPlanner:
     def test_outside_training_plans_draw_per_sample(self):
         """preview and streaming have no steps: the landmark is the sample's own draw."""
         method = _method()
-        js = {method._landmark_of(method.plan(_volumes(), 0, np.random.default_rng(i))) for i in range(20)}
+        js = {method.plan(_volumes(), 0, np.random.default_rng(i))[0].context["landmark"] for i in range(20)}
         assert len(js) > 1
 
     def test_rank_streams_interleave_whole_micro_batches(self):

@@ -190,13 +190,12 @@ class TestViews:
         views = method.views(crops, requests, np.random.default_rng(0))
         assert all(np.allclose(views[v], 0.0) for v in ONLINE_VIEWS)  # HU window: air -> 0
 
-    def test_prepare_carries_intensity_mode_to_a_pickled_views(self):
-        # The data actors run `views` of a pickled copy made after `prepare`, never `plan`.
-        volume = np.full((20, 20, 20), 40.0, dtype=np.float32)  # soft tissue only: the data rule would say MR
+    def test_plan_carries_intensity_mapping_to_a_pickled_views(self):
+        # The data actors run `views` of a pickled copy that never planned: the mapping travels in the requests.
+        volume = np.full((20, 20, 20), 40.0, dtype=np.float32)  # soft tissue only: a data rule would say MR
         info = volume_info(volume, modality="CT", background=-1024.0)
         method = make_method(augment=False, intensity="auto")
         requests = make_method(intensity="auto").plan([info], 0, np.random.default_rng(0))
-        method.prepare([info])
         views_fn = pickle.loads(pickle.dumps(method.views))
         crops = [read_box(volume, r.start, r.size, -1024.0, np.float32) for r in requests]
         views = views_fn(crops, requests, np.random.default_rng(0))

@@ -172,3 +172,33 @@ def test_gvsl_geometry_without_a_model_uses_a_fresh_one(demo_store_path):
 def test_preview_refuses_zero_samples(demo_store_path, tmp_path, capsys):
     assert main(["preview", "--data", str(demo_store_path), "--samples", "0", "--out", str(tmp_path / "p.png")]) == 2
     assert "--samples must be >= 1" in capsys.readouterr().err
+
+
+def test_point_labels_are_kept_apart_and_the_legend_explains_filled_and_hollow_dots():
+    """DrasCLR's neighbour landmarks sit a few voxels apart: their labels must not print over each other."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rayssl.preview import _LABEL_OFFSETS, _separate_labels, legend_handles
+
+    fig, ax = plt.subplots(figsize=(3, 3), dpi=110)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    points = [(50 + i % 3, 50 + i // 3) for i in range(7)]  # 7 points within 3 voxels of each other
+    labels = [ax.annotate(str(10 + i), p, xytext=_LABEL_OFFSETS[0], textcoords="offset points", fontsize=6)
+              for i, p in enumerate(points)]
+    _separate_labels(fig, [labels])
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert len({t.get_position() for t in labels}) > 1
+    for a, b in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b), (a, b)
+    plt.close(fig)
+
+    names = [h.get_label() for h in legend_handles({"landmark patch": "red"}, projected=False, points_in_plane=True,
+                                                   points_off_plane=True)]
+    assert any(n.startswith("filled dot") for n in names) and any(n.startswith("hollow dot") for n in names)
+    names = [h.get_label() for h in legend_handles({"region": "red"}, False, False, False)]
+    assert not any("dot" in n for n in names)

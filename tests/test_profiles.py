@@ -69,9 +69,7 @@ def _attach_landmarks(method, volumes: list[VolumeInfo]) -> list[VolumeInfo]:
     centres = np.array([(x, y, z) for x in (16, 32, 48) for y in (16, 32, 48) for z in (16, 32)], np.float32)
     extra = {EXTRA_POSITIONS: centres, EXTRA_NEIGHBORS: nearest_landmarks(centres, method.config.n_neighbors),
              EXTRA_ATLAS_COORDS: (centres / np.array(SHAPE, np.float32) * 2 - 1).astype(np.float32)}
-    volumes = [replace(v, has_mask=True, extra={**v.extra, **extra}) for v in volumes]
-    method.attach(volumes)
-    return volumes
+    return [replace(v, has_mask=True, extra={**v.extra, **extra}) for v in volumes]
 
 
 def _batch(method, volumes, arrays, size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:

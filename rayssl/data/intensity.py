@@ -30,21 +30,25 @@ def recorded_intensity(volume: VolumeInfo) -> dict[str, Any]:
     return dict(recorded) if isinstance(recorded, Mapping) else {}
 
 
-def hu_offset(volume: VolumeInfo) -> float | None:
+def stored_hu_offset(modality: str, recorded: Mapping[str, Any] | None, dtype: str = "") -> float | None:
     """The one rule for "stored in HU": stored value = HU + offset for a CT volume stored in Hounsfield
     units, None for anything else (MR, CT scaled at conversion).
 
-    The store's record decides (`intensity.unit == "HU"`, optional `intensity.offset`, e.g. 1024 for a
-    uint16 CT stored as HU + 1024); a manifest that predates that record falls back to the dtype
-    datasets_zarr writes: integers (int16) for CT in HU, float32 for CT windowed at conversion.
+    The store's record decides (`recorded` = the volume's `intensity` attribute: unit "HU", optional
+    `offset`, e.g. 1024 for a uint16 CT stored as HU + 1024); without a record (a manifest that
+    predates it) the dtype datasets_zarr writes does: integers (int16) for CT in HU, float32 for CT
+    windowed at conversion.
     """
-    if volume.modality.upper() != "CT":
+    if str(modality).upper() != "CT":
         return None
-    recorded = recorded_intensity(volume)
     if recorded:
         return float(recorded.get("offset", 0.0)) if recorded.get("unit") == "HU" else None
-    dtype = str(volume.extra.get("dtype", "") or "int16")
-    return None if dtype.startswith("float") else 0.0
+    return None if str(dtype or "int16").startswith("float") else 0.0
+
+
+def hu_offset(volume: VolumeInfo) -> float | None:
+    """`stored_hu_offset` of a manifest row."""
+    return stored_hu_offset(volume.modality, recorded_intensity(volume), str(volume.extra.get("dtype", "")))
 
 
 @dataclass(frozen=True)
@@ -143,16 +147,22 @@ class IntensityRule:
 
     def resolve(self, volume: VolumeInfo | None) -> IntensityMapping:
         """The mapping for `volume` (None: a volume not known here, taken as CT in HU for "hu_window")."""
+        if volume is None:
+            return self.resolve_stored("CT", 0.0)
+        return self.resolve_stored(volume.modality, hu_offset(volume))
+
+    def resolve_stored(self, modality: str, offset: float | None) -> IntensityMapping:
+        """The mapping for a volume of `modality` whose `stored_hu_offset` is `offset` (from a store's
+        attributes, where there is no manifest row)."""
         if self.mode == "none":
             return IntensityMapping("none", out_range=self.out_range)
         if self.mode == "percentile":
             return self._percentile()
         if self.mode == "fixed":
             return IntensityMapping("fixed", *self.fixed_range, out_range=self.out_range)
-        offset = 0.0 if volume is None else hu_offset(volume)
         if offset is not None:
             return IntensityMapping("hu_window", *self.hu_window, out_range=self.out_range, hu_offset=offset)
-        if volume is not None and volume.modality.upper() == "CT" and self.out_range == (0.0, 1.0):
+        if str(modality).upper() == "CT" and tuple(self.out_range) == (0.0, 1.0):
             return IntensityMapping("none", out_range=self.out_range)  # windowed to [0, 1] at conversion
         return self._percentile()
 

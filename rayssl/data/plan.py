@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -12,7 +12,13 @@ from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo
 ARRAY_CODES = {"image": 0, "label": 1, "mask": 2}
 ARRAY_NAMES = {v: k for k, v in ARRAY_CODES.items()}
 
-PlanFn = Callable[[Sequence[VolumeInfo], int, np.random.Generator], list[ReadRequest]]
+
+class PlanFn(Protocol):
+    """`Method.plan`: the boxes of one sample, from the volumes, the primary volume's row, the sample's
+    RNG and (step-shared plans only) its optimizer step."""
+
+    def __call__(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator,
+                 step: StepInfo | None = None) -> list[ReadRequest]: ...
 
 
 def volume_key(volume_id: str) -> int:
@@ -88,10 +94,11 @@ class Planner:
                         seed=self.seed)
 
     def call_plan(self, volume: int, rng: np.random.Generator, step: StepInfo | None) -> list[ReadRequest]:
-        """The method's plan for one sample; `step=` only for step-shared plans."""
+        """The method's plan for one sample; `step=` only for step-shared plans (a plain function of
+        (volumes, index, rng) serves every other planner)."""
         if step is None:
             return list(self.plan_fn(self.volumes, volume, rng))
-        return list(self.plan_fn(self.volumes, volume, rng, step=step))  # type: ignore[call-arg]
+        return list(self.plan_fn(self.volumes, volume, rng, step=step))
 
     def plan(self, sample: int) -> tuple[int, int, np.ndarray, int]:
         """(epoch, primary volume, encoded requests, views seed) of global sample index `sample`:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from rayssl.data.intensity import IntensityMapping
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,18 @@ class ReadRequest:
     """One box to read: voxels [start, start+size) of `array` of volume `volume` (manifest row).
 
     Boxes may reach outside the volume; outside voxels read as the volume's background value.
+    What `views` needs from the plan besides the box travels here, never on the method object (the
+    data actors run `views` on a copy that never planned): `intensity`, the volume's resolved
+    mapping of stored values to network input, and `context`, method facts of the sample (e.g.
+    DrasCLR's landmark). Neither takes part in equality: the box is the plan.
     """
 
     volume: int
     start: tuple[int, int, int]
     size: tuple[int, int, int]
     array: str = "image"
+    intensity: IntensityMapping | None = field(default=None, compare=False)
+    context: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -11,7 +11,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo  # noqa: F401 - StepInfo: plan()'s step argument
+from rayssl.data.intensity import IntensityMapping, IntensityRule, RuleMode
+from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo
 
 
 class MethodConfig(BaseModel):
@@ -20,60 +21,30 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _window(image: np.ndarray, low: float, high: float) -> np.ndarray:
-    return np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+# The names a method config's `intensity` field may take, as rules of the intensity contract
+# (rayssl/data/intensity.py): "auto"/"ct"/"ct_window" = the HU window for CT stored in HU (other
+# volumes: scaled CT as stored, anything else by percentiles), "percentile"/"mr" = percentiles.
+CONFIG_INTENSITY_MODES: dict[str, RuleMode] = {"auto": "hu_window", "ct": "hu_window", "ct_window": "hu_window",
+                                               "percentile": "percentile", "mr": "percentile", "none": "none"}
 
 
-def _percentile_window(image: np.ndarray, lower: float, upper: float) -> np.ndarray:
-    low, high = (float(v) for v in np.percentile(image, (lower, upper)))
-    if high <= low:
-        return np.zeros(image.shape, dtype=np.float32)
-    return _window(image, low, high)
-
-
-def stored_in_hu(image: np.ndarray, volume: VolumeInfo) -> bool:
-    """True for CT kept in HU (the store's integer dtype, or air far below -500 when the manifest has no dtype)."""
-    dtype = str(volume.extra.get("dtype", ""))
-    if dtype:
-        return volume.modality.upper() == "CT" and not dtype.startswith("float")
-    return volume.modality.upper() == "CT" and float(image.min()) <= -500.0
-
-
-# Intensity rules that read stored values as CT HU (a window, GVSL's HU + 1024 clip).
-CT_ONLY_INTENSITY = ("ct_window", "ct", "stored_2048")
-
-
-def intensity_for_modality(mode: str, volume: VolumeInfo) -> str:
-    """`mode`, or "percentile" when it is a CT-only rule and `volume` is not CT. A HU window flattens
-    MR: VoCo's (-175, 250) squeezed MNI152's stored [0, 1] T1 into [0.412, 0.414]."""
-    return "percentile" if mode in CT_ONLY_INTENSITY and volume.modality.upper() != "CT" else mode
-
-
-def volume_intensity_mode(volume: VolumeInfo, configured: str) -> str:
-    """One volume's intensity rule for a method's views, decided from the manifest on the driver: the
-    configured rule (`intensity_for_modality`), or (auto) "ct" for CT stored in HU (int16), "none" for
-    CT scaled at conversion (float32), "percentile" for anything else."""
-    if configured != "auto":
-        return intensity_for_modality(configured, volume)
-    if volume.modality.upper() == "CT":
-        return "none" if str(volume.extra.get("dtype", "int16")).startswith("float") else "ct"
-    return "percentile"
+def config_intensity_rule(config: MethodConfig) -> IntensityRule:
+    """The IntensityRule a config's `intensity` field names, with its `ct_window` and `percentiles`
+    (or `mr_percentiles`)."""
+    mode = getattr(config, "intensity", "auto")
+    window = tuple(float(v) for v in getattr(config, "ct_window", (-1000.0, 1000.0)))
+    pct = getattr(config, "percentiles", None) or getattr(config, "mr_percentiles", None) or (0.5, 99.5)
+    return IntensityRule(CONFIG_INTENSITY_MODES[mode], hu_window=window, percentiles=tuple(float(v) for v in pct))  # type: ignore[arg-type]
 
 
 def config_intensity(image: np.ndarray, volume: VolumeInfo, config: MethodConfig) -> np.ndarray:
-    """Stored units -> network input by a config's `intensity` field ("ct_window"/"ct": its `ct_window`
-    HU window to [0, 1], for CT only; "percentile"/"mr": its percentiles to [0, 1]; "none": unchanged;
-    "auto": the window for CT in HU, unchanged for CT scaled at conversion, percentiles otherwise)."""
-    mode = getattr(config, "intensity", "auto")
-    if mode == "auto":
-        mode = "ct" if stored_in_hu(image, volume) else ("none" if volume.modality.upper() == "CT" else "percentile")
-    mode = intensity_for_modality(mode, volume)
-    if mode in ("ct_window", "ct"):
-        return _window(image, *tuple(getattr(config, "ct_window", (-1000.0, 1000.0))))
-    if mode in ("percentile", "mr"):
-        pct = getattr(config, "percentiles", None) or getattr(config, "mr_percentiles", None) or (0.5, 99.5)
-        return _percentile_window(image, *tuple(pct))
-    return image.astype(np.float32, copy=False)
+    """`image` in stored units mapped by `config_intensity_rule(config)` resolved for `volume`."""
+    return config_intensity_rule(config).resolve(volume).apply(image)
+
+
+def with_intensity(requests: Sequence[ReadRequest], volumes: Sequence[VolumeInfo], rule: IntensityRule) -> list[ReadRequest]:
+    """`requests` with each image box carrying its volume's resolved mapping (what `views` applies)."""
+    return [replace(r, intensity=rule.resolve(volumes[r.volume])) if r.array == "image" else r for r in requests]
 
 
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -222,27 +193,39 @@ class Method(ABC):
 
     # ---- CPU side -------------------------------------------------------------------------
     @abstractmethod
-    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
-        """Boxes to read for one sample whose primary volume is `volumes[index]`.
+    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator,
+             step: StepInfo | None = None) -> list[ReadRequest]:
+        """Boxes to read for one sample whose primary volume is `volumes[index]`, each image box with
+        its volume's intensity mapping (`with_intensity`): whatever `views` needs travels in the
+        requests, since `views` runs on a copy of the method that never planned.
 
-        Methods with `step_shared_plans` also take `step: StepInfo | None` (None outside training:
-        preview, streaming)."""
+        `step` is given only to methods with `step_shared_plans` (None outside training: preview,
+        streaming); others ignore it."""
 
     @abstractmethod
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Build the sample's views from the crops read for `requests` (in `read_dtype`, same order)."""
 
+    def intensity_rule(self) -> IntensityRule:
+        """How this method maps stored values to network inputs, before it meets a volume (the
+        intensity contract, rayssl/data/intensity.py). Default: `config_intensity_rule`."""
+        return config_intensity_rule(self.config)
+
+    def request_intensity(self, request: ReadRequest) -> IntensityMapping:
+        """The mapping a view applies to `request`'s crop: the one its plan resolved, or (a request
+        made outside a plan) the rule's mapping for CT stored in HU."""
+        return request.intensity if request.intensity is not None else self.intensity_rule().resolve(None)
+
     def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
         """`image` (a whole volume or a crop, in stored units) mapped to the network's input range as
-        this method's views map it. Every probe (`rayssl probe`, the online probe, Tune) uses it, so a
-        backbone is evaluated on the intensities it was pretrained on. Percentile rules take their
-        percentiles over `image` (views take them over a crop). Default: `config_intensity`."""
-        return config_intensity(image, volume, self.config)
+        this method's views map it: `intensity_rule` resolved for `volume`. Every probe (`rayssl
+        probe`, the online probe, Tune) uses it, so a backbone is evaluated on the intensities it was
+        pretrained on. Percentile rules take their percentiles over `image` (views take them over a crop)."""
+        return self.intensity_rule().resolve(volume).apply(image)
 
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
         """Raise ValueError naming a volume this method cannot use (before any worker starts)."""
 
-    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
         """Driver-side data preparation before streaming (e.g. DrasCLR's atlas registration).
 
         `volumes` may come from several stores (`--data A --data B`): each volume's own store is

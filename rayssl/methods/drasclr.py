@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from rayssl.data.intensity import IntensityMapping, IntensityRule, stored_hu_offset
 from rayssl.data.read import read_box
 from rayssl.methods.base import (
     ExportedBackbone,
@@ -31,7 +32,7 @@ from rayssl.methods.base import (
     mid_slice,
     other_rows,
     request_box,
-    stored_in_hu,
+    with_intensity,
 )
 from rayssl.nn.condconv import LocCondConv3d
 from rayssl.nn.contrastive import info_nce
@@ -47,6 +48,8 @@ EXTRA_NEIGHBORS = "drasclr_neighbors"  # [L, k] int64: k nearest landmarks of ea
 EXTRA_ATLAS_COORDS = "drasclr_atlas_coords"  # [L, 3] float32: landmark centres in the atlas, scaled to [-1, 1]
 
 CT_WINDOW = (-1024.0, 240.0)  # the paper's HU window
+# The paper's mapping: HU [-1024, 240] -> [-1, 1]; data not stored in HU by 0.5-99.5 percentiles of each patch.
+DRASCLR_INTENSITY = IntensityRule("hu_window", hu_window=CT_WINDOW, percentiles=(0.5, 99.5), out_range=(-1.0, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,28 +348,6 @@ def neighbor_info_nce(
 # ---------------------------------------------------------------------------------------------
 
 
-def scale_intensity(patch: np.ndarray, window: tuple[float, float] = CT_WINDOW) -> np.ndarray:
-    """Clip to `window` and map it linearly to [-1, 1] (the paper: HU [-1024, 240] -> [-1, 1])."""
-    lo, hi = window
-    return ((np.clip(patch, lo, hi) - lo) / ((hi - lo) / 2.0) - 1.0).astype(np.float32)
-
-
-def _robust_window(patch: np.ndarray) -> tuple[float, float]:
-    """Intensity window of a non-CT patch: its 0.5-99.5 percentiles (never empty)."""
-    lo, hi = np.percentile(patch, [0.5, 99.5])
-    return float(lo), float(max(hi, lo + 1e-6))
-
-
-@dataclass
-class _Anatomy:
-    """Landmark tables the CPU views need (filled by `prepare`, pickled with the method into data actors)."""
-
-    atlas_coords: np.ndarray  # [L, 3] float32 in [-1, 1]
-    neighbors: np.ndarray  # [L, k] int64
-    starts: dict[int, np.ndarray] = field(default_factory=dict)  # volume index -> [L, 3] int64 patch starts
-    is_ct: dict[int, bool] = field(default_factory=dict)
-
-
 def landmark_starts(positions: np.ndarray, patch_size: int) -> np.ndarray:
     """Patch starts (int voxel) of landmark centres `positions` [L, 3]: round(centre) - P // 2."""
     return np.rint(np.asarray(positions, dtype=np.float64)).astype(np.int64) - patch_size // 2
@@ -448,7 +429,6 @@ class DrasCLR(Method):
     def __init__(self, config: DrasCLRConfig) -> None:
         super().__init__(config)
         self.config: DrasCLRConfig = config
-        self._anatomy: _Anatomy | None = None
         self._augment = None
         self._bank: KeyedMemoryQueues | None = None
         self._enqueued: torch.Tensor | None = None  # keys received per landmark (for the fill metric)
@@ -510,31 +490,7 @@ class DrasCLR(Method):
             prepared.append(replace(volume, has_mask=True, extra=extra))
         if cfg.atlas is None:  # pin the automatic choice (see Method.prepare)
             self.config = cfg.model_copy(update={"atlas": table.atlas_id})
-        self.attach(prepared)
         return prepared
-
-    def attach(self, volumes: Sequence[VolumeInfo]) -> None:
-        """Keep the landmark tables of prepared `volumes` so `views` can identify each sample's landmark.
-
-        `views` only receives read boxes (volume row, start, size); the landmark index j is found
-        by matching the anchor box with this volume's landmark patches.
-        """
-        if not volumes:
-            raise ValueError("no volumes to attach")
-        first = volumes[0].extra
-        if EXTRA_ATLAS_COORDS not in first:
-            raise ValueError(
-                f"volume {volumes[0].id!r} has no DrasCLR landmarks: run DrasCLR.prepare(volumes) first"
-            )
-        anatomy = _Anatomy(
-            atlas_coords=np.asarray(first[EXTRA_ATLAS_COORDS], dtype=np.float32),
-            neighbors=np.asarray(first[EXTRA_NEIGHBORS], dtype=np.int64),
-        )
-        for v in volumes:
-            anatomy.starts[v.index] = landmark_starts(v.extra[EXTRA_POSITIONS], self.config.patch_size)
-            # CT stored as integers is in HU (docs/store_format.md); float CT was rescaled at conversion.
-            anatomy.is_ct[v.index] = v.modality.upper() == "CT" and str(v.extra.get("dtype", "int16")).startswith("int")
-        self._anatomy = anatomy
 
     # ---- CPU side -------------------------------------------------------------------------
     @property
@@ -580,32 +536,17 @@ class DrasCLR(Method):
             j = self.step_landmark(step, len(positions), len(volumes))
         starts = landmark_starts(positions[[j, *neighbors[j]]], self.config.patch_size)
         size = (self.config.patch_size,) * 3
-        return [ReadRequest(volume=volume.index, start=tuple(int(s) for s in start), size=size) for start in starts]
+        coords = np.asarray(volume.extra[EXTRA_ATLAS_COORDS], dtype=np.float32)
+        # What `views` needs of the landmark travels with the anchor box (views runs on a copy that never planned).
+        context = {"landmark": j, "neighbors": np.asarray(neighbors[j], dtype=np.int64), "loc": coords[j],
+                   "neighbor_loc": coords[neighbors[j]], "n_landmarks": len(coords)}
+        requests = [ReadRequest(volume=volume.index, start=tuple(int(s) for s in start), size=size)  # type: ignore[arg-type]
+                    for start in starts]
+        requests[0] = replace(requests[0], context=context)
+        return with_intensity(requests, volumes, self.intensity_rule())
 
-    def _landmark_of(self, requests: Sequence[ReadRequest]) -> int:
-        if self._anatomy is None:
-            raise RuntimeError(
-                "DrasCLR.views needs the landmark tables: call prepare() (or attach(volumes)) "
-                "on this method instance before streaming"
-            )
-        volume = requests[0].volume
-        starts = self._anatomy.starts.get(volume)
-        if starts is None:
-            raise RuntimeError(
-                f"DrasCLR.views: volume row {volume} was not prepared (attach the same volumes as plan uses)"
-            )
-        candidates = np.flatnonzero((starts == np.asarray(requests[0].start)).all(axis=1))
-        if len(candidates) == 0:
-            raise RuntimeError(
-                f"DrasCLR.views: box at {requests[0].start} of volume row {volume} is not a landmark patch"
-            )
-        if len(candidates) > 1:
-            # Two landmarks rounded to the same voxel in this subject: the neighbour boxes decide.
-            neighbor_starts = np.asarray([r.start for r in requests[1:]])
-            for j in candidates:
-                if np.array_equal(starts[self._anatomy.neighbors[j]], neighbor_starts):
-                    return int(j)
-        return int(candidates[0])
+    def intensity_rule(self) -> IntensityRule:
+        return DRASCLR_INTENSITY
 
     def _augmenter(self):
         if self._augment is None:
@@ -636,10 +577,6 @@ class DrasCLR(Method):
         out = augment(x)
         return np.asarray(out.detach().cpu().numpy() if torch.is_tensor(out) else out, dtype=np.float32)
 
-    def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
-        """As the views: CT in HU through the paper's window to [-1, 1], other data by its 0.5-99.5 percentiles."""
-        return scale_intensity(image, CT_WINDOW if stored_in_hu(image, volume) else _robust_window(image))
-
     def views(
         self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
@@ -649,18 +586,19 @@ class DrasCLR(Method):
         (so the noise std is in HU), augmented, then scaled to [-1, 1]. The neighbours share one
         random transform (the official code augments them as one multi-channel image).
         """
-        j = self._landmark_of(requests)
-        anatomy = self._anatomy
-        assert anatomy is not None
-        ids = anatomy.neighbors[j]
+        landmark = requests[0].context
+        if landmark is None:
+            raise ValueError("DrasCLR.views needs the requests of DrasCLR.plan: the landmark travels in the anchor "
+                             "request's context")
+        ids = landmark["neighbors"]
         if len(crops) != 1 + len(ids):
             raise ValueError(f"DrasCLR.views expects {1 + len(ids)} crops (anchor + neighbours), got {len(crops)}")
-        if anatomy.is_ct.get(requests[0].volume, True):
-            lo, hi = CT_WINDOW
-        else:
-            lo, hi = _robust_window(crops[0])
-        half = (hi - lo) / 2.0
-        shifted = [np.clip(np.asarray(c, dtype=np.float32), lo, hi) - lo for c in crops]
+        # The anchor's bounds (HU window, or its percentiles) for every patch; width > 0: a flat patch maps to -1.
+        mapping = self.request_intensity(requests[0])
+        lo, hi = mapping.bounds(crops[0])  # type: ignore[misc]
+        width = max(hi - lo, 1e-6)
+        half = width / 2.0
+        shifted = [mapping.apply(c, (lo, lo + width), out_range=(0.0, width)) for c in crops]
         view_q = self._augment_once(shifted[0][None], rng) / half - 1.0
         view_k = self._augment_once(shifted[0][None], rng) / half - 1.0
         neighbors = self._augment_once(np.stack(shifted[1:]), rng) / half - 1.0
@@ -668,10 +606,10 @@ class DrasCLR(Method):
             "view_q": view_q.astype(np.float32),
             "view_k": view_k.astype(np.float32),
             "neighbors": neighbors[:, None].astype(np.float32),
-            "loc": anatomy.atlas_coords[j].astype(np.float32),
-            "neighbor_loc": anatomy.atlas_coords[ids].astype(np.float32),
-            "landmark": np.asarray(j, dtype=np.int64),
-            "n_landmarks": np.asarray(len(anatomy.atlas_coords), dtype=np.int64),
+            "loc": np.asarray(landmark["loc"], dtype=np.float32),
+            "neighbor_loc": np.asarray(landmark["neighbor_loc"], dtype=np.float32),
+            "landmark": np.asarray(landmark["landmark"], dtype=np.int64),
+            "n_landmarks": np.asarray(landmark["n_landmarks"], dtype=np.int64),
         }
 
     def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
@@ -861,7 +799,7 @@ class DrasCLR(Method):
             "paper": "Yu et al. DrasCLR: anatomy-aware self-supervised learning for 3D lung CT, MedIA 2024",
             "pretraining_patch_size": [cfg.patch_size] * 3,
             "recommended_downstream_patch_size": [cfg.patch_size] * 3,
-            "input_intensity": {"window_hu": list(CT_WINDOW), "scaled_to": [-1, 1]},
+            "input_intensity": DRASCLR_INTENSITY.as_dict(),
             "conditioning": "atlas coordinate of the patch centre, 2*c/(atlas_shape-1)-1 per axis",
             "landmarks": {
                 "mask": cfg.mask,
@@ -907,6 +845,14 @@ class DrasCLR(Method):
 # ---------------------------------------------------------------------------------------------
 
 
+def _patch_mapping(window: tuple[float, float] | None) -> IntensityMapping:
+    """The paper's mapping of a patch to [-1, 1]: stored `window` (CT_WINDOW for CT in HU), or (None)
+    the patch's 0.5-99.5 percentiles, as `DRASCLR_INTENSITY` resolves for data not in HU."""
+    if window is None:
+        return DRASCLR_INTENSITY.resolve_stored("MR", None)
+    return IntensityMapping("fixed", *window, out_range=DRASCLR_INTENSITY.out_range)
+
+
 @torch.no_grad()
 def _encode_patches(
     encoder: DrasCLREncoder,
@@ -925,7 +871,7 @@ def _encode_patches(
     features = []
     for i in range(0, len(starts), batch_size):
         patches = [read_box(image, s, (patch_size,) * 3, background, np.float32) for s in starts[i : i + batch_size]]
-        patches = [scale_intensity(p, window or _robust_window(p)) for p in patches]
+        patches = [_patch_mapping(window).apply(p) for p in patches]
         x = torch.from_numpy(np.stack(patches)[:, None]).to(device)
         loc = torch.from_numpy(np.asarray(coords[i : i + batch_size], dtype=np.float32)).to(device)
         features.append(encoder(x, loc).cpu().numpy())
@@ -1052,10 +998,12 @@ def embed_volume(
             f"(or datasets_zarr.landmarks.prepare_anatomy) on its store first"
         )
     image = zarr.open_array(f"{store}/{volume_id}/image", mode="r")[...]
-    is_hu = attrs.get("modality") == "CT" and attrs.get("intensity", {}).get("unit") == "HU"
+    modality = str(attrs.get("modality", ""))
+    mapping = DRASCLR_INTENSITY.resolve_stored(
+        modality, stored_hu_offset(modality, attrs.get("intensity"), str(attrs.get("dtype", ""))))
     options = dict(
         background=float(attrs.get("background", -1024.0)),
-        window=CT_WINDOW if is_hu else None,
+        window=mapping.bounds() if mapping.kind == "hu_window" else None,
         batch_size=batch_size,
         device=device,
     )

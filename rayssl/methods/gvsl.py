@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from rayssl.data.genesis import genesis_corrupt, genesis_one_of
+from rayssl.data.intensity import IntensityRule
 from rayssl.methods.base import (
     ExportedBackbone,
     Method,
@@ -24,12 +25,14 @@ from rayssl.methods.base import (
     PreviewImage,
     PreviewScene,
     ReadRequest,
+    StepInfo,
     VolumeInfo,
     box_centre,
+    config_intensity_rule,
     cpu_state_dict,
     mid_slice,
     request_box,
-    volume_intensity_mode,
+    with_intensity,
 )
 from rayssl.nn.backbones import global_pool
 from rayssl.nn.spatial import (
@@ -268,26 +271,6 @@ class GVSLModel(nn.Module):
 # ---- views helpers -------------------------------------------------------------------------------
 
 
-def _scale_intensity(crop: np.ndarray, mode: str, ct_window: tuple[float, float],
-                     percentiles: tuple[float, float]) -> np.ndarray:
-    """Crop in stored units -> float32 in [0, 1] (CT window in HU, percentile scaling, or a clip)."""
-    if mode == "auto":
-        # A volume `prepare`/`plan` did not record: HU crops always hold air/background far below
-        # -500 (reads outside the volume are its background, -1024 for CT); MR and scaled data do not.
-        mode = "ct" if float(crop.min()) <= -500.0 else "percentile"
-    if mode == "none":
-        return np.clip(crop.astype(np.float32), 0.0, 1.0)
-    if mode == "stored_2048":  # the paper's / official dataloader's mapping, on the stored values
-        return np.clip(crop.astype(np.float32), 0.0, 2048.0) / np.float32(2048.0)
-    if mode == "ct":
-        lo, hi = ct_window
-    else:
-        lo, hi = (float(v) for v in np.percentile(crop, percentiles))
-        if hi <= lo:
-            return np.zeros(crop.shape, dtype=np.float32)
-    return np.clip((crop.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
-
-
 def _resize(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Resize a 3D volume: area averaging on shrinking axes (no aliasing), then trilinear."""
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
@@ -385,9 +368,6 @@ class GVSL(Method):
         super().__init__(config)
         self.config: GVSLConfig = config
         self.steps_done = 0  # optimizer steps taken (drives the restoration warm-up)
-        # Intensity mode per manifest row, filled by `prepare` (driver) and `plan`: `views` runs on a
-        # pickled copy made after `prepare` and only sees requests, so the mode travels in this dict.
-        self._intensity_by_volume: dict[int, str] = {}
 
     # ---- CPU side -------------------------------------------------------------------------
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
@@ -396,27 +376,27 @@ class GVSL(Method):
                 f"GVSL registers pairs of different volumes and needs at least 2 volumes, got {len(volumes)}"
             )
 
-    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
-        """Record each volume's intensity mode on the driver (see `_intensity_by_volume`)."""
-        for volume in volumes:
-            self._intensity_by_volume[volume.index] = volume_intensity_mode(volume, self.config.intensity)
-        return list(volumes)
-
-    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
+    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator,
+             step: StepInfo | None = None) -> list[ReadRequest]:
         """x_A = volume `index`, x_B = another volume drawn uniformly; both boxes at the same relative position."""
         self.check_volumes(volumes)
         other = int(rng.integers(0, len(volumes) - 1))
         other += int(other >= index)
-        for i in (index, other):
-            self._intensity_by_volume[i] = volume_intensity_mode(volumes[i], self.config.intensity)
         position = rng.random(3)
         cfg = self.config
-        return [_pair_box(volumes[i], cfg.crop_fraction, cfg.bbox_margin, position) for i in (index, other)]
+        boxes = [_pair_box(volumes[i], cfg.crop_fraction, cfg.bbox_margin, position) for i in (index, other)]
+        return with_intensity(boxes, volumes, self.intensity_rule())
 
-    def input_intensity(self, image: np.ndarray, volume: VolumeInfo) -> np.ndarray:
-        """The views' own scaling (`intensity`, including the paper's stored [0, 2048] / 2048)."""
+    def intensity_rule(self) -> IntensityRule:
+        """`intensity` as a rule: "stored_2048" (paper, official code: stored values clipped to [0, 2048]
+        / 2048, on rayssl's HU stores the HU window [0, 2048]), "none" (stored values clipped to [0, 1]),
+        else the config's HU window or percentiles."""
         cfg = self.config
-        return _scale_intensity(image, volume_intensity_mode(volume, cfg.intensity), tuple(cfg.ct_window), tuple(cfg.percentiles))
+        if cfg.intensity == "stored_2048":
+            return IntensityRule("hu_window", hu_window=(0.0, 2048.0), percentiles=tuple(cfg.percentiles))
+        if cfg.intensity == "none":
+            return IntensityRule("fixed", fixed_range=(0.0, 1.0))
+        return config_intensity_rule(cfg)
 
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest],
               rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -424,8 +404,7 @@ class GVSL(Method):
         cfg = self.config
         if len(crops) != 2:
             raise ValueError(f"GVSL views need 2 crops (x_A, x_B), got {len(crops)}")
-        a, b = (_resize(_scale_intensity(crop, self._intensity_by_volume.get(request.volume, cfg.intensity),
-                                         cfg.ct_window, cfg.percentiles), cfg.input_size)
+        a, b = (_resize(self.request_intensity(request).apply(crop), cfg.input_size)
                 for crop, request in zip(crops, requests))
         block = tuple(max(2, int(n * cfg.shuffle_block_fraction)) for n in cfg.input_size)
         if cfg.corruption == "one_of":
@@ -593,12 +572,7 @@ class GVSL(Method):
             "paper": "He et al. Geometric Visual Similarity Learning (GVSL), CVPR 2023",
             "pretraining_input_size": list(cfg.input_size),
             "recommended_downstream_input_size": list(cfg.input_size),
-            "intensity": ("stored values clipped to [0, 2048] / 2048 (paper, official code)"
-                          if cfg.intensity == "stored_2048" else
-                          f"CT window {list(cfg.ct_window)} HU -> [0, 1]" if cfg.intensity == "ct" else
-                          f"percentiles {list(cfg.percentiles)} -> [0, 1]" if cfg.intensity == "percentile" else
-                          f"auto: CT window {list(cfg.ct_window)} HU for HU crops, else percentiles "
-                          f"{list(cfg.percentiles)}; -> [0, 1]"),
+            "intensity": {"mode": cfg.intensity, **self.intensity_rule().as_dict()},
             "input_resampling": "foreground box resized to input_size (not isotropic)",
             "network": "monai.networks.nets.BasicUNet",
             "features": list(cfg.features),

@@ -51,9 +51,9 @@ Readings of the paper (where it is not explicit) -- also listed in docs/methods/
    `image_size`. No resampling to a common spacing here (the store's spacing is used as is).
 7. Intensity. CT (HU): window `ct_window` (default [-1000, 1000]) -> [0, 1], clipped. MR:
    percentiles `mr_percentiles` (default 0.5, 99.5) of all clips of the sample jointly -> [0, 1].
-   `intensity: auto` picks per volume from the manifest (CT int16 -> window, CT float32 = already
-   scaled at conversion -> unchanged, MR -> percentiles), recorded by `prepare` on the driver.
-   `intensity: ct` on a volume that is not CT falls back to percentiles (a HU window flattens MR).
+   `intensity: auto` (= `ct`) picks per volume from the manifest (rayssl/data/intensity.py: CT stored
+   in HU -> window, CT scaled at conversion -> unchanged, MR -> percentiles: a HU window flattens
+   MR); the plan's read requests carry the volume's mapping to `views`.
    Augmentations then act on [0, 1] intensities.
 8. Normalisation. The paper's ResNet-18 and BYOL-style heads use BatchNorm (`norm: batch`,
    `head_norm: batch`, the `paper` profile). All clips of a batch go through the backbone and heads
@@ -97,11 +97,12 @@ from rayssl.methods.base import (
     PreviewImage,
     PreviewScene,
     ReadRequest,
+    StepInfo,
     VolumeInfo,
     box_centre,
     cpu_state_dict,
     other_rows,
-    volume_intensity_mode,
+    with_intensity,
 )
 from rayssl.nn.backbones import ResNetEncoder, UNetEncoder, global_pool
 from rayssl.nn.contrastive import info_nce
@@ -116,8 +117,6 @@ VIEW_AXES: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
 TARGET_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")  # views with a target embedding and a queue
 ONLINE_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal", "short")
 MULTIVIEW_PAIRS: tuple[tuple[str, str], ...] = (("axial", "coronal"), ("axial", "sagittal"), ("coronal", "sagittal"))
-# CT stored in HU has air near -1000; no MR or pre-scaled store goes this low (fallback rule only).
-_HU_AIR_THRESHOLD = -200.0
 
 
 class MLSSCLConfig(MethodConfig):
@@ -283,10 +282,6 @@ class MLSSCL(Method):
     def __init__(self, config: MLSSCLConfig) -> None:
         super().__init__(config)
         self._queues: dict[str, MemoryQueue] | None = None
-        # Intensity mode (`volume_intensity_mode`: "ct" / "percentile" / "none") per manifest row, filled
-        # by `prepare` (driver) and `plan`; `views` falls back to the config (auto: a data rule) for a
-        # row it does not know.
-        self._intensity_by_volume: dict[int, str] = {}
 
     # ---- CPU side -------------------------------------------------------------------------
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
@@ -299,33 +294,23 @@ class MLSSCL(Method):
                     "set intensity to 'ct', 'mr' or 'none'"
                 )
 
-    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
-        """Record each volume's intensity mode on the driver.
-
-        The data actors call `views` on a pickled copy of this method made after `prepare`, and
-        `views` only sees requests (manifest rows), so the per-row mode travels in this dict.
-        """
-        for volume in volumes:
-            self._intensity_by_volume[volume.index] = volume_intensity_mode(volume, self.config.intensity)
-        return list(volumes)
-
     def _span(self, stride: int) -> int:
         """Slices a clip of `clip_length` slices at `stride` covers (first to last, inclusive)."""
         return (self.config.clip_length - 1) * stride + 1
 
-    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
+    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator,
+             step: StepInfo | None = None) -> list[ReadRequest]:
         """One box per view clip (axial, coronal, sagittal), plus one for the short clip if placed anywhere.
 
         Each box spans the clip's slices along its axis (first to last slice; `views` takes every
         stride-th) and the in-plane window, so only what the clips need is read.
         """
         volume = volumes[index]
-        self._intensity_by_volume[volume.index] = volume_intensity_mode(volume, self.config.intensity)
         long_span = self._span(self.config.long_stride)
         requests = [self._clip_request(volume, axis, long_span, rng) for axis in VIEW_AXES.values()]
         if self.config.short_clip_placement == "anywhere":
             requests.append(self._clip_request(volume, VIEW_AXES["axial"], self._span(self.config.short_stride), rng))
-        return requests
+        return with_intensity(requests, volumes, self.intensity_rule())
 
     def _clip_request(self, volume: VolumeInfo, clip_axis: int, span: int, rng: np.random.Generator) -> ReadRequest:
         start, size = [], []
@@ -411,24 +396,11 @@ class MLSSCL(Method):
         return PreviewFigure("MLSSCL: three view clips and the short clip", [scene], images, notes, facts)
 
     def _normalise_intensity(self, crops: list[np.ndarray], requests: list[ReadRequest]) -> list[np.ndarray]:
-        cfg = self.config
-        mode = self._intensity_by_volume.get(requests[0].volume, "")
-        if not mode:  # neither `prepare` nor `plan` saw this row here: the config, or (auto) the data
-            mode = cfg.intensity
-            if mode == "auto":
-                lowest = min(float(c.min()) for c in crops)
-                mode = "ct" if lowest < _HU_AIR_THRESHOLD else "mr"
-        crops = [c.astype(np.float32, copy=False) for c in crops]
-        if mode == "none":
-            return crops
-        if mode == "ct":
-            low, high = cfg.ct_window
-        else:
-            # Percentiles of all the sample's clips together, so all views share one scale.
-            low, high = np.percentile(np.concatenate([c.ravel() for c in crops]), cfg.mr_percentiles)
-            if high <= low:
-                high = low + 1.0
-        return [np.clip((c - low) / (high - low), 0.0, 1.0) for c in crops]
+        """The sample's clips mapped alike by the volume's intensity mapping (percentiles of all the
+        sample's clips together, so all views share one scale)."""
+        mapping = self.request_intensity(requests[0])
+        bounds = mapping.bounds(*crops)
+        return [mapping.apply(c, bounds) for c in crops]
 
     def _augment(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Augment a clip [C, h, w] -> [C, image_size, image_size].
@@ -603,7 +575,7 @@ class MLSSCL(Method):
             "pretraining_input_layout": "[1, clip axis, in-plane a, in-plane b]; axial [z,x,y], coronal [y,x,z], sagittal [x,y,z]",
             "clip_strides": {"long": cfg.long_stride, "short": cfg.short_stride},
             "pretraining_spacing": "native store spacing (no resampling)",
-            "intensity": {"mode": cfg.intensity, "ct_window": list(cfg.ct_window), "mr_percentiles": list(cfg.mr_percentiles)},
+            "intensity": {"mode": cfg.intensity, **self.intensity_rule().as_dict()},
             "recommended_downstream_patch_size": [cfg.image_size] * 3,
         }
 

@@ -97,10 +97,12 @@ from rayssl.methods.base import (
     PreviewImage,
     PreviewScene,
     ReadRequest,
+    StepInfo,
     VolumeInfo,
     box_centre,
     cpu_state_dict,
     mid_slice,
+    with_intensity,
 )
 from rayssl.nn.backbones import SwinViTEncoder, UNetEncoder, global_pool
 from rayssl.nn.momentum import make_momentum_copy, momentum_update
@@ -611,15 +613,19 @@ class VoCo(Method):
                         f"use --set intensity=percentile for MR (or intensity=none for pre-scaled stores)"
                     )
 
-    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator) -> list[ReadRequest]:
+    def plan(self, volumes: Sequence[VolumeInfo], index: int, rng: np.random.Generator,
+             step: StepInfo | None = None) -> list[ReadRequest]:
         info = volumes[index]
         if self.config.region_mode == "foreground_resize":
             x0, y0, z0, x1, y1, z1 = info.bbox
             if x1 <= x0 or y1 <= y0 or z1 <= z0:
-                return [ReadRequest(volume=index, start=(0, 0, 0), size=tuple(info.shape))]
-            return [ReadRequest(volume=index, start=(x0, y0, z0), size=(x1 - x0, y1 - y0, z1 - z0))]
-        start = region_start(info.bbox, info.shape, self.config.region_size, rng)
-        return [ReadRequest(volume=index, start=start, size=tuple(self.config.region_size))]
+                box = ReadRequest(volume=index, start=(0, 0, 0), size=tuple(info.shape))
+            else:
+                box = ReadRequest(volume=index, start=(x0, y0, z0), size=(x1 - x0, y1 - y0, z1 - z0))
+        else:
+            box = ReadRequest(volume=index, start=region_start(info.bbox, info.shape, self.config.region_size, rng),
+                              size=tuple(self.config.region_size))
+        return with_intensity([box], volumes, self.intensity_rule())
 
     def _augmentation(self) -> Compose:
         # Built lazily: the method object is pickled to the data actors before views() runs there.
@@ -634,22 +640,13 @@ class VoCo(Method):
             ])
         return self._augment
 
-    def _intensity_scaler(self, region: torch.Tensor):
-        """In-place map of a float piece to [0, 1], with bounds taken from the whole region, so every
-        crop of the region shares one scaling (as when the official code scales the volume first)."""
-        c = self.config
-        if c.intensity == "ct_window":
-            low, high = (float(v) for v in c.ct_window)
-        elif c.intensity == "percentile":
-            # MONAI ScaleIntensityRangePercentiles(lower, upper, 0, 1, clip=True) on the region.
-            low, high = (float(v) for v in np.percentile(region.numpy(), c.percentiles))
-        else:
-            return lambda piece: piece
-        if high == low:  # flat region: MONAI's ScaleIntensityRange returns img - a_min
-            return lambda piece: piece.sub_(low)
-        # MONAI ScaleIntensityRange(a_min, a_max, 0, 1, clip=True), the official transform, on a plain
-        # tensor (~5x faster than the MetaTensor path).
-        return lambda piece: piece.clamp_(low, high).sub_(low).div_(high - low)
+    def _intensity_scaler(self, region: torch.Tensor, request: ReadRequest):
+        """In-place map of a float piece by the request's intensity mapping, with bounds taken from the
+        whole region, so every crop of the region shares one scaling (as when the official code scales
+        the volume first: MONAI ScaleIntensityRange(a_min, a_max, 0, 1, clip=True), or its percentile form)."""
+        mapping = self.request_intensity(request)
+        bounds = mapping.bounds(region.numpy())
+        return lambda piece: torch.from_numpy(mapping.apply(piece.numpy(), bounds, inplace=True))
 
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Base crops, random crops and their position labels from one region.
@@ -669,7 +666,7 @@ class VoCo(Method):
             # foreground_resize: the official pipeline resizes the foreground box to the region size.
             region = F.interpolate(region.to(torch.float32)[None, None], size=region_size, mode="trilinear",
                                    align_corners=True)[0, 0]
-        scale = self._intensity_scaler(region)
+        scale = self._intensity_scaler(region, requests[0])
 
         crop_size = c.base_size
         starts = np.stack([rng.integers(0, r - s + 1, size=c.num_random_crops) for r, s in zip(region_size, crop_size)], axis=1)
@@ -828,8 +825,8 @@ class VoCo(Method):
             "region_mode": c.region_mode,
             "base_grid": list(c.grid),
             "base_crop_size": list(c.base_size),
-            "intensity": {"ct_window": list(c.ct_window)} if c.intensity == "ct_window" else c.intensity,
-            "input_range": [0.0, 1.0] if c.intensity != "none" else "stored units",
+            "intensity": self.intensity_rule().as_dict(),
+            "input_range": self.intensity_rule().resolve(None).value_range or "stored units",
             # VoCo fine-tunes SwinUNETR at 96^3 (official BTCV fine-tuning); a multiple of 32 for Swin.
             "recommended_downstream_patch_size": [96, 96, 96],
             "downstream_note": ("crops were resized by input_size / base_crop_size during pretraining; "
