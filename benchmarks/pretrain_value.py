@@ -1,10 +1,10 @@
 """Issue #14 benchmark: does pretraining beat random init? Each method, a fixed CPU training budget,
 several pretraining seeds, linear probes on two labelled sets, mean gain with 95 % intervals.
 
-For every method (default: all four, each with its `cpu` profile), pretraining on a population
-(`--pretrain-data`, default `population`: 256 CT phantoms, seeds 5000.., and 256 synthetic brain MR
-subjects, both built by `rayssl demo` and cached; `demo` trains on the 8 default demo phantoms as
-before issue 24):
+For every method (default: all five, each with its `cpu` profile; `mae` is the masked-image-modelling
+baseline), pretraining on a population (`--pretrain-data`, default `population`: 256 CT phantoms,
+seeds 5000.., and 256 synthetic brain MR subjects, both built by `rayssl demo` and cached; `demo`
+trains on the 8 default demo phantoms as before issue 24):
 
 1. Calibrate: a short run (`--calibration-steps`) measures the steady-state step time (the median
    `step_time_s` after the first report, so start-up is excluded); the budget `--minutes` of
@@ -21,7 +21,7 @@ gives, per method, probe set and fraction, the mean gain over the pretraining se
 Student-t interval over those seeds, and says whether the interval excludes 0. Target (issue 14):
 every method has a positive gain whose interval excludes 0 on at least one probe set at 10 %.
 
-    python benchmarks/pretrain_value.py                      # full run: 4 methods x 3 seeds x 10 min (~3 h)
+    python benchmarks/pretrain_value.py                      # full run: 5 methods x 3 seeds x 10 min (~3.7 h)
     python benchmarks/pretrain_value.py --methods gvsl --minutes 5
     python benchmarks/pretrain_value.py --quick              # smoke check (~5 min): 2 steps, 1 seed pair, 1 repeat
     python benchmarks/pretrain_value.py --merge A.json B.json   # one table from several invocations
@@ -51,7 +51,7 @@ from _common import WORK, fmt_table, machine_info, wait_for_quiet, write_json  #
 
 from rayssl.eval.cli import _fractions  # noqa: E402  (the same "10,30,100" parsing as `rayssl probe`)
 
-METHODS = ("voco", "mlsscl", "drasclr", "gvsl")
+METHODS = ("voco", "mlsscl", "drasclr", "gvsl", "mae")  # mae: the masked-image-modelling baseline (issue 30)
 
 
 def run_config(method: str, seed: int, steps: int, out: Path, name: str, profile: str, overrides: list[str]):

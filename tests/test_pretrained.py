@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from test_export import VOCO_SWIN, make_run
+from test_mae import TINY as MAE_TINY
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -23,6 +24,7 @@ CASES = {
     "mlsscl": ("mlsscl", None, 16),
     "gvsl": ("gvsl", None, 32),
     "drasclr": ("drasclr", None, 32),
+    "mae": ("mae", MAE_TINY, 32),
 }
 
 

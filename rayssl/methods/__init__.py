@@ -13,6 +13,7 @@ _MODULES = {
     "mlsscl": "rayssl.methods.mlsscl",
     "gvsl": "rayssl.methods.gvsl",
     "drasclr": "rayssl.methods.drasclr",
+    "mae": "rayssl.methods.mae",
 }
 
 
