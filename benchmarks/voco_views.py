@@ -262,8 +262,7 @@ def main(argv=None) -> dict:
     methods = {p: voco_method(p, quick) for p in profiles}
     volumes_of = {}
     for p, method in methods.items():
-        method.prepare_with_ray = False  # Ray is not running yet; the resize is written once and reused
-        volumes_of[p] = method.prepare(volumes)
+        volumes_of[p] = method.prepare(volumes)  # in this process (Ray is not running yet); written once and reused
 
     # Official path first (no Ray running), one per distinct size set.
     official: dict = {}

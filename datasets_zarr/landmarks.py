@@ -10,10 +10,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rayssl.data.jobs import JobRunner, run_in_process
+
 from .errors import ConversionError
 from .lungmask import MaskInfo, ensure_mask, read_mask
 from .manifest import MANIFEST_NAME, volume_meta
-from .register import register_volumes, run_per_volume, store_path
+from .register import register_volumes, store_path
 from .store import list_volume_ids
 
 
@@ -177,14 +179,14 @@ def prepare_anatomy(
     step: int = 26,
     min_fraction: float = 0.1,
     n_neighbors: int = 2,
-    use_ray: bool = True,
+    runner: JobRunner = run_in_process,
     progress: bool = True,
 ) -> AnatomyTable:
     """Masks, atlas registration and landmarks for `volumes` (VolumeInfo-like, from one or more stores).
 
     1. every volume gets a `mask` (its own if it has one, else a generated lung / body mask), one
-       Ray task per volume; 2. the atlas is `atlas` or the first volume with a plausible lung mask;
-    3. every volume is registered to the atlas (affine, mask to mask, one Ray task per volume) and
+       `runner` job per volume (rayssl.train runs them as Ray tasks; default: in this process); 2. the atlas is `atlas` or the first volume with a plausible lung mask;
+    3. every volume is registered to the atlas (affine, mask to mask, one job per volume) and
        its transforms and Dice are stored in its attrs and in the manifest columns `atlas`,
     `atlas_dice`, `atlas_to_subject_voxel`, `subject_to_atlas_voxel` (4x4 row-major, 16 floats);
     4. landmarks are the grid patches inside the atlas mask, mapped into every subject.
@@ -206,12 +208,10 @@ def prepare_anatomy(
         refs_all = refs + [(store, atlas)]
     else:
         refs_all = refs
-    infos = run_per_volume(
-        _mask_job, [(s, g, mask) for s, g in refs_all], desc=f"{mask} masks", use_ray=use_ray, progress=progress
-    )
+    infos = runner(_mask_job, [(s, g, mask) for s, g in refs_all], desc=f"{mask} masks", progress=progress)
     masks = dict(zip(refs_all, infos))
     atlas_ref = choose_atlas(masks, atlas)
-    entries = register_volumes(refs, atlas_ref, mask, use_ray=use_ray, progress=progress)
+    entries = register_volumes(refs, atlas_ref, mask, runner=runner, progress=progress)
 
     by_store: dict[str, dict[str, dict[str, Any]]] = {}
     for (store, group), entry in entries.items():

@@ -19,9 +19,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from rayssl.data.jobs import JobRunner, run_in_process
 
 from .lungmask import read_mask, update_volume_attrs
 from .manifest import volume_meta
@@ -234,78 +236,19 @@ def register_volume(
     return entry
 
 
-# ---------------------------------------------------------------------------------------------
-# Running one task per volume (Ray, or in-process)
-# ---------------------------------------------------------------------------------------------
-
-
-def run_per_volume(
-    function: Callable[..., Any],
-    jobs: Sequence[tuple],
-    *,
-    desc: str,
-    use_ray: bool = True,
-    progress: bool = True,
-    num_cpus: float = 1.0,
-) -> list[Any]:
-    """Run `function(*job)` for every job, as one Ray task each (or in this process), with a tqdm bar.
-
-    Results come back in job order; the first failing job raises after the others finished, so
-    finished work is stored (and skipped by the next, resumed, run).
-    """
-    from tqdm.auto import tqdm
-
-    results: list[Any] = [None] * len(jobs)
-    errors: list[tuple[int, BaseException]] = []
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs)
-    if use_ray and jobs:
-        import ray
-
-        from rayssl.runtime import start_or_attach
-
-        start_or_attach(None)
-        remote = ray.remote(num_cpus=num_cpus, max_retries=0)(function)
-        pending = {remote.remote(*job): i for i, job in enumerate(jobs)}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i = pending.pop(ref)
-                try:
-                    results[i] = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - reported after the other jobs finish
-                    errors.append((i, _unwrap_ray_error(err)))
-                bar.update(1)
-    else:
-        for i, job in enumerate(jobs):
-            try:
-                results[i] = function(*job)
-            except Exception as err:  # noqa: BLE001 - reported after the other jobs finish
-                errors.append((i, err))
-            bar.update(1)
-    bar.close()
-    if errors:
-        raise errors[0][1]
-    return results
-
-
-def _unwrap_ray_error(err: BaseException) -> BaseException:
-    """The user exception inside a RayTaskError (so callers see e.g. EmptyMaskError itself)."""
-    cause = getattr(err, "cause", None)
-    return cause if isinstance(cause, BaseException) else err
-
-
 def register_volumes(
     volumes: Sequence[tuple[str, str]],
     atlas: tuple[str, str],
     mask_kind: str,
     *,
-    use_ray: bool = True,
+    runner: JobRunner = run_in_process,
     progress: bool = True,
     force: bool = False,
 ) -> dict[tuple[str, str], dict]:
-    """Register every (store, id) to `atlas` (store, id); prints a Dice summary; returns the entries."""
+    """Register every (store, id) to `atlas` (store, id), one `runner` job per volume (rayssl.train
+    runs them as Ray tasks; default: in this process); prints a Dice summary; returns the entries."""
     jobs = [(store, vid, atlas[0], atlas[1], mask_kind, force) for store, vid in volumes]
-    entries = run_per_volume(_register_job, jobs, desc="register to atlas", use_ray=use_ray, progress=progress)
+    entries = runner(_register_job, jobs, desc="register to atlas", progress=progress)
     results = {(store, vid): entry for (store, vid), entry in zip(volumes, entries)}
     others = {k: e["dice"] for k, e in results.items() if k != (str(atlas[0]), atlas[1])}
     if others and progress:

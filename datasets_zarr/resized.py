@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rayssl.data.jobs import JobRunner, run_in_process
+
 # Bump when the resize itself changes, so stores written by older code are rebuilt.
 RESIZE_VERSION = 1
 
@@ -105,16 +107,17 @@ def _resize_one(volume, size: tuple[int, int, int], out: str, key: dict) -> None
                  extra_attrs={"resized_from": key})
 
 
-def resize_foreground_boxes(volumes: Sequence, size: Sequence[int], out: str, *, use_ray: bool = True,
-                            progress: bool = True, via_spacing: float | None = None) -> list:
+def resize_foreground_boxes(volumes: Sequence, size: Sequence[int], out: str, *,
+                            runner: JobRunner = run_in_process, progress: bool = True,
+                            via_spacing: float | None = None) -> list:
     """Each volume's foreground box resized to `size` (resampled to `via_spacing` mm isotropic on the
-    way, when given), in the store `out`; returns their VolumeInfo.
+    way, when given), in the store `out`, one `runner` job per volume (rayssl.train runs them as Ray
+    tasks; default: in this process); returns their VolumeInfo.
 
     Volumes already in `out` from the same source volume, box and size are reused, so a second run
     (or a resumed one) starts at once. The returned list keeps the order (and `index`) of `volumes`.
     """
     from datasets_zarr.manifest import write_manifest
-    from datasets_zarr.register import run_per_volume
 
     size = tuple(int(v) for v in size)
     os.makedirs(out, exist_ok=True)
@@ -123,8 +126,7 @@ def resize_foreground_boxes(volumes: Sequence, size: Sequence[int], out: str, *,
     if todo:
         print(f"[rayssl] resizing {len(todo)} of {len(volumes)} foreground boxes to {'x'.join(map(str, size))} "
               f"into {out} (once; reused by later runs)")
-        run_per_volume(_resize_one, [(v, size, out, keys[v.id]) for v in todo], desc="resize regions",
-                       use_ray=use_ray, progress=progress)
+        runner(_resize_one, [(v, size, out, keys[v.id]) for v in todo], desc="resize regions", progress=progress)
         write_manifest(out, splits={v.id: str(v.extra.get("split", "train")) for v in volumes})
     prepared = []
     for v in volumes:

@@ -7,8 +7,7 @@ import os
 import posixpath
 import random
 import tempfile
-import time
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 import numpy as np
@@ -16,6 +15,11 @@ import torch
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+
+# Fault-injection point, None in production (one comparison per checkpoint): called with the state
+# file, written but not yet renamed into place, and the step. tests/faults/sitecustomize.py sets it
+# in the processes of a run that tests/test_checkpoint_kill.py kills mid-write.
+before_state_commit: Callable[[str, int], None] | None = None
 
 
 def write_checkpoint_dir(state: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -27,7 +31,8 @@ def write_checkpoint_dir(state: dict[str, Any], meta: dict[str, Any]) -> str:
     directory = tempfile.mkdtemp(prefix="rayssl-ckpt-")
     tmp = os.path.join(directory, STATE_FILE + ".tmp")
     torch.save(state, tmp)
-    _test_hook_pause_mid_write(tmp, int(meta.get("step", -1)))
+    if before_state_commit is not None:
+        before_state_commit(tmp, int(meta.get("step", -1)))
     os.replace(tmp, os.path.join(directory, STATE_FILE))
     # The state's size lets a reader tell a complete copy on run storage from one cut short by a
     # kill during Train's upload (the directory appears there before every byte has arrived).
@@ -36,25 +41,6 @@ def write_checkpoint_dir(state: dict[str, Any], meta: dict[str, Any]) -> str:
         json.dump(meta, f)
     os.replace(os.path.join(directory, META_FILE + ".tmp"), os.path.join(directory, META_FILE))
     return directory
-
-
-def _test_hook_pause_mid_write(path: str, step: int) -> None:
-    """Fault-injection hook for tests: RAYSSL_TEST_CHECKPOINT_PAUSE="STEP:SECONDS" holds checkpoint
-    STEP half-written on disk for SECONDS (a "<path>.writing" marker with the pid says when), so a
-    test can kill the process mid-write; then the write completes. Unset (outside tests): nothing."""
-    hook = os.environ.get("RAYSSL_TEST_CHECKPOINT_PAUSE")
-    if not hook or int(hook.split(":")[0]) != step:
-        return
-    with open(path, "rb") as f:
-        data = f.read()
-    with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
-    with open(path + ".writing", "w") as f:
-        f.write(str(os.getpid()))
-    time.sleep(float(hook.split(":")[1]))
-    with open(path, "wb") as f:
-        f.write(data)
-    os.remove(path + ".writing")
 
 
 def load_weights_file(path: str) -> dict[str, Any]:

@@ -24,15 +24,11 @@ from rayssl.data.intensity import bundle_input_format
 
 # Rebuilding networks from a card and adapting their input channels live in rayssl.pretrained
 # (which load_pretrained shares); re-exported here for the export's callers.
+from rayssl.nn.backbones import build_named as build  # noqa: F401 - the export's callers build through it
 from rayssl.pretrained import _CHANNEL_KWARGS, _Export, adapt_in_channels, build_pretrained, import_network  # noqa: F401
 
 FORMATS = ("monai", "bundle", "safetensors")
 ExportFormat = Literal["monai", "bundle", "safetensors"]
-
-
-def build(network: str, network_kwargs: dict[str, Any], seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return import_network(network)(**network_kwargs)
 
 
 def complete_state(network: str, network_kwargs: dict[str, Any], pretrained: dict[str, torch.Tensor],

@@ -21,7 +21,6 @@ encoder) a Linear head on its representation (`EncoderWithHead`, the export's ke
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,19 +29,11 @@ import torch
 from torch import nn
 
 from rayssl.checkpoint import load_export_folder
+from rayssl.nn.backbones import Backbone, build_named, import_network
 
 _CARD = "model_card.json"
-# Networks a card may name: building one imports its module, so only these packages are trusted.
-_TRUSTED_PACKAGES = ("monai.", "rayssl.")
 # Names a network's constructor gives its input-channel count.
 _CHANNEL_KWARGS = ("in_channels", "n_input_channels")
-
-
-def import_network(path: str) -> type[nn.Module]:
-    if not path.startswith(_TRUSTED_PACKAGES):
-        raise ValueError(f"network {path!r}: only networks from monai and rayssl are rebuilt from a model card")
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 def adapt_in_channels(network: str, network_kwargs: dict[str, Any], state: dict[str, torch.Tensor],
@@ -86,11 +77,10 @@ class EncoderWithHead(nn.Module):
     def __init__(self, network: str, network_kwargs: dict[str, Any], out_channels: int) -> None:
         super().__init__()
         self.backbone = import_network(network)(**network_kwargs)
-        width = getattr(self.backbone, "out_channels", None)
-        if not isinstance(width, int):
-            raise ValueError(f"{network} has no output-size argument and no integer `out_channels` attribute: "
-                             f"out_channels cannot add a head to it")
-        self.head = nn.Linear(width, int(out_channels))
+        if not isinstance(self.backbone, Backbone):
+            raise ValueError(f"{network} has no output-size argument and is no rayssl.nn.backbones.Backbone "
+                             f"(whose out_channels gives the head's width): out_channels cannot add a head to it")
+        self.head = nn.Linear(int(self.backbone.out_channels), int(out_channels))
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         features = self.backbone(*args, **kwargs)
@@ -209,14 +199,14 @@ def build_pretrained(export: _Export, out_channels: int | None = None, in_channe
         kwargs.update(output or {})
     kwargs.update(network_kwargs)
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
-        torch.manual_seed(seed)
         if wrap:
+            torch.manual_seed(seed)
             net: nn.Module = EncoderWithHead(network, kwargs, int(out_channels))  # type: ignore[arg-type]
             built, built_kwargs, prefix = ("rayssl.pretrained.EncoderWithHead",
                                            {"network": network, "network_kwargs": kwargs, "out_channels": int(out_channels)},
                                            "backbone.")
         else:
-            net = import_network(network)(**kwargs)
+            net = build_named(network, kwargs, seed)
             built, built_kwargs, prefix = network, kwargs, ""
     target = net.state_dict()
     encoder = tuple(export.key_groups.get("encoder") or [""])

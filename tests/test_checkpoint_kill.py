@@ -79,8 +79,10 @@ def test_kill_during_checkpoint_write_resumes_from_last_complete(victim, private
     out, run_dir = tmp_path / "runs", str(tmp_path / "runs" / "run")
     sets = [a for s in TINY for a in ("--set", s)]
     common = ["--method", "voco", "--profile", "cpu", "--data", str(demo_store_path), "--out", str(out), *sets]
-    # Step 4's checkpoint is held half-written for up to 5 min (the kill lands well within).
+    # Step 4's checkpoint is held half-written for up to 5 min (the kill lands well within), by
+    # tests/faults/sitecustomize.py, which every process of this run imports from PYTHONPATH.
     env = _env(private_tmp, RAYSSL_TEST_CHECKPOINT_PAUSE="4:300")
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests", "faults")])
     proc = _pretrain([*common, "--name", "run", "--steps", "6", "--set", "train.max_failures=0"], env)
     writer = None
     try:

@@ -296,7 +296,6 @@ def test_end_to_end_on_demo_phantoms(demo_store_path, tmp_path):
     old = read_manifest(demo_store_path)
     write_manifest(store, splits=dict(zip(old["id"], old["split"])))
     method = _method(queue_size=8)
-    method.prepare_with_ray = False
     volumes = method.prepare(load_volumes(str(store), "train"))
     assert all(v.has_mask and EXTRA_POSITIONS in v.extra for v in volumes)
     assert method.config.atlas == volumes[0].extra["atlas"]  # the automatic choice is pinned

@@ -16,6 +16,7 @@ from rayssl.eval.probe import (CropPool, ProbeConfig, ProbeData, build_pool, dic
                                fraction_subset, macro_auc, mean_ci95, patch_probe, pool_features, summarise_repeats,
                                train_voxel_head, voxel_probe)
 from rayssl.methods import VolumeInfo, get_method_class
+from rayssl.nn.backbones import Backbone
 
 TINY_VOCO = ["n_x=2", "n_y=2", "region_size=[64,64,32]", "input_size=32", "num_random_crops=2",
              "unet_features=[4,4,8,8,16,4]", "proj_hidden_dim=32", "proj_dim=32"]
@@ -45,14 +46,21 @@ def run_dir(tmp_path_factory):
     return make_run(str(tmp_path_factory.mktemp("probe_run")))
 
 
-class OneHotIntensity(nn.Module):
+class OneHotIntensity(nn.Module, Backbone):
     """Oracle features: one channel per intensity level (a perfect linear probe exists), at two scales."""
 
     def __init__(self, levels: int) -> None:
         super().__init__()
         self.levels = levels
+        self.network_kwargs, self.out_channels = {"levels": levels}, levels
 
-    def forward_features(self, x):
+    def network(self):
+        return "tests.test_probe.OneHotIntensity"
+
+    def key_groups(self):
+        return {"encoder": [""]}
+
+    def feature_levels(self, x, loc=None):
         onehot = torch.cat([(torch.round(x * (self.levels - 1)) == k).float() for k in range(self.levels)], dim=1)
         return [onehot, nn.functional.avg_pool3d(onehot, 2)]
 

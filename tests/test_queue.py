@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from rayssl.methods.drasclr import DrasCLR, DrasCLRConfig, neighbor_info_nce
 from rayssl.methods.mlsscl import MLSSCL, MLSSCLConfig
 from rayssl.nn.contrastive import info_nce
-from rayssl.nn.queue import KeyedMemoryQueues, MemoryQueue
+from rayssl.nn.queue import KeyedMemoryQueues, MemoryQueue, NamedQueues
 
 
 def _unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -117,6 +117,22 @@ class TestKeyedMemoryQueues:
         assert old.filled.tolist() == [4, 4, 4]
 
 
+class TestNamedQueues:
+    def test_queues_of_both_kinds_round_trip_by_name_and_leave_other_keys(self):
+        queues = NamedQueues({"axial": MemoryQueue(4, 3), "bank": KeyedMemoryQueues(2, 3, 3)})
+        queues["axial"].enqueue(_unit(5, 3, 1))
+        queues["bank"].enqueue(_unit(2, 3, 2), torch.tensor([1, 1]))
+        state = {**queues.state_dict(), "enqueued": torch.tensor([0, 2])}
+        assert {"queue_axial_buffer", "queue_axial_pointer", "queue_axial_filled", "queue_bank_pointers"} <= set(state)
+        assert set(queues.saved_fields(state, "bank")) == {"buffer", "pointers", "filled"}
+        restored = NamedQueues({"axial": MemoryQueue(4, 3), "bank": KeyedMemoryQueues(2, 3, 3)})
+        restored.load_state_dict(state)  # "enqueued" is the method's own: ignored
+        torch.testing.assert_close(restored["axial"].ordered(), queues["axial"].ordered())
+        assert (restored["axial"].pointer, restored["axial"].filled) == (queues["axial"].pointer, 4)
+        torch.testing.assert_close(restored["bank"].buffer, queues["bank"].buffer)
+        assert restored["bank"].filled.tolist() == [0, 2]
+
+
 class TestMethods:
     TINY = dict(clip_length=4, long_stride=3, short_stride=2, plane_size=12, image_size=12,
                 resnet_widen_factor=0.125, proj_dim=16, queue_length=8, intensity="none")
@@ -158,8 +174,9 @@ class TestMethods:
         bank = method._ensure_bank(3)
         method._enqueued.add_(torch.tensor([5, 1, 0]))
         bank.enqueue(_unit(6, 8, 12), torch.tensor([0, 0, 0, 0, 0, 1]))
-        state = method.state_dict()
-        state["bank"] = {k: v for k, v in state["bank"].items() if k != "filled"}
+        # A checkpoint from before fill counts and before NamedQueues: the bank's fields nested under "bank".
+        state = {"bank": {k: v for k, v in bank.state_dict().items() if k != "filled"},
+                 "enqueued": method.state_dict()["enqueued"]}
         restored = DrasCLR(DrasCLRConfig(queue_size=4, proj_dim=8, queue_dtype="float32"))
         restored.load_state_dict(state)
         assert restored._bank.filled.tolist() == [4, 1, 0]

@@ -198,7 +198,10 @@ class TestRegistration:
 
         store = _private_copy(demo_store_path, tmp_path / "copy.zarr")
         volumes = load_volumes(str(store), "all")
-        table = prepare_anatomy(volumes, patch_size=8, step=4, n_neighbors=2, use_ray=True, progress=False)
+        from rayssl.train.jobs import ray_job_runner
+
+        table = prepare_anatomy(volumes, patch_size=8, step=4, n_neighbors=2, runner=ray_job_runner(),
+                                progress=False)
         assert table.atlas_id == "phantom-000"  # the first volume with a plausible lung mask
         assert table.n_landmarks > 10 and table.neighbors.shape == (table.n_landmarks, 2)
         assert np.abs(table.atlas_coords).max() <= 1.0

@@ -171,7 +171,6 @@ def test_drasclr_prepares_each_volume_in_its_own_store(demo_store_path, tmp_path
     volumes = load_volumes([a, b], split="all")
     method = DrasCLR(DrasCLRConfig(patch_size=8, landmark_step=4, widths=(2, 4, 4, 8, 8), rep_dim=8, proj_dim=6,
                                    num_experts=3, queue_size=4, queue_dtype="float32", spacing_mm=None))
-    method.prepare_with_ray = False
     with pytest.raises(TypeError):  # the old prepare(store, volumes) cannot name a store any more
         method.prepare(a, volumes)
     prepared = method.prepare(volumes)
@@ -196,7 +195,6 @@ def test_voco_prepares_regions_beside_each_volumes_store(demo_store_path, tmp_pa
     volumes = load_volumes([a, b], split="all")
     method = VoCo(VoCoConfig(backbone="unet", region_mode="foreground_resize", region_size=(64, 64, 32), n_x=2, n_y=2, n_z=1,
                              input_size=32))
-    method.prepare_with_ray = False
     prepared = method.prepare(volumes)
     assert [v.id for v in prepared] == [v.id for v in volumes]
     for store in (a, b):

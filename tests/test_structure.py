@@ -11,15 +11,17 @@ from rayssl.methods import available_methods
 
 METHODS = set(available_methods())
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "rayssl"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("rayssl", "datasets_zarr")  # datasets_zarr: the scan-to-store tools rayssl builds on
 
 
 def _modules() -> dict[str, ast.Module]:
     out = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        parts = path.relative_to(ROOT.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        out[name] = ast.parse(path.read_text(), filename=str(path))
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = ast.parse(path.read_text(), filename=str(path))
     return out
 
 
@@ -41,12 +43,13 @@ def _imports(tree: ast.Module, module: str) -> set[str]:
 
 
 def _unit(module: str) -> str:
-    """The layer a module belongs to: rayssl.<subpackage> or a top-level module."""
+    """The layer a module belongs to: rayssl.<subpackage>, a top-level rayssl module, or datasets_zarr."""
     parts = module.split(".")
-    return ".".join(parts[:2])
+    return parts[0] if parts[0] == "datasets_zarr" else ".".join(parts[:2])
 
 
 MODULES = _modules()
+PACKAGE_INITS = {".".join(p.relative_to(REPO).parent.parts) for pkg in PACKAGES for p in (REPO / pkg).rglob("__init__.py")}
 IMPORTS = {name: _imports(tree, name) for name, tree in MODULES.items()}
 
 
@@ -98,7 +101,7 @@ def test_no_import_loops_between_layers():
         if source in ("rayssl", "rayssl.cli"):
             continue
         for target in imps:
-            if target.startswith("rayssl.") and _unit(target) not in (source, "rayssl", "rayssl.cli"):
+            if target.startswith(("rayssl.", "datasets_zarr")) and _unit(target) not in (source, "rayssl", "rayssl.cli"):
                 edges.setdefault(source, set()).add(_unit(target))
     # Depth-first search for a cycle, reporting the loop found.
     state: dict[str, int] = {}
@@ -125,3 +128,44 @@ def test_the_checker_sees_lazy_imports():
     """A loop that exists only through a function-level import is still found (the rule is not vacuous)."""
     tree = ast.parse("def f():\n    from rayssl.train.trainer import pretrain\n")
     assert "rayssl.train.trainer" in _imports(tree, "rayssl.eval.x")
+
+
+def test_datasets_zarr_sits_below_methods_train_eval_and_tune():
+    """datasets_zarr (conversion, masks, registration, resized regions) may use rayssl.data and
+    rayssl.runtime (the converter starts Ray itself), never the layers that use it."""
+    banned = ("rayssl.methods", "rayssl.train", "rayssl.eval", "rayssl.tune", "rayssl.export", "rayssl.pretrained",
+              "rayssl.cli", "rayssl.preview")
+    offenders = {m: sorted(i for i in imps if any(i == b or i.startswith(b + ".") for b in banned))
+                 for m, imps in _in("datasets_zarr").items()}
+    assert not {m: v for m, v in offenders.items() if v}
+
+
+def _reached(start: str) -> dict[str, str]:
+    """Every rayssl / datasets_zarr module `start` imports, directly or through others (lazy imports
+    included), each with the module that imports it."""
+    seen: dict[str, str] = {}
+    todo = [start]
+    while todo:
+        module = todo.pop()
+        for target in IMPORTS.get(module, ()):
+            # `from pkg.mod import name`: the target is pkg.mod.name, a module or a name in pkg.mod.
+            # A package's __init__ is its index of re-exports (datasets_zarr's lists the converter,
+            # which starts Ray when called), not code a method calls: it is not followed.
+            candidate = target if target in MODULES else target.rsplit(".", 1)[0]
+            if candidate in MODULES and candidate not in PACKAGE_INITS and candidate not in seen and candidate != start:
+                seen[candidate] = module
+                todo.append(candidate)
+    return seen
+
+
+def test_methods_reach_no_code_that_starts_ray():
+    """A method's preparation hands its per-volume jobs to the runner rayssl.train gives it
+    (Method.prepare's `runner`), so nothing a method imports, however indirectly, imports Ray.
+    rayssl.data.pipeline (Ray Data) is the data layer's Ray part: methods never import it."""
+    offenders = {}
+    for method in _in("rayssl.methods"):
+        for module, importer in _reached(method).items():
+            ray_imports = sorted(i for i in IMPORTS[module] if i == "ray" or i.startswith("ray."))
+            if ray_imports:
+                offenders[f"{method} -> ... {importer} -> {module}"] = ray_imports
+    assert not offenders, f"methods reach code that imports Ray: {offenders}"

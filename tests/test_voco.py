@@ -501,7 +501,6 @@ class TestPreparedRegions:
 
         cfg = tiny_config(region_mode="foreground_resize", prepared_store=str(tmp_path / "regions.zarr"), **overrides)
         method = VoCo(cfg)
-        method.prepare_with_ray = False
         return method, load_volumes(demo_store_path, split="all")
 
     def test_spacing_mm_resamples_prepared_regions_on_the_way(self, demo_store_path, tmp_path):
@@ -527,7 +526,6 @@ class TestPreparedRegions:
         assert spacing_grid((x0, y0, z0), (x1, y1, z1), volumes[0].spacing, 30.0) == tuple(
             max(2, round((h - l) * s / 30.0)) for l, h, s in zip((x0, y0, z0), (x1, y1, z1), volumes[0].spacing))
         again = VoCo(coarse.config.model_copy(update={"spacing_mm": None}))
-        again.prepare_with_ray = False
         np.testing.assert_array_equal(read(again.prepare(volumes)[0]), sharp)  # key differs: rebuilt, not reused
 
     def test_prepared_views_match_per_sample_resize(self, demo_store_path, tmp_path):

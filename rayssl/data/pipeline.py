@@ -11,8 +11,8 @@ import numpy as np
 import ray
 
 from rayssl.data.plan import Planner, PlanFn
-from rayssl.data.read import StoreReader
-from rayssl.data.storage import storage_runtime_env
+from rayssl.data.read import StoreReader, decode_single_threaded
+from rayssl.data.storage import fsspec_defaults, storage_runtime_env, use_fsspec_defaults
 from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo
 
 if TYPE_CHECKING:
@@ -85,9 +85,12 @@ class ViewBuilder:
     def __init__(self, volumes: Sequence[VolumeInfo], plan_fn: PlanFn, views_fn: ViewsFn, seed: int = 0,
                  samples_per_volume: int = 1, on_error: str = "raise", ledger: Any = None,
                  read_dtype: str | None = "float32", measure_cpu: bool = False,
-                 repeats: np.ndarray | None = None, samples_per_step: int | None = None) -> None:
+                 repeats: np.ndarray | None = None, samples_per_step: int | None = None,
+                 storage_defaults: dict[str, dict[str, Any]] | None = None) -> None:
+        use_fsspec_defaults(storage_defaults)  # the driver's object-store options (rayssl.data.storage)
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             keep_freed_memory()  # a data actor process of its own (not a driver building views in-process)
+            decode_single_threaded()
         self.volumes = list(volumes)
         self.read_dtype = read_dtype
         self.measure_cpu = measure_cpu
@@ -223,13 +226,14 @@ def build_dataset(
     n_blocks = max(1, min(num_samples // 16, max(64, 4 * actors[1])))
     ds = ray.data.from_numpy(np.array_split(ids, n_blocks))  # column "data"
     # Object-store credentials and endpoint reach the actors even on a cluster whose nodes lack them.
-    runtime_env = storage_runtime_env({str(v.extra.get("store", "")) for v in volumes})
+    stores = {str(v.extra.get("store", "")) for v in volumes}
+    runtime_env = storage_runtime_env(stores)
     ds = ds.map_batches(
         ViewBuilder,
         fn_constructor_kwargs=dict(volumes=list(volumes), plan_fn=plan_fn, views_fn=views_fn, seed=seed,
                                    samples_per_volume=samples_per_volume, on_error=on_error, ledger=ledger,
                                    read_dtype=read_dtype, measure_cpu=measure_cpu, repeats=repeats,
-                                   samples_per_step=samples_per_step),
+                                   samples_per_step=samples_per_step, storage_defaults=fsspec_defaults(stores)),
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_cpus=actor_cpus,
         batch_size=samples_per_call,

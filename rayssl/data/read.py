@@ -35,8 +35,12 @@ import numcodecs.blosc
 import numpy as np
 import zarr
 
-# Ray gives each data actor its own core; blosc's internal threads would oversubscribe it.
-numcodecs.blosc.use_threads = False
+
+def decode_single_threaded() -> None:
+    """Make blosc decode in the calling thread only. numcodecs' switch is process-wide, so only a
+    process of its own sets it: a Ray data actor (rayssl.data.pipeline), which Ray gives one core
+    that blosc's internal threads would oversubscribe. Importing this module changes nothing."""
+    numcodecs.blosc.use_threads = False
 
 
 def _load_blosc_getitem():

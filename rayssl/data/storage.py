@@ -1,8 +1,7 @@
-"""Object-storage settings shared by the driver and Ray workers: fsspec options and the AWS / fsspec environment."""
+"""Object-storage settings shared by the driver and Ray workers: fsspec defaults (passed as arguments) and the AWS / fsspec environment."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable
 
@@ -38,12 +37,22 @@ def storage_runtime_env(stores: Iterable[str]) -> dict[str, Any] | None:
 
 def apply_storage_options(stores: Iterable[str], options: dict[str, Any] | None) -> None:
     """Make fsspec `options` (e.g. {"endpoint_url": ..., "key": ..., "secret": ...}) the defaults
-    of the remote stores' protocols, here and (through FSSPEC_<PROTOCOL>, which
-    `storage_runtime_env` forwards) in every Ray worker."""
+    of the remote stores' protocols in this process (fsspec.config.conf, never os.environ: the
+    options may hold credentials). Ray workers get them as an argument: `fsspec_defaults`."""
     if not options:
         return
     for protocol in sorted({fsspec.utils.get_protocol(str(s)) for s in stores if is_remote(s)}):
-        variable = f"FSSPEC_{protocol.upper()}"
-        merged = {**json.loads(os.environ.get(variable) or "{}"), **options}
-        os.environ[variable] = json.dumps(merged)
+        fsspec.config.conf.setdefault(protocol, {}).update(options)
+
+
+def fsspec_defaults(stores: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """This process's fsspec defaults (fsspec.config.conf) for the remote stores' protocols, to hand
+    to Ray actors and tasks explicitly (`use_fsspec_defaults` there); {} for local stores."""
+    protocols = {fsspec.utils.get_protocol(str(s)) for s in stores if is_remote(s)}
+    return {p: dict(fsspec.config.conf[p]) for p in sorted(protocols) if fsspec.config.conf.get(p)}
+
+
+def use_fsspec_defaults(defaults: dict[str, dict[str, Any]] | None) -> None:
+    """Install `fsspec_defaults(...)` of the driver in this process (a Ray actor or task)."""
+    for protocol, options in (defaults or {}).items():
         fsspec.config.conf.setdefault(protocol, {}).update(options)

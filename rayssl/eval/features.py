@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -14,11 +13,9 @@ from torch import nn
 
 from rayssl.config import RunConfig, resolve_config
 from rayssl.methods import MethodConfig, VolumeInfo, get_method_class
-from rayssl.nn.backbones import global_pool
+from rayssl.nn.backbones import build_named, global_pool, level_reader
 from rayssl.checkpoint import complete_checkpoints, load_checkpoint_dir, load_export_folder
 
-# Networks a model card may name: rebuilding one imports its module, so only these packages are trusted.
-_TRUSTED_PACKAGES = ("monai.", "rayssl.")
 # Networks that are whole segmentation networks (encoder + decoder) in MONAI.
 SEGMENTATION_NETWORKS = ("monai.networks.nets.BasicUNet", "monai.networks.nets.SwinUNETR")
 
@@ -132,14 +129,6 @@ def initial_weights(cfg: RunConfig, seed: int = 0) -> RunWeights:
                       step=0, run_config=cfg, card=card)
 
 
-def _import_network(path: str) -> Callable[..., nn.Module]:
-    if not path.startswith(_TRUSTED_PACKAGES):
-        raise ValueError(f"network {path!r}: only networks from {', '.join(p.rstrip('.') for p in _TRUSTED_PACKAGES)} "
-                         f"are rebuilt from a model card")
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def load_exported(network: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Load exported weights with strict=False; raise unless every exported key is used. Returns the missing keys."""
     missing, unexpected = network.load_state_dict(state_dict, strict=False)
@@ -155,8 +144,7 @@ def build_network(weights: RunWeights, pretrained: bool = True, seed: int = 0,
     kwargs = dict(weights.network_kwargs)
     if out_channels is not None and "out_channels" in kwargs:
         kwargs["out_channels"] = int(out_channels)
-    torch.manual_seed(seed)
-    network = _import_network(weights.network)(**kwargs)
+    network = build_named(weights.network, kwargs, seed)
     if pretrained:
         load_exported(network, weights.state_dict)
     return network
@@ -168,33 +156,18 @@ def build_network(weights: RunWeights, pretrained: bool = True, seed: int = 0,
 class FeatureNet(nn.Module):
     """Frozen-feature view of an exported network: `levels(x)` (feature maps, shallow to deep) and `pooled(x)`.
 
-    Knows the layouts rayssl exports: BasicUNet (encoder levels, plus the last decoder level when
-    the decoder was pretrained), SwinUNETR (the Swin stages, plus `encoder1` when exported), MONAI
-    ResNets (stem and the four layers), and DrasCLR's Loc-CondConv encoder, which needs the patch's
-    atlas coordinate `loc` and so has no location-free dense map (`dense = False`).
+    The traversal is the network family's (rayssl.nn.backbones.level_reader): BasicUNet (encoder
+    levels, plus the last decoder level when the decoder was pretrained), SwinUNETR (the Swin
+    stages, plus `encoder1` when exported), MONAI ResNets (stem and the four layers), and any
+    rayssl `Backbone`, which reads itself; a location-conditioned one (DrasCLR's Loc-CondConv
+    encoder) needs the patch's atlas coordinate `loc` and has no location-free dense map (`dense = False`).
     """
 
     def __init__(self, network: nn.Module, use_decoder: bool = False, use_swin_skip: bool = False) -> None:
         super().__init__()
-        if hasattr(network, "resnet") and not hasattr(network, "layer1"):
-            network = network.resnet  # rayssl's ResNetEncoder wraps MONAI's ResNet
         self.network = network
-        self.use_decoder = use_decoder and hasattr(network, "upcat_1")
-        self.use_swin_skip = use_swin_skip and hasattr(network, "encoder1")
-        if hasattr(network, "conv_0") and hasattr(network, "down_4"):
-            self.kind, self.size_multiple = "unet", 16
-        elif hasattr(network, "swinViT"):
-            self.kind, self.size_multiple = "swin", 32
-        elif hasattr(network, "layer4") and hasattr(network, "conv1"):
-            self.kind, self.size_multiple = "resnet", 8
-        elif hasattr(network, "STAGES") and hasattr(network, "forward_features"):
-            self.kind, self.size_multiple = "loc_conditioned", 2 ** 5
-        elif hasattr(network, "forward_features"):
-            self.kind, self.size_multiple = "generic", 16
-        else:
-            raise ValueError(f"no feature extractor for {type(network).__name__}: expected a BasicUNet, SwinUNETR, "
-                             f"MONAI ResNet, DrasCLR encoder or a module with forward_features(x)")
-        self.dense = self.kind != "loc_conditioned"
+        self.reader = level_reader(network, decoder=use_decoder, swin_skip=use_swin_skip)
+        self.kind, self.size_multiple, self.dense = self.reader.family, self.reader.size_multiple, self.reader.dense
 
     @classmethod
     def from_weights(cls, weights: RunWeights, pretrained: bool = True, seed: int = 0) -> "FeatureNet":
@@ -205,37 +178,7 @@ class FeatureNet(nn.Module):
         return net.eval().requires_grad_(False)
 
     def levels(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> list[torch.Tensor]:
-        n = self.network
-        if self.kind == "unet":
-            x0 = n.conv_0(x)
-            x1 = n.down_1(x0)
-            x2 = n.down_2(x1)
-            x3 = n.down_3(x2)
-            x4 = n.down_4(x3)
-            feats = [x0, x1, x2, x3, x4]
-            if self.use_decoder:
-                u4 = n.upcat_4(x4, x3)
-                u3 = n.upcat_3(u4, x2)
-                u2 = n.upcat_2(u3, x1)
-                feats.append(n.upcat_1(u2, x0))
-            return feats
-        if self.kind == "swin":
-            hidden = list(n.swinViT(x, n.normalize))
-            return ([n.encoder1(x)] if self.use_swin_skip else []) + hidden
-        if self.kind == "resnet":
-            x = n.act(n.bn1(n.conv1(x)))
-            feats = [x]
-            if not getattr(n, "no_max_pool", True):
-                x = n.maxpool(x)
-            for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
-                x = layer(x)
-                feats.append(x)
-            return feats
-        if self.kind == "loc_conditioned":
-            if loc is None:
-                raise ValueError(f"{type(n).__name__} is conditioned on the patch location: pass loc [B, 3]")
-            return list(n.forward_features(x, loc))
-        return list(n.forward_features(x))
+        return list(self.reader.levels(self.network, x, loc))
 
     def pool(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Global features from `levels(x)`: every level's global average, concatenated; for a

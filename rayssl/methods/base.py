@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from rayssl.data.intensity import IntensityMapping, IntensityRule, RuleMode
+from rayssl.data.jobs import JobRunner, run_in_process
 from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo
 
 
@@ -226,8 +227,12 @@ class Method(ABC):
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
         """Raise ValueError naming a volume this method cannot use (before any worker starts)."""
 
+    def prepare(self, volumes: Sequence[VolumeInfo], *, runner: JobRunner = run_in_process) -> list[VolumeInfo]:
         """Driver-side data preparation before streaming (e.g. DrasCLR's atlas registration).
 
+        Work per volume (masks, registrations, resized regions) goes to `runner` as one job per
+        volume, never to code that starts Ray: rayssl.train passes a runner of Ray tasks
+        (rayssl.train.jobs), the default runs the jobs in this process (tests, notebooks).
         `volumes` may come from several stores (`--data A --data B`): each volume's own store is
         `rayssl.data.stores.volume_store(volume)` (its `extra["store"]`), and whatever is derived
         from a volume (arrays, attributes, manifest columns) is written there. Returns one

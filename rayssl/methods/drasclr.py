@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from rayssl.data.intensity import IntensityMapping, IntensityRule, stored_hu_offset
+from rayssl.data.jobs import JobRunner, run_in_process
 from rayssl.data.read import read_box
 from rayssl.methods.base import (
     ExportedBackbone,
@@ -34,13 +35,14 @@ from rayssl.methods.base import (
     request_box,
     with_intensity,
 )
+from rayssl.nn.backbones import Backbone
 from rayssl.nn.condconv import LocCondConv3d
 from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat, is_distributed
 from rayssl.nn.heads import mlp
 from rayssl.nn.momentum import make_momentum_copy, momentum_update
 from rayssl.nn.norm import GROUPS as NORM_GROUPS, ConvNorm, conv_norm, conv_norm_text
-from rayssl.nn.queue import KeyedMemoryQueues
+from rayssl.nn.queue import KeyedMemoryQueues, NamedQueues
 
 # Keys of VolumeInfo.extra written by `DrasCLR.prepare` (small numpy arrays, see datasets_zarr.landmarks).
 EXTRA_POSITIONS = "drasclr_landmarks"  # [L, 3] float32: landmark centres in this subject's voxel grid
@@ -190,7 +192,7 @@ class _DownBlock(nn.Module):
         return self.conv3(self.conv2(self.conv1(x, loc), loc), loc)
 
 
-class DrasCLREncoder(nn.Module):
+class DrasCLREncoder(nn.Module, Backbone):
     """The DrasCLR patch encoder: 13 Loc-CondConv layers, each with a norm (`norm`; official: BatchNorm)
     and ELU; 5 stride-2 stages.
 
@@ -234,9 +236,13 @@ class DrasCLREncoder(nn.Module):
         self.out_channels = rep_dim
 
     STAGES: ClassVar[tuple[str, ...]] = ("stem1", "stem2", "down1", "down2", "down3", "head1", "head2")
+    size_multiple: ClassVar[int] = 2 ** 5
+    location_conditioned: ClassVar[bool] = True
 
-    def forward_features(self, x: torch.Tensor, loc: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps after every stage, shallow to deep."""
+    def feature_levels(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Feature maps after every stage, shallow to deep; `loc` [B, 3] is the patch's atlas coordinate."""
+        if loc is None:
+            raise ValueError(f"{type(self).__name__} is conditioned on the patch location: pass loc [B, 3]")
         features = []
         for name in self.STAGES:
             x = getattr(self, name)(x, loc)
@@ -245,7 +251,14 @@ class DrasCLREncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         """x [B, C, P, P, P], loc [B, 3] -> representation [B, rep_dim]."""
-        return self.forward_features(x, loc)[-1].flatten(2).mean(dim=2)
+        return self.feature_levels(x, loc)[-1].flatten(2).mean(dim=2)
+
+    def network(self) -> str:
+        return "rayssl.methods.drasclr.DrasCLREncoder"
+
+    def key_groups(self) -> dict[str, list[str]]:
+        return {"encoder": [""], "stem": ["stem1.", "stem2."], "input_projection": ["stem1.conv."],
+                "router": self.router_prefixes()}
 
     def router_prefixes(self) -> list[str]:
         """state_dict prefixes of every routing layer (the location -> expert-weight maps)."""
@@ -433,8 +446,6 @@ class DrasCLR(Method):
         self._bank: KeyedMemoryQueues | None = None
         self._enqueued: torch.Tensor | None = None  # keys received per landmark (for the fill metric)
         self._device: torch.device = torch.device("cpu")
-        # prepare() runs masks and registrations as Ray tasks; tests may run them in-process.
-        self.prepare_with_ray = True
 
     # ---- data preparation (driver) ------------------------------------------------------------
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
@@ -455,11 +466,10 @@ class DrasCLR(Method):
                     f"Resample the store (`rayssl convert ... --spacing {wanted or reference[0]:g}`) or set "
                     f"drasclr.spacing_mm to the store's spacing (null = any spacing shared by all volumes)")
 
-    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
-        """Spacing check, lung masks, atlas registration (Ray tasks) and landmarks, each written into
-        the volume's own store (one atlas for all stores); see datasets_zarr.landmarks.
-
-        Imports datasets_zarr lazily: it runs on the driver only and starts Ray tasks there.
+    def prepare(self, volumes: Sequence[VolumeInfo], *, runner: JobRunner = run_in_process) -> list[VolumeInfo]:
+        """Spacing check, lung masks, atlas registration (`runner` jobs: Ray tasks under rayssl.train)
+        and landmarks, each written into the volume's own store (one atlas for all stores); see
+        datasets_zarr.landmarks. Imports datasets_zarr lazily: it runs on the driver only.
         """
         from datasets_zarr.landmarks import prepare_anatomy
 
@@ -473,7 +483,7 @@ class DrasCLR(Method):
             step=cfg.landmark_step,
             min_fraction=cfg.landmark_min_fraction,
             n_neighbors=cfg.n_neighbors,
-            use_ray=self.prepare_with_ray,
+            runner=runner,
         )
         prepared = []
         for volume in volumes:
@@ -730,20 +740,24 @@ class DrasCLR(Method):
         return {"bank_fill": float(filled), "step_landmarks": float(ids.unique().numel())}
 
     def state_dict(self) -> dict[str, Any]:
+        """The landmark bank as "queue_bank_<field>" (rayssl.nn.queue.NamedQueues) and the keys
+        received per landmark ("enqueued"); {} before the first step created the bank."""
         if self._bank is None:
             return {}
         assert self._enqueued is not None
-        return {"bank": self._bank.state_dict(), "enqueued": self._enqueued.detach().cpu().clone()}
+        return {**NamedQueues({"bank": self._bank}).state_dict(), "enqueued": self._enqueued.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        n_landmarks = int(state["bank"]["buffer"].shape[0])
-        self._ensure_bank(n_landmarks)
+        if "bank" in state:  # checkpoints before NamedQueues nested the bank's fields under "bank"
+            state = {**{f"queue_bank_{k}": v for k, v in state["bank"].items()}, "enqueued": state["enqueued"]}
+        saved = NamedQueues().saved_fields(state, "bank")
+        self._ensure_bank(int(saved["buffer"].shape[0]))
         assert self._bank is not None
-        self._bank.load_state_dict(state["bank"])
+        NamedQueues({"bank": self._bank}).load_state_dict(state)
         self._enqueued = state["enqueued"].to(self._device).clone()
-        if "filled" not in state["bank"]:  # a checkpoint from before the fill count: keys received per landmark
+        if "filled" not in saved:  # a checkpoint from before the fill count: keys received per landmark
             self._bank.filled = self._enqueued.clamp(max=self._bank.length).to(self._bank.pointers.device)
 
     def embeddings(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -758,14 +772,9 @@ class DrasCLR(Method):
         state = cpu_state_dict(encoder)
         return ExportedBackbone(
             state_dict=state,
-            network="rayssl.methods.drasclr.DrasCLREncoder",
+            network=encoder.network(),
             network_kwargs=dict(encoder.network_kwargs),
-            key_groups={
-                "encoder": [""],
-                "stem": ["stem1.", "stem2."],
-                "input_projection": ["stem1.conv."],
-                "router": encoder.router_prefixes(),
-            },
+            key_groups=encoder.key_groups(),
             notes=(
                 "DrasCLR Loc-CondConv encoder (no MONAI equivalent: every convolution mixes expert kernels "
                 "by the patch's atlas coordinate). Call encoder(x, loc): x [B,1,P,P,P] = HU clipped to "

@@ -34,7 +34,7 @@ from rayssl.methods.base import (
     request_box,
     with_intensity,
 )
-from rayssl.nn.backbones import global_pool
+from rayssl.nn.backbones import UNET_DECODER_BLOCKS, UNET_ENCODER_BLOCKS, Backbone, global_pool, unet_levels
 from rayssl.nn.spatial import (
     N_AFFINE_PARAMS,
     AffineRanges,
@@ -139,7 +139,7 @@ class GVSLConfig(MethodConfig):
 # ---- model --------------------------------------------------------------------------------------
 
 
-class GVSLUNet(nn.Module):
+class GVSLUNet(nn.Module, Backbone):
     """MONAI BasicUNet without its final 1x1 conv, returning (global, local) features.
 
     global = bottleneck (`down_4` output), local = last decoder level (`upcat_1` output, full
@@ -148,7 +148,7 @@ class GVSLUNet(nn.Module):
     only `final_conv` is missing).
     """
 
-    BLOCKS = ("conv_0", "down_1", "down_2", "down_3", "down_4", "upcat_4", "upcat_3", "upcat_2", "upcat_1")
+    BLOCKS = UNET_ENCODER_BLOCKS + UNET_DECODER_BLOCKS
 
     def __init__(self, in_channels: int = 1, features: Sequence[int] = (32, 64, 128, 256, 512, 32),
                  num_groups: int = 4) -> None:
@@ -162,18 +162,22 @@ class GVSLUNet(nn.Module):
             setattr(self, name, getattr(full, name))
         self.global_channels = int(features[4])
         self.local_channels = int(features[5])
+        self.out_channels = self.global_channels
+
+    def feature_levels(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The five encoder levels and the last decoder level (`upcat_1`), shallow to deep."""
+        return unet_levels(self, x, decoder=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = self.conv_0(x)
-        x1 = self.down_1(x0)
-        x2 = self.down_2(x1)
-        x3 = self.down_3(x2)
-        x4 = self.down_4(x3)
-        u4 = self.upcat_4(x4, x3)
-        u3 = self.upcat_3(u4, x2)
-        u2 = self.upcat_2(u3, x1)
-        u1 = self.upcat_1(u2, x0)
-        return x4, u1
+        levels = self.feature_levels(x)
+        return levels[4], levels[5]
+
+    def network(self) -> str:
+        return "monai.networks.nets.BasicUNet"
+
+    def key_groups(self) -> dict[str, list[str]]:
+        return {"encoder": [f"{b}." for b in UNET_ENCODER_BLOCKS], "decoder": [f"{b}." for b in UNET_DECODER_BLOCKS],
+                "stem": ["conv_0."], "input_projection": ["conv_0.conv_0.conv."]}
 
 
 def _norm(num_groups: int) -> tuple:
@@ -542,14 +546,11 @@ class GVSL(Method):
 
     def export(self, model: nn.Module) -> ExportedBackbone:
         unet: GVSLUNet = self.backbone(model)  # type: ignore[assignment]
-        encoder = ["conv_0.", "down_1.", "down_2.", "down_3.", "down_4."]
-        decoder = ["upcat_4.", "upcat_3.", "upcat_2.", "upcat_1."]
         return ExportedBackbone(
             state_dict=cpu_state_dict(unet),
-            network="monai.networks.nets.BasicUNet",
+            network=unet.network(),
             network_kwargs=dict(unet.network_kwargs),
-            key_groups={"encoder": encoder, "decoder": decoder, "stem": ["conv_0."],
-                        "input_projection": ["conv_0.conv_0.conv."]},
+            key_groups=unet.key_groups(),
             notes=("Whole BasicUNet except final_conv (GVSL pretrains encoder and decoder). Global features = "
                    "down_4 output, local features = upcat_1 output. Inputs were intensities in [0, 1]."),
         )

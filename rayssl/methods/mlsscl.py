@@ -110,7 +110,7 @@ from rayssl.nn.dist import gather_concat
 from rayssl.nn.heads import mlp
 from rayssl.nn.momentum import cosine_momentum, make_momentum_copy, momentum_update
 from rayssl.nn.norm import ConvNorm, HeadNorm, conv_norm_text, head_norm_text
-from rayssl.nn.queue import MemoryQueue
+from rayssl.nn.queue import MemoryQueue, NamedQueues
 
 # Views keyed by name; the array axis that is constant on each slice of the view's clip.
 VIEW_AXES: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
@@ -281,7 +281,7 @@ class MLSSCL(Method):
 
     def __init__(self, config: MLSSCLConfig) -> None:
         super().__init__(config)
-        self._queues: dict[str, MemoryQueue] | None = None
+        self._queues: NamedQueues | None = None
 
     # ---- CPU side -------------------------------------------------------------------------
     def check_volumes(self, volumes: Sequence[VolumeInfo]) -> None:
@@ -443,18 +443,17 @@ class MLSSCL(Method):
         pred_hidden = cfg.pred_hidden_dim or proj_hidden
         return MLSSCLModel(backbone, feature_dim, proj_hidden, cfg.proj_dim, pred_hidden, head_norm=cfg.head_norm)
 
-    def _ensure_queues(self, device: torch.device | str) -> dict[str, MemoryQueue]:
+    def _ensure_queues(self, device: torch.device | str) -> NamedQueues:
         if self._queues is None:
             # Empty: every DDP rank starts from the same queues, and no random entry is ever a negative.
-            self._queues = {
+            self._queues = NamedQueues({
                 view: MemoryQueue(self.config.queue_length, self.config.proj_dim, device=device)
                 for view in TARGET_VIEWS
-            }
+            })
         return self._queues
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
-        for queue in self._ensure_queues(device).values():
-            queue.to(device)
+        self._ensure_queues(device).to(device)
 
     def _pair_loss(self, outputs: dict[str, torch.Tensor], query_view: str, key_view: str) -> torch.Tensor:
         """ℓ(v1 → v2): InfoNCE of the online prediction of v1 against the target of v2, negatives = the
@@ -510,17 +509,11 @@ class MLSSCL(Method):
         return {view: queue.valid_negatives() or batch_size - 1 for view, queue in self._ensure_queues("cpu").items()}
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        for view, queue in self._ensure_queues("cpu").items():
-            for key, value in queue.state_dict().items():
-                state[f"queue_{view}_{key}"] = value
-        return state
+        """The three queues, as "queue_<view>_<field>" (rayssl.nn.queue.NamedQueues)."""
+        return self._ensure_queues("cpu").state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for view, queue in self._ensure_queues("cpu").items():
-            # "filled" is absent in checkpoints from before queues started empty.
-            queue.load_state_dict({key: state[f"queue_{view}_{key}"] for key in ("buffer", "pointer", "filled")
-                                   if f"queue_{view}_{key}" in state})
+        self._ensure_queues("cpu").load_state_dict(state)
 
     # ---- export ---------------------------------------------------------------------------
     def embeddings(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -87,6 +87,7 @@ from monai.transforms import (
 from pydantic import Field, model_validator
 from torch import nn
 
+from rayssl.data.jobs import JobRunner, run_in_process
 from rayssl.data.stores import volume_store
 from rayssl.methods.base import (
     ExportedBackbone,
@@ -417,7 +418,7 @@ class VoCoUNetEncoder(UNetEncoder):
         self.pooled_dim = int(sum(features[:5])) if multiscale else int(features[4])
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
-        levels = self.forward_features(x)
+        levels = self.feature_levels(x)
         if not self.multiscale:
             return global_pool(levels[-1])
         return torch.cat([global_pool(f) for f in levels], dim=1)
@@ -565,10 +566,9 @@ class VoCo(Method):
     def __init__(self, config: VoCoConfig) -> None:
         super().__init__(config)
         self._augment: Compose | None = None
-        self.prepare_with_ray = True  # tests and benchmarks may prepare in-process
 
     # ---- CPU side ---------------------------------------------------------------------------
-    def prepare(self, volumes: Sequence[VolumeInfo]) -> list[VolumeInfo]:
+    def prepare(self, volumes: Sequence[VolumeInfo], *, runner: JobRunner = run_in_process) -> list[VolumeInfo]:
         """foreground_resize with prepare_regions: write every foreground box resized to region_size
         once (datasets_zarr.resized; reused by later runs) and stream from those regions.
 
@@ -586,7 +586,7 @@ class VoCo(Method):
         prepared: dict[int, VolumeInfo] = {}
         for out, members in targets.items():
             resized = resize_foreground_boxes([volumes[i] for i in members], c.region_size, out,
-                                              use_ray=self.prepare_with_ray, via_spacing=c.spacing_mm)
+                                              runner=runner, via_spacing=c.spacing_mm)
             prepared.update(zip(members, resized))
         return [prepared[i] for i in range(len(volumes))]
 

@@ -165,3 +165,51 @@ class KeyedMemoryQueues:
             self.filled = state["filled"].to(self.pointers.device).long().clone()
         else:
             self.filled = torch.full_like(self.pointers, self.length)
+
+
+class NamedQueues:
+    """A method's memory queues by name (MLSSCL: one per target view; DrasCLR: its landmark bank),
+    moved, saved and restored together. Method state, like the queues themselves (never DDP buffers).
+
+    `state_dict()` is flat, `<prefix><name>_<field>` (e.g. "queue_axial_buffer"); `load_state_dict`
+    restores every queue it holds from those keys (each queue accepts a checkpoint from before its
+    fill counts) and ignores other keys, so a method may keep its own counters beside them.
+    """
+
+    def __init__(self, queues: dict[str, MemoryQueue | KeyedMemoryQueues] | None = None,
+                 prefix: str = "queue_") -> None:
+        self.queues: dict[str, MemoryQueue | KeyedMemoryQueues] = dict(queues or {})
+        self.prefix = prefix
+
+    def __getitem__(self, name: str) -> MemoryQueue | KeyedMemoryQueues:
+        return self.queues[name]
+
+    def __setitem__(self, name: str, queue: MemoryQueue | KeyedMemoryQueues) -> None:
+        self.queues[name] = queue
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.queues
+
+    def items(self):
+        return self.queues.items()
+
+    def values(self):
+        return self.queues.values()
+
+    def to(self, device: torch.device | str) -> "NamedQueues":
+        for queue in self.queues.values():
+            queue.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{self.prefix}{name}_{field}": value for name, queue in self.queues.items()
+                for field, value in queue.state_dict().items()}
+
+    def saved_fields(self, state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+        """The fields of queue `name` in `state` (a `state_dict()`), e.g. to size the queue before loading."""
+        head = f"{self.prefix}{name}_"
+        return {key[len(head):]: value for key, value in state.items() if key.startswith(head)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, queue in self.queues.items():
+            queue.load_state_dict(self.saved_fields(state, name))
