@@ -129,6 +129,8 @@ def _fmt_eta(seconds: float) -> str:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. `loop_config`: {"run": RunConfig dict, "run_dir", "data_start_step", "dataset", "card"}."""
+    # Wall-clock start-up marks (benchmarks/startup.py): worker up, model and data ready, first batch, first step.
+    startup = {"worker_started": time.time()}
     cfg = RunConfig.model_validate(loop_config["run"])
     run_dir: str = loop_config["run_dir"]
     tc = cfg.train
@@ -208,7 +210,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_warnings: list[str] = []
     batchnorm_checked = False
     reports_since_warning = 0
+    startup["loop_ready"] = time.time()
     for batch in data_wait.timed(batches):
+        startup.setdefault("first_batch", time.time())
         if to_skip > 0:
             to_skip -= 1
             continue
@@ -267,6 +271,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.step()
         step += 1
         steps_done_here += 1
+        startup.setdefault("first_step", time.time())
         extra = method.after_step(model, outputs, step, tc.steps)
 
         batch_size = sum(next(v.shape[0] for v in b.values() if isinstance(v, torch.Tensor)) for b in step_batches)
@@ -310,6 +315,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 }
                 ckpt_obj = ray.train.Checkpoint.from_directory(
                     write_checkpoint_dir(state, {"step": step, "method": cfg.method, "loss": metrics["loss"]}))
+            if rank == 0 and "written" not in startup:
+                _write_text(posixpath.join(run_dir, "startup_worker.json"), json.dumps(startup, indent=2) + "\n")
+                startup["written"] = True
             if rank == 0:
                 first_heldout.annotate(metrics)
                 history.append(json.dumps(metrics))

@@ -47,6 +47,7 @@ Method **{method}** (profile `{profile}`), {steps} steps, data: {stores} ({volum
 | `online_probe.json` | with `--probe`: the linear probe of each probed checkpoint and of the random-init network (store, metric, points, gains) |
 | `summary.json` | status, wall time, peak memory, mean data wait, held-out loss first -> last and against its chance / reference line (`below_reference_pct`), final metrics, skipped volumes, the run's warnings (`warnings`) and where Ray's own output went (`ray_log`) |
 | `warnings.json` | when the run warned about its setup (e.g. BatchNorm layers normalising over too few rows per step): the step and each warning with its fix, as printed on the console |
+| `startup.json`, `startup_worker.json` | wall-clock marks of the start-up (driver: process start, checks, Ray up, volumes prepared, held-out samples, fit; rank 0: worker up, data stream ready, first batch, first step), read by `benchmarks/startup.py` |
 | `ray.log` | Ray's own output during the run (its warnings, its workers' and actors' lines, tracebacks of a failure), kept off the console |
 | `tensorboard/` | TensorBoard event files of the same metrics: `tensorboard --logdir {run_dir}` |
 | `mlflow.json` | when the run logs to MLflow (`--mlflow URI` or `MLFLOW_TRACKING_URI`): tracking URI, experiment and run id; a resumed run continues that MLflow run |

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import math
 import os
 import posixpath
@@ -38,7 +39,7 @@ from rayssl.train.jobs import ray_job_runner
 from rayssl.train.loop import train_loop_per_worker
 from rayssl.train.optim import describe_batch, effective_batch, resolve_epochs
 from rayssl.train.runfolder import (RunResult, check_resume, claim_run_folder, existing_result, finish_run_folder,
-                                    ray_log_path, release_run_folder, start_run_folder)
+                                    ray_log_path, release_run_folder, start_run_folder, write_run_file)
 from rayssl.train.shards import RANK_DATASET, rank_data_config, rank_datasets
 from rayssl.train.tracking import (TrackingCallback, check_tracking, finish_mlflow_run, log_online_probe,
                                   start_tracking)
@@ -202,6 +203,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     launches this run).
     """
     t0 = time.perf_counter()
+    # Wall-clock start-up marks, written to the run folder's startup.json (benchmarks/startup.py reads them).
+    startup = {"process_started": psutil.Process().create_time(), "pretrain_called": time.time()}
     if resume:
         run_dir = _absolute(resume if _exists(resume) else posixpath.join(cfg.train.storage_path or cfg.out, resume))
         if not _exists(run_dir):
@@ -248,6 +251,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
     # keeps rayssl's lines (rayssl/runtime.py RayOutputToFile).
     with RayOutputToFile(ray_log_path(run_dir)) as ray_output:
         try:
+            startup["checks_done"] = time.time()
             ray_init = dict(ray_init or {})
             if cfg.eval.probe_store and not attach_address(address) and not ray.is_initialized():
                 # The online probe's task reserves its own CPUs; on a private local runtime they are logical
@@ -255,8 +259,10 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
                 ray_init.setdefault("num_cpus", (os.cpu_count() or 1) + math.ceil(cfg.eval.probe_cpus))
             ensure_ray(address, **ray_init)
             ray_output.take_worker_output()
+            startup["ray_ready"] = time.time()
             # Each volume is prepared in its own store (VolumeInfo.extra["store"]).
             volumes = prepare_volumes(method, loaded)
+            startup["volumes_prepared"] = time.time()
             cfg = cfg.with_method_cfg(method.config)
             tc = cfg.train
             use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -286,6 +292,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
                 repeats=repeats,
             )
             heldout_ref = _heldout_samples(volumes, method, cfg, global_batch, repeats)
+            startup["heldout_built"] = time.time()
             start_sample, num_samples = start_step * global_batch, (stop - start_step) * global_batch + global_batch
             ingest = ray.train.DataConfig.default_ingest_options()
             ingest.preserve_order = True  # reproducible sample order => exact resume
@@ -338,6 +345,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None, address: str | None = No
             online.start()
         watcher = _MemoryWatcher()
         watcher.start()
+        startup["fit_called"] = time.time()
+        write_run_file(run_dir, "startup.json", json.dumps(startup, indent=2) + "\n")
         error = failure = None
         try:
             trainer.fit()
