@@ -9,7 +9,8 @@ from torch import nn
 
 from rayssl.eval.features import FeatureNet
 from rayssl.methods import available_methods, get_method_class
-from rayssl.nn.backbones import Backbone, ResNetEncoder, UNetEncoder, build_named, level_reader
+from rayssl.nn.backbones import (Backbone, BasicUNetBackbone, ResNetEncoder, UNetEncoder, build_named,
+                                  level_reader)
 
 TINY = {  # the cpu profile, shrunk so that building every method's model takes a second
     "voco": {"backbone": "unet", "unet_features": (4, 4, 8, 8, 16, 4), "proj_hidden_dim": 16, "proj_dim": 8},
@@ -44,6 +45,7 @@ def _same_levels(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
     (UNetEncoder(features=(4, 4, 8, 8, 16, 4)), False),
     (ResNetEncoder(depth=10, widen_factor=0.125, norm="group"), False),
     ("gvsl", True),
+    (BasicUNetBackbone(spatial_dims=3, in_channels=1, out_channels=1, features=(4, 4, 8, 8, 16, 4)), True),
 ])
 def test_a_backbones_levels_are_the_levels_read_from_its_export(encoder, decoder):
     """The probe rebuilds the network the card names (MONAI's BasicUNet, a MONAI ResNet) and reads it

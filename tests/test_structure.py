@@ -76,6 +76,13 @@ def test_nn_imports_neither_ray_nor_data_nor_methods():
     assert not {m: v for m, v in offenders.items() if v}
 
 
+def test_losses_are_pure_tensor_functions():
+    """rayssl/nn/losses: each loss importable on its own, without MONAI (its transforms) or a method module."""
+    offenders = {m: sorted(i for i in imps if i.split(".")[0] == "monai" or i.startswith("rayssl.methods"))
+                 for m, imps in _in("rayssl.nn.losses").items()}
+    assert _in("rayssl.nn.losses") and not {m: v for m, v in offenders.items() if v}
+
+
 @pytest.mark.parametrize("layer", ["rayssl.eval", "rayssl.train"])
 def test_eval_and_train_know_no_method_by_name(layer):
     offenders = {}

@@ -34,7 +34,7 @@ from rayssl.methods.base import (
     request_box,
     with_intensity,
 )
-from rayssl.nn.backbones import UNET_DECODER_BLOCKS, UNET_ENCODER_BLOCKS, Backbone, global_pool, unet_levels
+from rayssl.nn.backbones import UNET_DECODER_BLOCKS, UNET_ENCODER_BLOCKS, Backbone, global_pool, unet_key_groups, unet_levels
 from rayssl.nn.spatial import (
     N_AFFINE_PARAMS,
     AffineRanges,
@@ -176,8 +176,7 @@ class GVSLUNet(nn.Module, Backbone):
         return "monai.networks.nets.BasicUNet"
 
     def key_groups(self) -> dict[str, list[str]]:
-        return {"encoder": [f"{b}." for b in UNET_ENCODER_BLOCKS], "decoder": [f"{b}." for b in UNET_DECODER_BLOCKS],
-                "stem": ["conv_0."], "input_projection": ["conv_0.conv_0.conv."]}
+        return unet_key_groups(decoder=True)
 
 
 def _norm(num_groups: int) -> tuple:

@@ -6,7 +6,6 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
-from monai.networks.nets import BasicUNet
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -26,6 +25,7 @@ from rayssl.methods.base import (
     request_box,
     with_intensity,
 )
+from rayssl.nn.backbones import BasicUNetBackbone
 
 # MAE's normalised-pixel target: (x - mean) / sqrt(var + 1e-6) (He et al. 2022, `norm_pix_loss`).
 _NORM_EPS = 1e-6
@@ -122,19 +122,13 @@ class MAEUNet(nn.Module):
         super().__init__()
         self.network_kwargs: dict[str, Any] = dict(
             spatial_dims=3, in_channels=1, out_channels=1, features=tuple(config.features), norm=config.norm_spec())
-        self.unet = BasicUNet(**self.network_kwargs)
+        self.unet = BasicUNetBackbone(**self.network_kwargs)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        u = self.unet
         x = batch["target"] * batch["mask"].to(batch["target"].dtype)
-        x0 = u.conv_0(x)
-        x1 = u.down_1(x0)
-        x2 = u.down_2(x1)
-        x3 = u.down_3(x2)
-        x4 = u.down_4(x3)
-        y = u.upcat_1(u.upcat_2(u.upcat_3(u.upcat_4(x4, x3), x2), x1), x0)
+        levels = self.unet.feature_levels(x)  # encoder levels, then the last decoder level
         # Detached: representation-health metrics only.
-        return {"reconstruction": u.final_conv(y), "embedding": x4.detach().mean(dim=(2, 3, 4))}
+        return {"reconstruction": self.unet.final_conv(levels[5]), "embedding": levels[4].detach().mean(dim=(2, 3, 4))}
 
 
 # ---- method ---------------------------------------------------------------------------------------
@@ -282,16 +276,14 @@ class MAE(Method):
         return model.unet
 
     def export(self, model: nn.Module) -> ExportedBackbone:
-        unet: BasicUNet = self.backbone(model)  # type: ignore[assignment]
+        unet: BasicUNetBackbone = self.backbone(model)  # type: ignore[assignment]
         # final_conv maps to the 1-channel reconstruction: a pretext head, left to the task (initialized).
         state = {k: v for k, v in cpu_state_dict(unet).items() if not k.startswith("final_conv.")}
         return ExportedBackbone(
             state_dict=state,
-            network="monai.networks.nets.BasicUNet",
-            network_kwargs=dict(model.network_kwargs),
-            key_groups={"encoder": ["conv_0.", "down_1.", "down_2.", "down_3.", "down_4."],
-                        "decoder": ["upcat_4.", "upcat_3.", "upcat_2.", "upcat_1."], "stem": ["conv_0."],
-                        "input_projection": ["conv_0.conv_0.conv."]},
+            network=unet.network(),
+            network_kwargs=dict(unet.network_kwargs),
+            key_groups=unet.key_groups(),
             notes=("Whole BasicUNet except final_conv (MAE pretrains encoder and decoder; final_conv is the "
                    "1-channel reconstruction). Inputs were crops mapped by `intensity` to [0, 1], then z-scored per crop."),
         )

@@ -84,6 +84,13 @@ def unet_levels(net: nn.Module, x: torch.Tensor, decoder: bool = False) -> list[
     return feats
 
 
+def unet_key_groups(decoder: bool = False) -> dict[str, list[str]]:
+    """Key groups of BasicUNet's blocks: its encoder, stem and input projection (and its decoder)."""
+    groups = {"encoder": [f"{b}." for b in UNET_ENCODER_BLOCKS], "stem": ["conv_0."],
+              "input_projection": ["conv_0.conv_0.conv."]}
+    return {**groups, "decoder": [f"{b}." for b in UNET_DECODER_BLOCKS]} if decoder else groups
+
+
 def swin_levels(net: nn.Module, x: torch.Tensor, skip: bool = False) -> list[torch.Tensor]:
     """The Swin stages of a SwinUNETR (or a module holding its `swinViT` and `normalize`),
     preceded by `encoder1(x)` (the full-resolution skip) when `skip`."""
@@ -209,7 +216,27 @@ class UNetEncoder(nn.Module, Backbone):
         return "monai.networks.nets.BasicUNet"
 
     def key_groups(self) -> dict[str, list[str]]:
-        return {"encoder": [f"{b}." for b in self.ENCODER_BLOCKS], "stem": ["conv_0."], "input_projection": ["conv_0.conv_0.conv."]}
+        return unet_key_groups()
+
+
+class BasicUNetBackbone(BasicUNet, Backbone):
+    """MONAI's whole BasicUNet (encoder, decoder, final_conv: its own modules and forward) under the
+    backbone contract, for methods that pretrain encoder and decoder (MAE). Levels: the encoder's and
+    the last decoder level."""
+
+    def __init__(self, **network_kwargs: Any) -> None:
+        super().__init__(**network_kwargs)
+        self.network_kwargs: dict[str, Any] = dict(network_kwargs)
+        self.out_channels = int(self.network_kwargs.get("features", (32, 32, 64, 128, 256, 32))[4])
+
+    def feature_levels(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return unet_levels(self, x, decoder=True)
+
+    def network(self) -> str:
+        return "monai.networks.nets.BasicUNet"
+
+    def key_groups(self) -> dict[str, list[str]]:
+        return unet_key_groups(decoder=True)
 
 
 _RESNETS = {10: monai_resnet.resnet10, 18: monai_resnet.resnet18, 34: monai_resnet.resnet34}
