@@ -31,3 +31,18 @@ def test_a_failed_run_says_why_in_rayssls_words_and_keeps_rays_output_in_the_run
     assert "Traceback" in log and "rayssl: the run failed:" in log, log[-3000:]
     summary = json.load(open(run_dir / "summary.json"))
     assert summary["status"] == "failed" and summary["ray_log"] == str(run_dir / "ray.log")
+
+
+def test_a_train_failure_is_summarised_by_its_workers_own_messages():
+    """Ray Train's WorkerGroupError carries every rank's traceback; the console gets each distinct last line once."""
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from rayssl.runtime import error_summary
+
+    nan = "NonFiniteLossError: non-finite loss at step 3; lower train.lr"
+    # What Train puts in worker_failures: each rank's error, whose text ends with the exception's own line.
+    rank_error = RuntimeError(f'Traceback (most recent call last):\n  File "loop.py", line 260, in train\n{nan}')
+    err = WorkerGroupError("[Rank 0]\nTraceback ...\n" + nan, {0: rank_error, 1: rank_error})
+    assert error_summary(err) == f"{nan} (rank 0, 1)"
+    assert error_summary(ControllerError(ValueError("no placement\nfor 4 GPUs"))) == "for 4 GPUs"
+    assert error_summary(ValueError("plain")) == "plain"
