@@ -20,6 +20,8 @@ A seed's gain is its probe gain (pretrained - random, averaged over the probe re
 gives, per method, probe set and fraction, the mean gain over the pretraining seeds with its 95 %
 Student-t interval over those seeds, and says whether the interval excludes 0. Target (issue 14):
 every method has a positive gain whose interval excludes 0 on at least one probe set at 10 %.
+A second table (issue 30) gives every other method's pretrained score minus MAE's at the same
+budget, per probe set and fraction, with a 95 % Welch interval over the two methods' seeds.
 
     python benchmarks/pretrain_value.py                      # full run: 5 methods x 3 seeds x 10 min (~3.7 h)
     python benchmarks/pretrain_value.py --methods gvsl --minutes 5
@@ -51,7 +53,8 @@ from _common import WORK, fmt_table, machine_info, wait_for_quiet, write_json  #
 
 from rayssl.eval.cli import _fractions  # noqa: E402  (the same "10,30,100" parsing as `rayssl probe`)
 
-METHODS = ("voco", "mlsscl", "drasclr", "gvsl", "mae")  # mae: the masked-image-modelling baseline (issue 30)
+METHODS = ("voco", "mlsscl", "drasclr", "gvsl", "mae")
+BASELINE = "mae"  # the masked-image-modelling baseline every other method is compared with (issue 30)
 
 
 def run_config(method: str, seed: int, steps: int, out: Path, name: str, profile: str, overrides: list[str]):
@@ -243,14 +246,60 @@ def report(results: dict[str, Any], probes: list[str], fractions: Any, out: Path
     targets = {m: any(s["positive_excluding_0"] for s in summary if s["method"] == m and s["fraction"] == min(fractions))
                for m in results["methods"]}
     results["target_met"] = targets
+    results["gain_over_baseline"] = gains_over(results, probes, fractions)
     write_json(out / "pretrain_value.json", results)
     seeds = sorted({len(mine["runs"]) for mine in results["methods"].values()})
     print(fmt_table(table, ["method", "steps", "train min", "probe set", "probe", "labels", "pretrained", "random",
                             f"gain ± 95 % CI ({'/'.join(map(str, seeds))} seeds)", "CI > 0"]))
     print(f"[bench] target (gain > 0 with CI excluding 0 at {min(fractions):.0%} on some probe set): {targets}")
+    if results["gain_over_baseline"]:
+        print(fmt_table([[g["method"], g["probe_set"], f"{g['fraction']:.0%}", f"{g['gain']:+.3f} ± {g['gain_ci95']:.3f}",
+                          "/".join(map(str, g["seeds"])), "yes" if g["ci_excludes_0"] else "no"]
+                         for g in results["gain_over_baseline"]],
+                        ["method", "probe set", "labels", f"pretrained score - {BASELINE}'s ± 95 % CI (Welch)",
+                         "seeds", "CI excludes 0"]))
     plot(summary, out / "pretrain_value.png")
     wall = f"wall {results['wall_s']:.0f} s; " if "wall_s" in results else ""
     print(f"[bench] {wall}results {out / 'pretrain_value.json'}, plot {out / 'pretrain_value.png'}")
+
+
+def _seed_scores(mine: dict[str, Any], probe: str, fraction: float) -> list[float]:
+    """One pretrained probe score per pretraining seed (the mean over its probe repeats)."""
+    scores = []
+    for run in mine["runs"]:
+        rows = [r["score"] for r in run["probes"].get(probe, [])
+                if r["init"] == "pretrained" and r["fraction"] == fraction and r["probe"] != "finetune"]
+        if rows:
+            scores.append(statistics.fmean(rows))
+    return scores
+
+
+def gains_over(results: dict[str, Any], probes: list[str], fractions: Any, baseline: str = BASELINE) -> list[dict[str, Any]]:
+    """Each method's pretrained probe score minus the baseline's (issue 30: "is it worth it over MAE?"),
+    per probe set and fraction, with a 95 % Welch interval over the two methods' pretraining seeds
+    (independent runs of different networks, so unpaired)."""
+    from scipy import stats
+
+    if baseline not in results["methods"]:
+        return []
+    rows = []
+    for method, mine in results["methods"].items():
+        if method == baseline:
+            continue
+        for probe in probes:
+            for fraction in fractions:
+                a, b = _seed_scores(mine, probe, fraction), _seed_scores(results["methods"][baseline], probe, fraction)
+                if not a or not b:
+                    continue
+                diff = statistics.fmean(a) - statistics.fmean(b)
+                half = float("nan")  # one seed on either side, or no spread at all: no interval
+                if len(a) > 1 and len(b) > 1:
+                    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+                    half = float(interval.high - interval.low) / 2
+                rows.append({"method": method, "baseline": baseline, "probe_set": probe, "fraction": fraction,
+                             "gain": diff, "gain_ci95": half, "seeds": [len(a), len(b)],
+                             "ci_excludes_0": bool(half == half and abs(diff) > half)})
+    return rows
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
