@@ -223,8 +223,9 @@ class MAE(Method):
             torch.manual_seed(0)
             model = self.build_model()
         model.eval()
-        batch = {"target": torch.from_numpy(np.asarray(views["target"], np.float32))[None],
-                 "mask": torch.from_numpy(np.asarray(views["mask"]))[None]}
+        # Copies: streamed views are read-only arrays, which torch.from_numpy warns about.
+        batch = {"target": torch.from_numpy(np.array(views["target"], np.float32))[None],
+                 "mask": torch.from_numpy(np.array(views["mask"]))[None]}
         with torch.no_grad():
             reconstruction = model(batch)["reconstruction"].float()
         loss = float(masked_mse(reconstruction, batch["target"], batch["mask"]))
