@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rayssl.data.intensity import IntensityMapping
+
 from .errors import ConversionError
 
 # CT windows used by the reference SSL/segmentation pipelines (e.g. SwinUNETR on BTCV).
@@ -106,9 +108,7 @@ def ct_window(array: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
     if not hu_max > hu_min:
         raise ConversionError(f"window=({hu_min}, {hu_max}): the upper HU bound must exceed the "
                               "lower one, e.g. (-175, 250).")
-    scaled = (np.asarray(array, dtype=np.float32) - np.float32(hu_min)) / np.float32(
-        hu_max - hu_min)
-    return np.clip(scaled, 0.0, 1.0, out=scaled)
+    return IntensityMapping("hu_window", hu_min, hu_max).apply(array)
 
 
 def percentile_normalize(array: np.ndarray, lower: float, upper: float
@@ -121,10 +121,9 @@ def percentile_normalize(array: np.ndarray, lower: float, upper: float
     if not 0.0 <= lower < upper <= 100.0:
         raise ConversionError(f"normalize=({lower}, {upper}): give two percentiles with "
                               "0 <= lower < upper <= 100, e.g. (0.5, 99.5).")
-    low, high = (float(v) for v in np.percentile(array, [lower, upper]))
-    scale = high - low if high > low else 1.0
-    scaled = (np.asarray(array, dtype=np.float32) - np.float32(low)) / np.float32(scale)
-    return np.clip(scaled, 0.0, 1.0, out=scaled), low, high
+    mapping = IntensityMapping("percentile", lower, upper)
+    low, high = mapping.bounds(array)  # type: ignore[misc]
+    return mapping.apply(array, (low, high)), low, high
 
 
 def foreground_bbox(array: np.ndarray, modality: str) -> list[int]:
