@@ -36,15 +36,19 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_setting(method_name: str, overrides: list[str], steps: int, every: int, heldout_batches: int,
-                seed: int) -> dict[str, Any]:
-    """Train `steps` steps with the method's `cpu` profile plus `overrides`; held-out terms every `every` steps."""
+                seed: int, store: str | None = None) -> dict[str, Any]:
+    """Train `steps` steps with the method's `cpu` profile plus `overrides`; held-out terms every `every` steps.
+
+    `store`: the Zarr store to train on (default: the demo store of the config's size). Besides the
+    loss terms on the live queue, each evaluation holds the method's fixed reference (`fixed_*`
+    against `chance*`, rayssl/train/heldout.py) and the embedding spread of the held-out outputs."""
     import torch
 
     from datasets_zarr.demo import demo_store
     from rayssl.config import resolve_config
     from rayssl.data.pipeline import ViewBuilder
-    from rayssl.data.volumes import load_volumes
     from rayssl.methods import get_method_class
+    from rayssl.nn.health import representation_health
     from rayssl.train.heldout import PREFIX as HELDOUT_PREFIX
     from rayssl.train.heldout import build_heldout_batches, evaluate_heldout
     from rayssl.train.optim import build_optimizer, build_scheduler
@@ -57,8 +61,8 @@ def run_setting(method_name: str, overrides: list[str], steps: int, every: int, 
     method = get_method_class(cfg.method)(cfg.method_cfg())
     if hasattr(method, "prepare_with_ray"):
         method.prepare_with_ray = False  # in-process: no Ray runtime here
-    store = str(demo_store(n=cfg.data.demo_volumes))
-    volumes = method.prepare(load_volumes(store, "train"))
+    store = store or str(demo_store(n=cfg.data.demo_volumes))
+    volumes = prepared_volumes(method, store, cfg.method_cfg())
     batch = tc.batch_size
     shared = batch if method.step_shared_plans else None
     builder = ViewBuilder(volumes=volumes, plan_fn=method.plan, views_fn=method.views, seed=seed,
@@ -73,16 +77,25 @@ def run_setting(method_name: str, overrides: list[str], steps: int, every: int, 
 
     def evaluate() -> dict[str, float]:
         # The method's state (queues, teachers) as training left it; nothing is updated here.
-        values = evaluate_heldout(model, method.loss, heldout, torch.device("cpu"))
-        return {k.removeprefix(HELDOUT_PREFIX): v for k, v in values.items()}
+        outputs: list[dict[str, torch.Tensor]] = []
+
+        def reference(model_, tensors, outs):  # keeps the held-out outputs for the spread
+            outputs.extend(outs)
+            return method.heldout_reference(model_, tensors, outs)
+
+        values = evaluate_heldout(model, method.loss, heldout, torch.device("cpu"), reference_fn=reference)
+        values = {k.removeprefix(HELDOUT_PREFIX): v for k, v in values.items()}
+        health = representation_health(torch.cat([method.embeddings(o) for o in outputs])) if outputs else {}
+        return {**values, "spread": health.get("health_spread", float("nan"))}
 
     curve, train_losses, t0 = [], [], time.time()
     for step in range(steps + 1):
         if step % every == 0 or step == steps:
             curve.append({"step": step, **evaluate()})
-            print(f"[bench]   step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in curve[-1].items()
-                                                               if k != "step") + f" ({time.time() - t0:.0f} s)",
-                  flush=True)
+            shown = {k: v for k, v in curve[-1].items() if k in ("loss", "fixed_total", "chance", "spread")} \
+                or {k: v for k, v in curve[-1].items() if k != "step"}
+            print(f"[bench]   step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                  + f" ({time.time() - t0:.0f} s)", flush=True)
         if step == steps:
             break
         model.train()
@@ -110,6 +123,8 @@ def main() -> int:
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--heldout-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--store", default=None, help="store to train on (default: the demo store; "
+                   "'population' = the 256-phantom CT population of pretrain_value.py)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(WORK / "heldout_objective"))
     args = p.parse_args()
@@ -118,12 +133,13 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     lrs = [s for s in args.lrs.split(",") if s] or [None]
+    store = population_store() if args.store == "population" else args.store
     results: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "settings": []}
     for lr in lrs:
         overrides = list(args.overrides) + ([f"train.lr={lr}"] if lr else [])
         print(f"[bench] {args.method} {overrides or '(profile as is)'}: {args.steps} steps", flush=True)
         results["settings"].append(run_setting(args.method, overrides, args.steps, args.every,
-                                               args.heldout_batches, args.seed))
+                                               args.heldout_batches, args.seed, store))
     out = Path(args.out) / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     write_json(out.with_suffix(".json"), results)
     rows = []
@@ -136,6 +152,36 @@ def main() -> int:
     plot(results, out.with_suffix(".png"))
     print(f"[bench] results {out.with_suffix('.json')}, plot {out.with_suffix('.png')}")
     return 0
+
+
+def prepared_volumes(method: Any, store: str, method_cfg: Any) -> list[Any]:
+    """`method.prepare` of the store's train volumes, cached under benchmarks/_work/prepared/ by store and
+    method config (DrasCLR's in-process atlas registration of 256 volumes takes minutes; every setting
+    of a diagnosis shares it)."""
+    import hashlib
+    import pickle
+
+    from rayssl.data.volumes import load_volumes
+
+    key = hashlib.sha256(f"{Path(store).resolve()}|{method_cfg.model_dump_json()}".encode()).hexdigest()[:12]
+    path = WORK / "prepared" / f"{method.name}-{key}.pkl"
+    if path.exists():
+        volumes = pickle.loads(path.read_bytes())
+        if hasattr(method, "attach"):  # DrasCLR keeps its landmark tables from prepare
+            method.attach(volumes)
+        return volumes
+    volumes = method.prepare(load_volumes(store, "train"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(volumes))
+    return volumes
+
+
+def population_store(n: int = 256, kind: str = "ct") -> str:
+    """The phantom population pretrain_value.py pretrains on (seeds disjoint from the probe sets'), cached."""
+    from datasets_zarr.demo import demo_store
+    from rayssl.cli import POPULATION_SEEDS
+
+    return str(demo_store(n=n, kind=kind, seed=POPULATION_SEEDS[kind], progress=True))
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

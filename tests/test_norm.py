@@ -16,7 +16,8 @@ from rayssl.methods.mlsscl import MLSSCL, MLSSCLConfig
 from rayssl.methods.voco import voco_projector
 from rayssl.nn.backbones import ResNetEncoder
 from rayssl.nn.heads import mlp
-from rayssl.nn.norm import conv_norm, count_batchnorm_rows, head_norm, replace_batchnorm
+from rayssl.nn.health import representation_health
+from rayssl.nn.norm import RunningCentre, conv_norm, count_batchnorm_rows, head_norm, replace_batchnorm
 from rayssl.train.loop import small_batchnorm_warning
 
 torch.set_num_threads(2)
@@ -196,3 +197,47 @@ def test_drasclr_widths_that_group_norm_cannot_divide_are_refused_by_the_config(
         resolve_config(method="drasclr", profile="cpu", overrides=["widths=[2,4,4,8,8]"])
     resolve_config(method="drasclr", profile="cpu", overrides=["widths=[2,4,4,8,8]", "drasclr.norm=layer"])
     resolve_config(method="drasclr", profile="paper", overrides=["widths=[2,4,4,8,8]"])  # BatchNorm: any width
+
+
+class TestRunningCentre:
+    def test_first_call_centres_on_its_own_mean_then_the_running_mean_is_used(self):
+        centre = RunningCentre(3, momentum=0.5)
+        x = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
+        assert torch.allclose(centre(x), x - x.mean(dim=0))
+        # Second call: the output uses the centre before this call's update (2, 3, 4) ...
+        y = torch.tensor([[10.0, 10.0, 10.0]])
+        assert torch.allclose(centre(y), y - torch.tensor([2.0, 3.0, 4.0]))
+        # ... and the centre moves half-way (momentum 0.5) to the new mean: by hand.
+        assert torch.allclose(centre.centre, torch.tensor([6.0, 6.5, 7.0]))
+
+    def test_a_row_does_not_depend_on_its_batch_mates_and_gradients_pass(self):
+        torch.manual_seed(0)
+        centre = RunningCentre(4)
+        centre(torch.randn(6, 4))  # initialised
+        saved = {k: v.clone() for k, v in centre.state_dict().items()}
+        x = torch.randn(3, 4, requires_grad=True)
+        alone = centre(x[:1])
+        centre.load_state_dict(saved)
+        in_batch = centre(x)[:1]
+        assert torch.allclose(alone, in_batch)
+        in_batch.sum().backward()
+        assert torch.equal(x.grad[0], torch.ones(4)) and torch.equal(x.grad[1:], torch.zeros(2, 4))
+
+    def test_eval_does_not_update_and_state_resumes(self):
+        centre = RunningCentre(2)
+        centre(torch.tensor([[1.0, -1.0]]))
+        centre.eval()
+        before = centre.centre.clone()
+        out = centre(torch.tensor([[5.0, 5.0]]))
+        assert torch.equal(centre.centre, before) and torch.allclose(out, torch.tensor([[4.0, 6.0]]))
+        copy = RunningCentre(2)
+        copy.load_state_dict(centre.state_dict())
+        assert torch.equal(copy.centre, before) and bool(copy.initialised)
+
+    def test_near_parallel_rows_come_out_spread(self):
+        # Post-ReLU features share a large mean: as rows they all point one way (the collapse of issue 24).
+        torch.manual_seed(0)
+        rows = 10.0 + 0.1 * torch.randn(32, 16)
+        before = representation_health(rows)["health_spread"]
+        after = representation_health(RunningCentre(16)(rows))["health_spread"]
+        assert before < 0.05 and after > 0.8

@@ -42,7 +42,7 @@ from rayssl.nn.dist import gather_concat, is_distributed
 from rayssl.nn.heads import mlp
 from rayssl.nn.losses.neighbor_info_nce import neighbor_info_nce
 from rayssl.nn.momentum import make_momentum_copy, momentum_update
-from rayssl.nn.norm import GROUPS as NORM_GROUPS, ConvNorm, conv_norm, conv_norm_text
+from rayssl.nn.norm import GROUPS as NORM_GROUPS, ConvNorm, RunningCentre, conv_norm, conv_norm_text
 from rayssl.nn.queue import KeyedMemoryQueues, NamedQueues
 
 # Keys of VolumeInfo.extra written by `DrasCLR.prepare` (small numpy arrays, see datasets_zarr.landmarks).
@@ -109,6 +109,8 @@ class DrasCLRConfig(MethodConfig):
     num_experts: int = Field(8, ge=1, le=64, description="experts per Loc-CondConv layer")
     norm: ConvNorm = Field("batch", description="norm after every Loc-CondConv: batch (official) needs a large "
                            "batch; group / layer / instance do not depend on the batch (docs/methods/drasclr.md)")
+    centre_projection: bool = Field(False, description="subtract a running mean from the projection head's output "
+                                    "(rayssl.nn.norm.RunningCentre): keeps embeddings apart without BatchNorm")
     # MoCo with a conditional memory bank.
     momentum: float = Field(0.999, ge=0.0, le=1.0, description="key-encoder EMA momentum")
     temperature: float = Field(0.2, gt=0.0, description="InfoNCE temperature")
@@ -269,10 +271,12 @@ class DrasCLREncoder(nn.Module, Backbone):
 class _Branch(nn.Module):
     """Encoder + MoCo projection head (official: Linear-ReLU-Linear on the representation)."""
 
-    def __init__(self, encoder: DrasCLREncoder, proj_dim: int) -> None:
+    def __init__(self, encoder: DrasCLREncoder, proj_dim: int, centre: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = mlp(encoder.out_channels, encoder.out_channels, proj_dim, norm=None)
+        if centre:
+            self.head.append(RunningCentre(proj_dim))
 
     def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x, loc))
@@ -284,7 +288,7 @@ class DrasCLRModel(nn.Module):
     def __init__(self, config: DrasCLRConfig) -> None:
         super().__init__()
         encoder = DrasCLREncoder(1, config.widths, config.rep_dim, config.num_experts, coord_dim=3, norm=config.norm)
-        self.online = _Branch(encoder, config.proj_dim)
+        self.online = _Branch(encoder, config.proj_dim, centre=config.centre_projection)
         self.target = make_momentum_copy(self.online)
         self.shuffle_bn = config.shuffle_bn
 
@@ -784,7 +788,8 @@ class DrasCLR(Method):
             "memory_bank": {"queue_size": cfg.queue_size, "dim": cfg.proj_dim, "dtype": cfg.queue_dtype},
         }
 
-    # Held-out reference (rayssl/train/heldout.py): 17 fixed samples, so K = 16 negatives per anchor.
+    # Held-out reference (rayssl/train/heldout.py): at least 17 fixed samples in whole batches (18 at batch 2),
+    # so K = M - 1 >= 16 negatives per anchor and chance ln M per term.
     heldout_reference_samples: ClassVar[int] = 17
 
     def heldout_reference(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],

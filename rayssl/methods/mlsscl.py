@@ -109,7 +109,7 @@ from rayssl.nn.contrastive import info_nce
 from rayssl.nn.dist import gather_concat
 from rayssl.nn.heads import mlp
 from rayssl.nn.momentum import cosine_momentum, make_momentum_copy, momentum_update
-from rayssl.nn.norm import ConvNorm, HeadNorm, conv_norm_text, head_norm_text
+from rayssl.nn.norm import ConvNorm, HeadNorm, RunningCentre, conv_norm_text, head_norm_text
 from rayssl.nn.queue import MemoryQueue, NamedQueues
 
 # Views keyed by name; the array axis that is constant on each slice of the view's clip.
@@ -156,6 +156,8 @@ class MLSSCLConfig(MethodConfig):
                            "layer / instance do not depend on the batch (docs/methods/mlsscl.md)")
     head_norm: HeadNorm = Field("batch", description="projector / predictor norm: batch (paper, BYOL) or the "
                                 "batch-independent layer / group")
+    centre_projection: bool = Field(False, description="subtract a running mean from the projector's output "
+                                    "(rayssl.nn.norm.RunningCentre): keeps embeddings apart without BatchNorm")
 
     # Loss and momentum.
     temperature: float = Field(0.2, gt=0.0)
@@ -214,10 +216,12 @@ class MLSSCLModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden_dim: int, proj_dim: int,
-                 pred_hidden_dim: int, head_norm: HeadNorm = "batch") -> None:
+                 pred_hidden_dim: int, head_norm: HeadNorm = "batch", centre_projection: bool = False) -> None:
         super().__init__()
-        self.online = nn.ModuleDict({"backbone": backbone,
-                                     "projector": mlp(feature_dim, proj_hidden_dim, proj_dim, norm=head_norm)})
+        projector = mlp(feature_dim, proj_hidden_dim, proj_dim, norm=head_norm)
+        if centre_projection:
+            projector.append(RunningCentre(proj_dim))
+        self.online = nn.ModuleDict({"backbone": backbone, "projector": projector})
         self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, norm=head_norm)
         self.target = make_momentum_copy(self.online)
 
@@ -441,7 +445,8 @@ class MLSSCL(Method):
         feature_dim = int(backbone.out_channels)
         proj_hidden = cfg.proj_hidden_dim or 2 * feature_dim
         pred_hidden = cfg.pred_hidden_dim or proj_hidden
-        return MLSSCLModel(backbone, feature_dim, proj_hidden, cfg.proj_dim, pred_hidden, head_norm=cfg.head_norm)
+        return MLSSCLModel(backbone, feature_dim, proj_hidden, cfg.proj_dim, pred_hidden, head_norm=cfg.head_norm,
+                           centre_projection=cfg.centre_projection)
 
     def _ensure_queues(self, device: torch.device | str) -> NamedQueues:
         if self._queues is None:
@@ -572,7 +577,8 @@ class MLSSCL(Method):
             "recommended_downstream_patch_size": [cfg.image_size] * 3,
         }
 
-    # Held-out reference (rayssl/train/heldout.py): 17 fixed samples, so K = 16 negatives per anchor.
+    # Held-out reference (rayssl/train/heldout.py): at least 17 fixed samples in whole batches (18 at batch 2),
+    # so K = M - 1 >= 16 negatives per anchor and chance ln M per term.
     heldout_reference_samples: ClassVar[int] = 17
 
     def heldout_reference(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],

@@ -72,6 +72,42 @@ def head_norm(name: HeadNorm, features: int, affine: bool = True) -> nn.Module:
     raise ValueError(f"unknown head norm {name!r}: use one of batch, layer, group")
 
 
+class RunningCentre(nn.Module):
+    """Subtracts a running mean of the rows [B, features] seen in training: BatchNorm's centring
+    across samples without its batch statistics, so a row's output does not depend on the other rows
+    of its step.
+
+    Why: an embedding head without BatchNorm (batch-independent norms, issue 24) starts with every
+    row pointing nearly the same way (post-ReLU features share a large mean), and a momentum-target
+    InfoNCE loss whose keys all coincide has no gradient, so the embedding collapses. Removing the
+    running mean keeps the rows' differences. The mean is updated after use (momentum `momentum`,
+    DINO's centring: Caron et al., 2021); the first training call initialises it with that call's mean.
+    """
+
+    def __init__(self, features: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"RunningCentre momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("centre", torch.zeros(features))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.training and rows.shape[0] > 0:
+            with torch.no_grad():
+                mean = rows.detach().float().mean(dim=0).to(self.centre.dtype)
+                if not bool(self.initialised):
+                    self.centre.copy_(mean)
+                    self.initialised.fill_(True)
+                used = self.centre.clone()
+                self.centre.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
+            return rows - used.to(rows.dtype)
+        return rows - self.centre.to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.centre.shape[0]}, momentum={self.momentum}"
+
+
 def replace_batchnorm(module: nn.Module, name: ConvNorm) -> nn.Module:
     """Replace every BatchNorm layer inside `module` by `conv_norm(name)` of the same width, in place
     (module names stay, so a state_dict keeps its layout). For networks whose constructor cannot

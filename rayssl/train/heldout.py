@@ -102,14 +102,9 @@ def build_heldout_batches(volumes: Sequence[VolumeInfo], plan_fn: Callable, view
 
 
 def running_norm_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(buffer, copy) of every running statistic of the model's norm layers (BatchNorm and the like)."""
-    saved = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
-                if buffer is not None:
-                    saved.append((buffer, buffer.detach().clone()))
-    return saved
+    """(buffer, copy) of every buffer of the model: the running statistics of its norm layers
+    (BatchNorm's, rayssl.nn.norm.RunningCentre's) and anything else a training-mode forward updates."""
+    return [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
 
 
 def restore_running_norm_stats(saved: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
