@@ -38,6 +38,9 @@ def test_pretrain_writes_run_folder_and_monai_export(voco_resume_runs):
     card = json.load(open(os.path.join(run, "export", "model_card.json")))
     assert card["method"] == "voco" and card["steps"] == 4 and card["data"]["manifest_sha256"]
     assert card["network"] == "monai.networks.nets.BasicUNet"
+    # The run's intensity as resolved on its volumes (the demo CT phantoms, int16 HU): VoCo's HU window.
+    resolved = card["intensity_resolved"]["resolved"]
+    assert [(r["kind"], r["low"], r["high"], r["modalities"]) for r in resolved] == [("hu_window", -175.0, 250.0, ["CT"])]
     net = BasicUNet(**card["network_kwargs"])
     state = torch.load(os.path.join(run, "export", "backbone.pt"), weights_only=True)
     net.load_state_dict(state, strict=True)  # every key of the network: the encoder pretrained, the decoder at init

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -166,7 +166,7 @@ class IntensityRule:
             return IntensityMapping("none", out_range=self.out_range)  # windowed to [0, 1] at conversion
         return self._percentile()
 
-    def summary(self, volumes: list[VolumeInfo] | tuple[VolumeInfo, ...]) -> dict[str, Any]:
+    def summary(self, volumes: Sequence[VolumeInfo]) -> dict[str, Any]:
         """The run's resolved mappings, for config records and cards: the rule, and each distinct
         mapping with the modalities and number of volumes it was resolved for."""
         groups: dict[IntensityMapping, dict[str, Any]] = {}
