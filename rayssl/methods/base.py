@@ -38,11 +38,6 @@ def config_intensity_rule(config: MethodConfig) -> IntensityRule:
     return IntensityRule(CONFIG_INTENSITY_MODES[mode], hu_window=window, percentiles=tuple(float(v) for v in pct))  # type: ignore[arg-type]
 
 
-def config_intensity(image: np.ndarray, volume: VolumeInfo, config: MethodConfig) -> np.ndarray:
-    """`image` in stored units mapped by `config_intensity_rule(config)` resolved for `volume`."""
-    return config_intensity_rule(config).resolve(volume).apply(image)
-
-
 def with_intensity(requests: Sequence[ReadRequest], volumes: Sequence[VolumeInfo], rule: IntensityRule) -> list[ReadRequest]:
     """`requests` with each image box carrying its volume's resolved mapping (what `views` applies)."""
     return [replace(r, intensity=rule.resolve(volumes[r.volume])) if r.array == "image" else r for r in requests]
