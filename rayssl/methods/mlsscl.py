@@ -156,8 +156,9 @@ class MLSSCLConfig(MethodConfig):
                            "layer / instance do not depend on the batch (docs/methods/mlsscl.md)")
     head_norm: HeadNorm = Field("batch", description="projector / predictor norm: batch (paper, BYOL) or the "
                                 "batch-independent layer / group")
-    centre_projection: bool = Field(False, description="subtract a running mean from the projector's output "
-                                    "(rayssl.nn.norm.RunningCentre): keeps embeddings apart without BatchNorm")
+    centre_projection: bool = Field(False, description="subtract a running mean from the projector's and the "
+                                    "predictor's output (rayssl.nn.norm.RunningCentre): keeps embeddings apart "
+                                    "without BatchNorm")
 
     # Loss and momentum.
     temperature: float = Field(0.2, gt=0.0)
@@ -223,6 +224,8 @@ class MLSSCLModel(nn.Module):
             projector.append(RunningCentre(proj_dim))
         self.online = nn.ModuleDict({"backbone": backbone, "projector": projector})
         self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, norm=head_norm)
+        if centre_projection:  # the queries too: the loss compares predictions with projections
+            self.predictor.append(RunningCentre(proj_dim))
         self.target = make_momentum_copy(self.online)
 
     @staticmethod
