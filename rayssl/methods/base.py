@@ -14,6 +14,7 @@ from torch import nn
 from rayssl.data.intensity import IntensityMapping, IntensityRule, RuleMode
 from rayssl.data.jobs import JobRunner, run_in_process
 from rayssl.data.types import ReadRequest, StepInfo, VolumeInfo
+from rayssl.nn.backbones import Backbone
 
 
 class MethodConfig(BaseModel):
@@ -66,6 +67,15 @@ class ExportedBackbone:
     network_kwargs: dict[str, Any]
     key_groups: dict[str, list[str]]  # e.g. {"encoder": [...prefixes], "stem": [...], "input_projection": [...]}
     notes: str = ""
+
+    @classmethod
+    def of(cls, backbone: Backbone, notes: str = "",
+           state_dict: dict[str, torch.Tensor] | None = None) -> "ExportedBackbone":
+        """The export of a `rayssl.nn.backbones.Backbone`: its weights on the CPU (or `state_dict`, e.g.
+        without a pretext head) under the network, arguments and key groups the backbone names."""
+        return cls(state_dict=cpu_state_dict(backbone) if state_dict is None else state_dict,  # type: ignore[arg-type]
+                   network=backbone.network(), network_kwargs=dict(backbone.network_kwargs),
+                   key_groups=backbone.key_groups(), notes=notes)
 
 
 Vec3 = tuple[float, float, float]

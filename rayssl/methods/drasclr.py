@@ -29,7 +29,6 @@ from rayssl.methods.base import (
     ReadRequest,
     StepInfo,
     VolumeInfo,
-    cpu_state_dict,
     mid_slice,
     other_rows,
     request_box,
@@ -735,12 +734,8 @@ class DrasCLR(Method):
 
     def export(self, model: nn.Module) -> ExportedBackbone:
         encoder = self.backbone(model)
-        state = cpu_state_dict(encoder)
-        return ExportedBackbone(
-            state_dict=state,
-            network=encoder.network(),
-            network_kwargs=dict(encoder.network_kwargs),
-            key_groups=encoder.key_groups(),
+        return ExportedBackbone.of(
+            encoder,
             notes=(
                 "DrasCLR Loc-CondConv encoder (no MONAI equivalent: every convolution mixes expert kernels "
                 "by the patch's atlas coordinate). Call encoder(x, loc): x [B,1,P,P,P] = HU clipped to "

@@ -29,7 +29,6 @@ from rayssl.methods.base import (
     VolumeInfo,
     box_centre,
     config_intensity_rule,
-    cpu_state_dict,
     mid_slice,
     request_box,
     with_intensity,
@@ -545,11 +544,8 @@ class GVSL(Method):
 
     def export(self, model: nn.Module) -> ExportedBackbone:
         unet: GVSLUNet = self.backbone(model)  # type: ignore[assignment]
-        return ExportedBackbone(
-            state_dict=cpu_state_dict(unet),
-            network=unet.network(),
-            network_kwargs=dict(unet.network_kwargs),
-            key_groups=unet.key_groups(),
+        return ExportedBackbone.of(
+            unet,
             notes=("Whole BasicUNet except final_conv (GVSL pretrains encoder and decoder). Global features = "
                    "down_4 output, local features = upcat_1 output. Inputs were intensities in [0, 1]."),
         )

@@ -283,11 +283,8 @@ class MAE(Method):
         unet: BasicUNetBackbone = self.backbone(model)  # type: ignore[assignment]
         # final_conv maps to the 1-channel reconstruction: a pretext head, left to the task (initialized).
         state = {k: v for k, v in cpu_state_dict(unet).items() if not k.startswith("final_conv.")}
-        return ExportedBackbone(
-            state_dict=state,
-            network=unet.network(),
-            network_kwargs=dict(unet.network_kwargs),
-            key_groups=unet.key_groups(),
+        return ExportedBackbone.of(
+            unet, state_dict=state,
             notes=("Whole BasicUNet except final_conv (MAE pretrains encoder and decoder; final_conv is the "
                    "1-channel reconstruction). Inputs were crops mapped by `intensity` to [0, 1], then z-scored per crop."),
         )

@@ -101,7 +101,6 @@ from rayssl.methods.base import (
     StepInfo,
     VolumeInfo,
     box_centre,
-    cpu_state_dict,
     mid_slice,
     with_intensity,
 )
@@ -696,12 +695,8 @@ class VoCo(Method):
 
     def export(self, model: nn.Module) -> ExportedBackbone:
         encoder = self.backbone(model)
-        state = cpu_state_dict(encoder)
-        return ExportedBackbone(
-            state_dict=state,
-            network=encoder.network(),
-            network_kwargs=dict(encoder.network_kwargs),
-            key_groups=encoder.key_groups(),
+        return ExportedBackbone.of(
+            encoder,
             notes=(f"VoCo ({self.config.loss_form} loss), {self.config.export_weights} weights, pretrained on "
                    f"{self.config.input_size}^3 crops; set out_channels for the downstream task"),
         )
