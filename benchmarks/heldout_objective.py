@@ -59,8 +59,6 @@ def run_setting(method_name: str, overrides: list[str], steps: int, every: int, 
     # The held-out samples are the ones a `rayssl pretrain` run of this config evaluates on.
     cfg = cfg.model_copy(update={"train": tc.model_copy(update={"heldout_samples": heldout_batches * tc.batch_size})})
     method = get_method_class(cfg.method)(cfg.method_cfg())
-    if hasattr(method, "prepare_with_ray"):
-        method.prepare_with_ray = False  # in-process: no Ray runtime here
     store = store or str(demo_store(n=cfg.data.demo_volumes))
     volumes = prepared_volumes(method, store, cfg.method_cfg())
     batch = tc.batch_size
@@ -166,11 +164,8 @@ def prepared_volumes(method: Any, store: str, method_cfg: Any) -> list[Any]:
     key = hashlib.sha256(f"{Path(store).resolve()}|{method_cfg.model_dump_json()}".encode()).hexdigest()[:12]
     path = WORK / "prepared" / f"{method.name}-{key}.pkl"
     if path.exists():
-        volumes = pickle.loads(path.read_bytes())
-        if hasattr(method, "attach"):  # DrasCLR keeps its landmark tables from prepare
-            method.attach(volumes)
-        return volumes
-    volumes = method.prepare(load_volumes(store, "train"))
+        return pickle.loads(path.read_bytes())
+    volumes = method.prepare(load_volumes(store, "train"))  # the default runner: in-process, no Ray
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(volumes))
     return volumes

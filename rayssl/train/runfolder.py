@@ -395,7 +395,8 @@ def finish_run_folder(run_dir: str, cfg: RunConfig, wall_time_s: float, peak_mem
         if h.get("reference_kind"):
             below = h["below_reference_pct"]
             print(f"[rayssl] held-out {h['curve_first']:.4f} -> {h['curve_last']:.4f} against {h['reference_label']} "
-                  f"{h['reference']:.4f}" + (f": {below:.0f} % below it at the end" if below is not None else ""))
+                  f"{h['reference']:.4f}" + (f": {abs(below):.0f} % {'below' if below >= 0 else 'above'} it at the end"
+                                             if below is not None else ""))
     print(f"[rayssl] {status}: {summary['steps']}/{cfg.train.steps} steps in {wall_time_s:.1f} s, "
           f"peak memory +{peak_memory_mb:.0f} MiB, {summary['mean_crops_per_s']:.1f} crops/s, "
           f"data wait {summary['mean_data_wait_pct']:.0f} %. Run folder: {run_dir}")
