@@ -103,6 +103,8 @@ class IntensityMapping:
         if (out_low, out_high) != (0.0, 1.0):
             out *= out_high - out_low
             out += out_low
+        # float32 rounding of (x - low) / (high - low) can land an ulp outside the range (1.0000001)
+        np.clip(out, min(out_low, out_high), max(out_low, out_high), out=out)
         return out
 
     @property
