@@ -103,6 +103,8 @@ RAYSSL_LINE = "[rayssl]"
 
 def _worker_prefix(data: dict[str, Any]) -> str:
     """Ray's "(ActorName pid=N, ip=...)" prefix of a forwarded line, without its colour codes."""
+    if data.get("pid") == "raylet":
+        return "(raylet)"
     who = data.get("actor_name") or data.get("task_name") or ""
     ip = data.get("ip")
     where = "" if not ip or ip == data.get("localhost") else f", ip={ip}"
@@ -127,6 +129,7 @@ class RayOutputToFile:
         self._showwarning: Any = None
         self._ray_printers: list[tuple[str, Any]] = []
         self._dispatcher: Any = None
+        self._ray_error_printer: Any = None
 
     def __enter__(self) -> "RayOutputToFile":
         import logging
@@ -159,18 +162,29 @@ class RayOutputToFile:
             self._file.write(text if text.endswith("\n") else text + "\n")
 
     def take_worker_output(self) -> None:
-        """Route the worker lines Ray forwards to this driver (call after `ray.init`)."""
+        """Route the lines Ray forwards to this driver (call after `ray.init`): its workers' and actors' lines,
+        and the messages of its error listener (e.g. the raylet's "N worker processes have been started"
+        warning), which Ray prints through `print_to_stdstream` directly, not through the dispatcher."""
         try:
+            import ray._private.worker as ray_worker
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
         except ImportError:
             return
+        self._ray_error_printer = ray_worker.print_to_stdstream
+        ray_worker.print_to_stdstream = self._error_lines
         with dispatcher._lock:
             self._ray_printers = [pair for pair in dispatcher.handlers if pair[0] == "ray_print_logs"]
         if not self._ray_printers:
-            return  # log_to_driver=False (e.g. a test's runtime): nothing is forwarded
+            return  # log_to_driver=False (e.g. a test's runtime): no worker lines are forwarded
         self._dispatcher = dispatcher
         dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler("rayssl_print_logs", self._worker_lines)
+
+    def _error_lines(self, data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        if self._file is None:
+            self._late_lines(data)
+        else:
+            self._worker_lines(data)
 
     def _worker_lines(self, data: dict[str, Any]) -> None:
         if data.get("pid") == "autoscaler":
@@ -181,6 +195,9 @@ class RayOutputToFile:
             if line.startswith(RAYSSL_LINE):
                 print(line, flush=True)
             else:
+                if data.get("pid") == "raylet" and "memory" in line.lower():
+                    # e.g. a worker killed by Ray's memory monitor: the user needs to see it
+                    print(f"{RAYSSL_LINE} Ray says: {line.strip().splitlines()[0]} (the rest in {self.path})", flush=True)
                 prefix = prefix or _worker_prefix(data)
                 self._file.write(f"{prefix} {line}\n")
 
@@ -213,6 +230,10 @@ class RayOutputToFile:
                 # The runtime this run started lives until the process ends (the CLI): Ray's late lines (actors
                 # shutting down) still go to the file, reopened for each batch.
                 self._dispatcher.add_handler("rayssl_print_logs", self._late_lines)
+        if self._ray_error_printer is not None and self._ray_was_running:
+            import ray._private.worker as ray_worker
+
+            ray_worker.print_to_stdstream = self._ray_error_printer
         for handler, stream in self._streams:
             handler.setStream(stream)
         warnings.showwarning = self._showwarning

@@ -46,3 +46,29 @@ def test_a_train_failure_is_summarised_by_its_workers_own_messages():
     assert error_summary(err) == f"{nan} (rank 0, 1)"
     assert error_summary(ControllerError(ValueError("no placement\nfor 4 GPUs"))) == "for 4 GPUs"
     assert error_summary(ValueError("plain")) == "plain"
+
+
+def test_rays_error_listener_lines_go_to_the_log_file(ray_local, tmp_path, capfd):
+    """Ray's error listener prints the raylet's warnings (e.g. "8 PYTHON worker processes have been started",
+    seen on the console of a run in CI) through `print_to_stdstream` directly, past the worker-line dispatcher:
+    a real message published through the GCS reaches ray.log, not the console, and the printer is put back."""
+    import time
+
+    import ray._private.worker as ray_worker
+    from ray._private.utils import publish_error_to_driver
+
+    from rayssl.runtime import RayOutputToFile
+
+    log = tmp_path / "ray.log"
+    before = ray_worker.print_to_stdstream
+    with RayOutputToFile(str(log)) as ray_output:
+        ray_output.take_worker_output()
+        publish_error_to_driver("rayssl_test", "WARNING: 8 PYTHON worker processes have been started (a test)",
+                                gcs_client=ray_worker.global_worker.gcs_client)
+        deadline = time.monotonic() + 30
+        while "worker processes have been started" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert "(raylet) WARNING: 8 PYTHON worker processes have been started (a test)" in log.read_text()
+    out, err = capfd.readouterr()
+    assert "worker processes" not in out + err, out + err
+    assert ray_worker.print_to_stdstream is before
