@@ -534,7 +534,7 @@ class MLSSCL(Method):
     def export(self, model: nn.Module) -> ExportedBackbone:
         encoder = self.backbone(model)
         state = cpu_state_dict(encoder)
-        if isinstance(encoder, ResNetEncoder):
+        if isinstance(encoder, ResNetEncoder):  # the wrapper holds MONAI's ResNet under `resnet.`
             state = {k.removeprefix("resnet."): v for k, v in state.items()}
         cfg = self.config
         notes = (
@@ -543,10 +543,7 @@ class MLSSCL(Method):
             "stride (1, 2, 2) so the clip axis was not downsampled. Strides are not weights: the standard "
             "MONAI network (strides (2, 2, 2)) loads these weights as they are."
         )
-        return ExportedBackbone(
-            state_dict=state, network=encoder.network(), network_kwargs=dict(encoder.network_kwargs),
-            key_groups=encoder.key_groups(), notes=notes,
-        )
+        return ExportedBackbone.of(encoder, notes=notes, state_dict=state)
 
     def recipe(self) -> dict[str, str]:
         c = self.config
