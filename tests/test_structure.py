@@ -176,3 +176,15 @@ def test_methods_reach_no_code_that_starts_ray():
             if ray_imports:
                 offenders[f"{method} -> ... {importer} -> {module}"] = ray_imports
     assert not offenders, f"methods reach code that imports Ray: {offenders}"
+
+
+def test_method_modules_open_no_stores():
+    """A method sees voxels only as the crops its ReadRequests return (rayssl.data reads them), so no
+    method module opens a store. The one place allowed is a method package's downstream feature API
+    (`rayssl.methods.<name>.features`, e.g. reading a registered volume to embed it), kept apart
+    from the method that pretrains."""
+    banned = ("zarr", "fsspec", "datasets_zarr.store", "datasets_zarr.manifest")
+    offenders = {m: sorted(i for i in imps if any(i == b or i.startswith(b + ".") for b in banned))
+                 for m, imps in _in("rayssl.methods").items() if not m.endswith(".features")}
+    offenders = {m: v for m, v in offenders.items() if v}
+    assert not offenders, f"method modules open stores: {offenders}"
