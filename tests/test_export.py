@@ -19,8 +19,9 @@ TINY = {
     "mlsscl": ["clip_length=4", "long_stride=3", "short_stride=2", "plane_size=12", "image_size=12",
                "resnet_widen_factor=0.125", "mlsscl.proj_dim=16", "queue_length=8"],
     "gvsl": ["gvsl.input_size=[32,32,32]", "features=[4,4,8,8,16,4]", "num_groups=2"],
-    "drasclr": ["patch_size=8", "landmark_step=4", "widths=[4,4,4,8,8]", "rep_dim=8", "drasclr.proj_dim=6",
+    "drasclr": ["patch_size=8", "landmark_step=4", "widths=[4,4,8,8,8]", "rep_dim=8", "drasclr.proj_dim=6",
                 "num_experts=3", "queue_size=4", "n_neighbors=2"],
+    "mae": ["mae.input_size=[32,32,32]", "block_size=8", "features=[4,4,8,8,16,4]", "num_groups=2"],
 }
 
 
@@ -55,7 +56,7 @@ def strict_net(card, state):
     return net
 
 
-@pytest.mark.parametrize("method", ["voco", "mlsscl", "gvsl", "drasclr"])
+@pytest.mark.parametrize("method", ["voco", "mlsscl", "gvsl", "drasclr", "mae"])
 def test_every_format_loads_strictly_for_every_method(method, tmp_path, monkeypatch):
     from monai.bundle import ConfigParser
     from safetensors.torch import load_file
@@ -96,11 +97,12 @@ def test_every_format_loads_strictly_for_every_method(method, tmp_path, monkeypa
     for key, value in state.items():
         torch.testing.assert_close(network.state_dict()[key], value, rtol=0, atol=0)
     assert parser.get("_meta_#network_data_format#inputs#image#num_channels") == 1
-    if method != "drasclr":  # MONAI's own check of the declared shapes (DrasCLR's encoder also takes `loc`)
-        from monai.bundle import verify_net_in_out
+    # MONAI's own check of the declared shapes; DrasCLR's encoder also takes the patch's atlas coordinate.
+    from monai.bundle import verify_net_in_out
 
-        verify_net_in_out(net_id="network_def", meta_file=os.path.join(bundle, "configs", "metadata.json"),
-                          config_file=os.path.join(bundle, "configs", "inference.json"), device="cpu")
+    verify_net_in_out(net_id="network_def", meta_file=os.path.join(bundle, "configs", "metadata.json"),
+                      config_file=os.path.join(bundle, "configs", "inference.json"), device="cpu",
+                      extra_forward_args={"loc": torch.zeros(1, 3)} if method == "drasclr" else None)
     card_text = json.load(open(os.path.join(bundle, "model_card.json")))["fine_tune_with"]
     assert f"load_pretrained({bundle!r}" in card_text and "load_pretrained" in open(os.path.join(bundle, "docs", "README.md")).read()
     # The export keeps its list of initialised keys when it is re-exported from export/.
