@@ -14,6 +14,11 @@ machine, not Ray (docs/scaling.md turns the per-core rate into cluster sizes).
     python benchmarks/actor_scaling.py --quick          # smoke check
     python benchmarks/actor_scaling.py --method mlsscl --actors 1 2
     python benchmarks/actor_scaling.py --method voco --profile paper --in-process-only --step-flops
+    python benchmarks/actor_scaling.py --method gvsl --profile paper --in-process-only --step-flops --set views_on=actors
+
+The in-process reference measures the actor part of the views only; a method with a device part
+(`Method.device_views`, e.g. GVSL's `views_on: device`) gets it timed on this CPU per training batch
+(`device_part`), and --step-flops counts the step on the finished views.
 """
 
 from __future__ import annotations
@@ -91,6 +96,29 @@ def train_step_tflop(method, views: dict[str, np.ndarray], batch_size: int) -> f
     raise AssertionError("unreachable")
 
 
+def device_part_cost(method, samples: list[dict[str, np.ndarray]], batch_size: int, repeats: int = 3) -> dict | None:
+    """Seconds per training batch of the method's device part (`device_views`) on this CPU, at the
+    torch threads this process has, and the FLOPs torch's counter sees in it (convolutions and matrix
+    products; grid_sample, sorting and hashing are not counted). None when the method has none."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = [samples[i % len(samples)] for i in range(batch_size)]
+    batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0] if k != "sample"}
+    cpu = torch.device("cpu")
+    if method.device_views(batch, cpu) is batch:
+        return None
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        method.device_views(batch, cpu)
+        times.append(time.perf_counter() - t0)
+    with FlopCounterMode(display=False) as counter:
+        method.device_views(batch, cpu)
+    return {"batch_size": batch_size, "seconds_per_batch": float(np.median(times)), "seconds_all": times,
+            "torch_threads": torch.get_num_threads(), "counted_tflop": counter.get_total_flops() / 1e12}
+
+
 def measure(ds, warmup_rows: int) -> dict:
     """Rows/s of iterating `ds` after the first `warmup_rows` rows, and the cores this benchmark's
     processes used meanwhile (the machine is shared: other users' load is excluded)."""
@@ -121,6 +149,8 @@ def main() -> int:
     parser.add_argument("--in-process-only", action="store_true", help="only the one-core reference (no cluster)")
     parser.add_argument("--step-flops", action="store_true",
                         help="also count the FLOPs of one training step at train.batch_size (for docs/scaling.md)")
+    parser.add_argument("--device-threads", type=int, default=max(1, (os.cpu_count() or 1)),
+                        help="torch threads for timing the device part of the views on this CPU")
     parser.add_argument("--json", default=None, help="results file (default benchmarks/_work/actor_scaling[_quick].json)")
     args = parser.parse_args()
     if args.quick:
@@ -151,9 +181,26 @@ def main() -> int:
 
         _, _, requests, views_seed = Planner(volumes, method.plan, seed=cfg.seed).plan_requests(0)
         views = ViewBuilder(volumes, method.plan, method.views, read_dtype=method.read_dtype).build(requests, views_seed)
+        views = method.finish_views(views)  # the step's inputs: with the device part applied
         results["train_step_tflop"] = train_step_tflop(method, views, cfg.train.batch_size)
         results["batch_size"] = cfg.train.batch_size
         print(f"  one training step at batch {cfg.train.batch_size}: {results['train_step_tflop']:.2f} TFLOP")
+    if method.views_on == "device":
+        import torch
+
+        from rayssl.data.pipeline import ViewBuilder
+        from rayssl.data.plan import Planner
+
+        torch.set_num_threads(args.device_threads)
+        planner = Planner(volumes, method.plan, seed=cfg.seed)
+        builder = ViewBuilder(volumes, method.plan, method.views, read_dtype=method.read_dtype)
+        samples = [builder.build(*planner.plan_requests(i)[2:]) for i in range(cfg.train.batch_size)]
+        part = device_part_cost(method, samples, cfg.train.batch_size)
+        if part is not None:
+            results["device_part"] = part
+            print(f"  device part of the views on this CPU ({part['torch_threads']} torch threads): "
+                  f"{part['seconds_per_batch']:.2f} s per batch of {part['batch_size']} "
+                  f"({part['counted_tflop'] * 1e3:.1f} GFLOP counted)")
     if args.in_process_only:
         write_json(args.json or WORK / f"actor_scaling_{cfg.method}_{cfg.profile}_in_process.json", results)
         return 0

@@ -212,6 +212,33 @@ class Method(ABC):
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Build the sample's views from the crops read for `requests` (in `read_dtype`, same order)."""
 
+    @property
+    def views_on(self) -> str:
+        """Where the device part of the views runs: "actors" (inside `views`, on the data actor's CPU)
+        or "device" (`device_views`, applied by the training loop). The method config's `views_on`
+        field where it has one; a method without a device part is "actors"."""
+        return str(getattr(self.config, "views_on", "actors"))
+
+    def device_views(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """The device part of the views, batched, in torch, on the worker's `device`: the training loop
+        applies it to every batch (and the held-out batches) before the forward pass.
+
+        `batch` is what `views` returned, stacked (a batch already finished passes unchanged). The
+        actor part (chunk reads, crops) draws every random parameter from the sample's seed, and
+        they travel in the batch, so the device part is a deterministic function of the batch: a
+        run stays reproducible and resume exact. The same function on one sample on the CPU must
+        be what `views` returns with `views_on: actors`. Default: no device part (identity)."""
+        return batch
+
+    def finish_views(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One sample's `views` with the device part applied on the CPU (preview, benchmarks, probes
+        of one sample): a batch of one through `device_views`."""
+        batch = {k: torch.from_numpy(np.array(v))[None] for k, v in views.items()}
+        done = self.device_views(batch, torch.device("cpu"))
+        if done is batch:
+            return views
+        return {k: v[0].detach().cpu().numpy() for k, v in done.items()}
+
     def intensity_rule(self) -> IntensityRule:
         """How this method maps stored values to network inputs, before it meets a volume (the
         intensity contract, rayssl/data/intensity.py). Default: `config_intensity_rule`."""

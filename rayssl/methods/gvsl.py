@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.nets import BasicUNet
 from monai.networks.nets.basic_unet import TwoConv
-from monai.transforms import RandAffine, Rand3DElastic, Resize
+from monai.transforms import Resize
+from monai.transforms.utils import create_rotate, create_scale, create_shear, create_translate
 from pydantic import Field, model_validator
 from torch import nn
 
-from rayssl.data.genesis import genesis_corrupt, genesis_one_of
+from rayssl.data.genesis import CORRUPTIONS, _random_block
 from rayssl.data.intensity import IntensityRule
 from rayssl.methods.base import (
     ExportedBackbone,
@@ -33,6 +34,7 @@ from rayssl.methods.base import (
     request_box,
     with_intensity,
 )
+from rayssl.nn import augment
 from rayssl.nn.backbones import UNET_DECODER_BLOCKS, UNET_ENCODER_BLOCKS, Backbone, global_pool, unet_key_groups, unet_levels
 from rayssl.nn.spatial import (
     N_AFFINE_PARAMS,
@@ -85,6 +87,12 @@ class GVSLConfig(MethodConfig):
     nonlinear_prob: float = Field(0.9, ge=0.0, le=1.0)
     paint_prob: float = Field(1.0, ge=0.0, le=1.0)
     inpaint_prob: float = Field(1.0, ge=0.0, le=1.0)  # else out-painting
+    # Where the spatial augmentation and the corruption run (issue 29). Both draw every random
+    # parameter on the data actor from the sample's seed and apply one torch function
+    # (rayssl.nn.augment): "actors" applies it there, on the CPU, one sample at a time; "device"
+    # sends x_A, x_B and the parameters, and the training loop applies it batched on the worker's
+    # device (Method.device_views) before the forward pass.
+    views_on: Literal["actors", "device"] = "actors"
 
     # ---- model ---------------------------------------------------------------------------------
     features: tuple[int, int, int, int, int, int] = (32, 64, 128, 256, 512, 32)  # BasicUNet features
@@ -298,6 +306,14 @@ def _pair_box(info: VolumeInfo, fraction: float, margin: float, position: np.nda
     return ReadRequest(volume=info.index, start=tuple(int(v) for v in start), size=tuple(int(v) for v in size))
 
 
+_MAX_PAINT_BOXES = 30  # Models Genesis in-painting: at most 30 boxes (out-painting keeps at most 5)
+
+
+def _box_row(box: tuple[slice, slice, slice]) -> np.ndarray:
+    """(start, size) per axis of a box of slices, as one row of `aug_paint_boxes`."""
+    return np.array([s.start for s in box] + [s.stop - s.start for s in box], dtype=np.int32)
+
+
 def elastic_settings(edge: int) -> dict[str, tuple[float, float]]:
     """Elastic sigma/magnitude for `edge`-voxel inputs giving the official 128^3 deformation, scaled.
 
@@ -353,6 +369,7 @@ class GVSL(Method):
         # code's value: constant LR (no scheduler), no warm-up, fp32, no clipping, elastic deformation.
         "paper": {"input_size": (128, 128, 128), "features": (32, 64, 128, 256, 512, 32), "num_groups": 4,
                   "intensity": "stored_2048", "corruption": "one_of", **elastic_settings(128),
+                  "views_on": "device",  # augmentation on the GPU (issue 29; actors: 4 CPU-s per sample)
                   "train": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant",
                             "warmup_steps": 0, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
                             "steps": 200_000, "grad_clip": None, "amp": False}},
@@ -361,6 +378,7 @@ class GVSL(Method):
         # utils/Transform_self.py AppearanceTransform.rand_aug chains the corruptions.
         "official": {"input_size": (128, 128, 128), "features": (32, 64, 128, 256, 512, 32), "num_groups": 4,
                      "intensity": "stored_2048", "corruption": "chain", **elastic_settings(128),
+                     "views_on": "device",
                      "train": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant",
                                "warmup_steps": 0, "final_lr_fraction": 0.0, "batch_size": 1, "accumulate": 1,
                                "steps": 200_000, "grad_clip": None, "amp": False}},
@@ -402,58 +420,117 @@ class GVSL(Method):
 
     def views(self, crops: list[np.ndarray], requests: list[ReadRequest],
               rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """image_a (clean x_A), image_a_corrupted (Models Genesis), image_b: each [1, *input_size] in [0, 1]."""
+        """image_a (clean x_A), image_a_corrupted (Models Genesis), image_b: each [1, *input_size] in [0, 1].
+
+        With `views_on: device` the sample is image_a and image_b before augmentation plus the
+        augmentation's parameters (`draw_augmentation`); `device_views` finishes it on the device."""
         cfg = self.config
         if len(crops) != 2:
             raise ValueError(f"GVSL views need 2 crops (x_A, x_B), got {len(crops)}")
         a, b = (_resize(self.request_intensity(request).apply(crop), cfg.input_size)
                 for crop, request in zip(crops, requests))
-        block = tuple(max(2, int(n * cfg.shuffle_block_fraction)) for n in cfg.input_size)
+        sample = {"image_a": a[None], "image_b": b[None], **self.draw_augmentation(rng)}
+        if cfg.views_on == "device":
+            return sample
+        # The actor path: the device part's function on this CPU, on a batch of one.
+        done = self.apply_augmentation({k: torch.from_numpy(np.asarray(v)[None]) for k, v in sample.items()})
+        return {k: v[0].numpy() for k, v in done.items()}
+
+    def _shuffle_block(self) -> tuple[int, int, int]:
+        cfg = self.config
+        return tuple(max(2, int(n * cfg.shuffle_block_fraction)) for n in cfg.input_size)  # type: ignore[return-value]
+
+    def _elastic_tail(self) -> int:
+        """Kernel half-width of the elastic smoothing: MONAI's int(3 sigma + 0.5) at the largest sigma."""
+        return int(max(self.config.elastic_sigma[1] * 3.0, 0.5) + 0.5)
+
+    def draw_augmentation(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """One sample's random augmentation parameters, fixed-size arrays (they travel in the batch).
+
+        The draws follow the reference implementations' distributions: Models Genesis (rayssl.data.genesis:
+        one_of / chain, in-painting boxes while U < 0.95 up to 30, out-painting 1 + up to 4 boxes, 
+        `shuffle_blocks` block starts, two Bezier control points) and MONAI's Rand3DElastic / RandAffine
+        (rotation, shear, translation, scale per axis, composed as MONAI's AffineGrid; sigma and
+        magnitude uniform in their ranges). Dense noise is drawn on the device from three seeds.
+        """
+        cfg = self.config
+        shape = tuple(int(n) for n in cfg.input_size)
+        block = self._shuffle_block()
         if cfg.corruption == "one_of":
-            corrupted, _ = genesis_one_of(a, rng, shuffle_blocks=cfg.shuffle_blocks, shuffle_block_size=block)
+            kind = CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))]
+            shuffle, nonlinear, paint_mode = kind == "local_shuffling", kind == "nonlinear", int(kind == "in_painting")
         else:
-            corrupted = genesis_corrupt(
-                a, rng, shuffle_prob=cfg.shuffle_prob, nonlinear_prob=cfg.nonlinear_prob, paint_prob=cfg.paint_prob,
-                inpaint_prob=cfg.inpaint_prob, shuffle_blocks=cfg.shuffle_blocks, shuffle_block_size=block,
-            )
-        # The corruption comes first and one spatial transform then moves all three images alike,
-        # as the official loop does; stacking them as channels shares MONAI's random draw.
-        stacked = self._spatial_augment(np.stack([a, corrupted, b]), rng)
-        stacked = np.clip(stacked, 0.0, 1.0)
+            shuffle = bool(rng.random() < cfg.shuffle_prob)
+            nonlinear = bool(rng.random() < cfg.nonlinear_prob)
+            paint_mode = 0
+            if rng.random() < cfg.paint_prob:
+                paint_mode = 1 if rng.random() < cfg.inpaint_prob else 2
+        starts = np.zeros((cfg.shuffle_blocks, 3), dtype=np.int32)
+        if shuffle:
+            starts = np.stack([rng.integers(0, n - e + 1, size=cfg.shuffle_blocks) for n, e in zip(shape, block)],
+                              axis=1).astype(np.int32)
+        bezier = rng.random(4).astype(np.float32) if nonlinear else np.zeros(4, dtype=np.float32)
+        boxes = np.zeros((_MAX_PAINT_BOXES, 6), dtype=np.int32)
+        count = 0
+        if paint_mode == 1:  # genesis.in_painting: up to 30 boxes, each while U < 0.95
+            low, high = [n // 10 for n in shape], [n // 5 for n in shape]
+            while count < _MAX_PAINT_BOXES and rng.random() < 0.95:
+                boxes[count] = _box_row(_random_block(shape, rng, low, high, 3))
+                count += 1
+        elif paint_mode == 2:  # genesis.out_painting: one box kept, then up to 4 more while U < 0.95
+            low, high = [n - 4 * n // 7 + 1 for n in shape], [n - 3 * n // 7 + 1 for n in shape]
+            while count < 5 and (count == 0 or rng.random() < 0.95):
+                boxes[count] = _box_row(_random_block(shape, rng, low, high, 3))
+                count += 1
+        affine, sigma, magnitude = np.eye(4), float(cfg.elastic_sigma[0]), 0.0
+        if rng.random() < cfg.spatial_aug_prob:
+            rotate = rng.uniform(-cfg.aug_rotation, cfg.aug_rotation, 3)
+            shear = rng.uniform(-math.tan(cfg.aug_shear), math.tan(cfg.aug_shear), 6)
+            translate = np.array([rng.uniform(-cfg.aug_translate * n, cfg.aug_translate * n) for n in shape])
+            scale = 1.0 + rng.uniform(-cfg.aug_scale, cfg.aug_scale, 3)
+            affine = (create_rotate(3, list(rotate)) @ create_shear(3, list(shear))
+                      @ create_translate(3, list(translate)) @ create_scale(3, list(scale)))
+            sigma = float(rng.uniform(*cfg.elastic_sigma))
+            magnitude = float(rng.uniform(*cfg.elastic_magnitude))
         return {
-            "image_a": stacked[0:1].copy(),
-            "image_a_corrupted": stacked[1:2].copy(),
-            "image_b": stacked[2:3].copy(),
+            "aug_flags": np.array([shuffle, nonlinear, paint_mode, count], dtype=np.int64),
+            "aug_seeds": rng.integers(0, 2**62, size=3, dtype=np.int64),  # elastic noise, permutations, paint noise
+            "aug_shuffle_starts": starts, "aug_bezier": bezier, "aug_paint_boxes": boxes,
+            "aug_affine": np.asarray(affine, dtype=np.float32),
+            "aug_elastic": np.array([sigma, magnitude], dtype=np.float32),
         }
 
-    def _spatial_augment(self, stacked: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One random affine (+ elastic) transform of the [3, *input_size] stack, trilinear, zero padding."""
+    def apply_augmentation(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The augmentation of a batch of image_a, image_b [B, 1, *input_size] and the parameters of
+        `draw_augmentation` (stacked, on one device): the Models Genesis corruption of x_A, then one
+        elastic + affine warp of x_A, corrupted x_A and x_B alike (the official order), clipped to
+        [0, 1]. Returns the batch's other entries and the three images; the parameters are dropped."""
         cfg = self.config
-        affine_ranges = dict(
-            prob=cfg.spatial_aug_prob,
-            rotate_range=(cfg.aug_rotation,) * 3,
-            shear_range=(math.tan(cfg.aug_shear),) * 6,
-            translate_range=tuple(cfg.aug_translate * n for n in cfg.input_size),
-            scale_range=(cfg.aug_scale,) * 3,
-            mode="bilinear",
-            padding_mode="zeros",
-        )
-        if cfg.elastic_magnitude[1] > 0:
-            transform = Rand3DElastic(sigma_range=cfg.elastic_sigma, magnitude_range=cfg.elastic_magnitude,
-                                      **affine_ranges)
-        else:
-            # Elastic off: RandAffine skips the Gaussian smoothing of a dense offset field, which is
-            # most of the views' cost at 128^3 (~3.5 CPU-s per sample here).
-            transform = RandAffine(**affine_ranges)
-        transform.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
-        out = transform(torch.from_numpy(stacked))
-        return np.asarray(torch.as_tensor(out), dtype=np.float32)
+        a, b = batch["image_a"].float(), batch["image_b"].float()
+        flags, seeds = batch["aug_flags"].to(a.device), batch["aug_seeds"].to(a.device)
+        corrupted = augment.local_shuffle(a[:, 0], flags[:, 0], batch["aug_shuffle_starts"], self._shuffle_block(),
+                                          seeds[:, 1])
+        corrupted = augment.nonlinear_intensity(corrupted, flags[:, 1], batch["aug_bezier"])
+        corrupted = augment.paint(corrupted, flags[:, 2], batch["aug_paint_boxes"], flags[:, 3], seeds[:, 2])
+        elastic = batch["aug_elastic"].to(a.device)
+        dvf = augment.elastic_affine_dvf(a.shape[2:], batch["aug_affine"].to(a.device), elastic[:, 0], elastic[:, 1],
+                                         seeds[:, 0], self._elastic_tail())
+        stacked = augment.warp_stack(torch.cat([a, corrupted[:, None], b], dim=1), dvf).clamp(0.0, 1.0)
+        rest = {k: v for k, v in batch.items() if not k.startswith("aug_") and k not in ("image_a", "image_b")}
+        return {**rest, "image_a": stacked[:, 0:1], "image_a_corrupted": stacked[:, 1:2], "image_b": stacked[:, 2:3]}
+
+    def device_views(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """With `views_on: device`: `apply_augmentation` on `device`; a finished batch passes unchanged."""
+        if "aug_affine" not in batch:
+            return batch
+        return self.apply_augmentation({k: torch.as_tensor(v).to(device) for k, v in batch.items()})
 
     def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
                          views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
         """The pair's boxes on both volumes; x_A, its Models Genesis corruption, x_B, and x_B warped
         onto x_A by `model` (a freshly initialised GVSLModel when none is given)."""
         cfg = self.config
+        views = self.finish_views(views)
         a, b = (volumes[r.volume] for r in requests)
         scenes = [PreviewScene(r.volume, f"{name}: volume {v.id}, box read (same relative position "
                                f"in its foreground box{', whole box' if cfg.crop_fraction == 1 else ''})",

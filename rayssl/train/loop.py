@@ -30,6 +30,7 @@ from rayssl.nn.norm import MIN_BATCHNORM_ROWS, count_batchnorm_rows, has_batchno
 from rayssl.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
 from rayssl.train.heldout import (
     FirstHeldout,
+    HeldoutBatches,
     evaluate_heldout,
     heldout_due,
     progress_text,
@@ -122,6 +123,41 @@ def small_batchnorm_warning(model: torch.nn.Module, rows: dict[str, int], method
             f"are not comparable (a queue of negatives then holds incomparable keys). Fix: {', or '.join(fixes)}")
 
 
+class DeviceViews:
+    """Applies the method's device part of the views (`Method.device_views`) to a stream of batches on
+    the worker's device, timing it: iterated inside the data-wait meter, its time counts as data wait
+    (the step waits for it as for the actors). On CUDA the time is taken after a synchronisation, so
+    it is the device part's own time (plus whatever of the previous step was still queued)."""
+
+    def __init__(self, method: Any, device: torch.device) -> None:
+        self.method, self.device = method, device
+        self.seconds = 0.0
+        self.batches = 0
+
+    def apply(self, batch: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        done = self.method.device_views(batch, self.device)
+        if done is not batch:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds += time.perf_counter() - started
+            self.batches += 1
+        return done
+
+    def stream(self, batches: Any, skip: int = 0) -> Any:
+        """`batches` with the device part applied, except to the first `skip` (dropped by a resume)."""
+        for i, batch in enumerate(batches):
+            yield batch if i < skip else self.apply(batch)
+
+    def window(self) -> dict[str, float]:
+        """device_views_s (this worker's seconds in the device part since the last window) and per batch."""
+        if not self.batches:
+            return {}
+        out = {"device_views_s": self.seconds, "device_views_s_per_batch": self.seconds / self.batches}
+        self.seconds, self.batches = 0.0, 0
+        return out
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -188,6 +224,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     to_skip = (step - int(loop_config.get("data_start_step", 0))) * tc.accumulate
     # Fixed samples never trained on (built by the driver): the objective's low-noise curve.
     heldout_batches = ray.get(loop_config["heldout"]) if loop_config.get("heldout") is not None else []
+    device_part = DeviceViews(method, device)
+    if heldout_batches:  # fixed samples: their device part (a function of their parameters) once, here
+        heldout_batches = HeldoutBatches(
+            [method.device_views({k: torch.as_tensor(v).to(device) for k, v in b.items()}, device)
+             for b in heldout_batches], live=getattr(heldout_batches, "live", None))
     heldout_reported = False
 
     metrics_path = posixpath.join(run_dir, "metrics.jsonl")
@@ -211,7 +252,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batchnorm_checked = False
     reports_since_warning = 0
     startup["loop_ready"] = time.time()
-    for batch in data_wait.timed(batches):
+    # The device part of the views runs inside the timed fetch: its time counts as data wait.
+    for batch in data_wait.timed(device_part.stream(batches, skip=max(to_skip, 0))):
         startup.setdefault("first_batch", time.time())
         if to_skip > 0:
             to_skip -= 1
@@ -285,6 +327,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = {k: float(v.detach()) for k, v in losses.items()}
             metrics.update({k: float(v) for k, v in extra.items()})
             metrics.update(data_wait.window(elapsed, samples_window))
+            metrics.update(device_part.window())
             embeddings = method.embeddings(outputs)  # the same keys on every rank: same method, same batch size
             metrics.update(representation_health(embeddings) if embeddings is not None else {})
             # Every rank reports at the same steps, so all evaluate together (a forward may use collectives).
@@ -331,6 +374,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      + (f" | {progress_text(metrics)}" if "heldout_loss" in metrics else ""))
                 advice = data_wait.advice(metrics, data_cpus=cfg.data.actors_max * cfg.data.actor_cpus,
                                           actors_max=cfg.data.actors_max)
+                if advice and metrics.get("device_views_s", 0.0) > 0.25 * metrics.get("data_wait_s", 0.0):
+                    advice += (f" Of the last window's {metrics['data_wait_s']:.1f} s of data wait, "
+                               f"{metrics['device_views_s']:.1f} s was the views' device part on this worker "
+                               f"({metrics['device_views_s_per_batch']:.3f} s per batch), which more actors do not "
+                               f"shorten; the method's views_on=actors moves it back to the actors.")
                 if advice:
                     _say(f"[rayssl] warning: {advice}")
                 warnings = collapse_warnings({k: v for k, v in metrics.items() if k.startswith("health_")})
