@@ -11,6 +11,7 @@ other work on the machine changes only the wall time.
 
     python benchmarks/collapse_diagnosis.py --method drasclr --steps 300
     python benchmarks/collapse_diagnosis.py --method mlsscl --steps 300 --only baseline,centre
+    python benchmarks/collapse_diagnosis.py --method mlsscl --steps 300 --only baseline --kind mr
 
 Writes benchmarks/_work/collapse_diagnosis/<method>-<time>.json and .png (fixed-negative objective
 and spread vs step, a line per candidate, the chance line dashed).
@@ -64,6 +65,8 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
     p.add_argument("--set", dest="common", action="append", default=[], metavar="FIELD=VALUE",
                    help="override added to every candidate (e.g. to vary around a kept change)")
+    p.add_argument("--kind", choices=("ct", "mr"), default="ct",
+                   help="population to train on: 256 CT phantoms, or 256 MNI152 variants with random contrast (MR)")
     p.add_argument("--heldout-batches", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(WORK / "collapse_diagnosis"))
@@ -79,9 +82,9 @@ def main() -> int:
     unknown = [n for n in names if n not in candidates]
     if unknown:
         p.error(f"unknown candidate(s) {unknown}; {args.method} has {', '.join(candidates)}")
-    store = population_store()
+    store = population_store(kind=args.kind)
     results: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "store": store, "settings": []}
-    out = Path(args.out) / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) / f"{args.method}-{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     for name in names:
         overrides = [*args.common, *candidates[name]]
         print(f"[bench] {args.method} {name} {overrides}: {args.steps} steps", flush=True)
