@@ -35,7 +35,8 @@ TINY = {
              "unet_features=[4,4,8,8,16,4]", "proj_hidden_dim=32", "proj_dim=32"],
     "mlsscl": ["clip_length=4", "long_stride=3", "short_stride=2", "plane_size=12", "image_size=12",
                "resnet_widen_factor=0.125", "mlsscl.proj_dim=16", "queue_length=8"],
-    "gvsl": ["gvsl.input_size=[32,32,32]", "features=[4,4,8,8,16,4]", "num_groups=2"],
+    # views_on=device: the paper profile's device part of the views (issue 29), on the worker.
+    "gvsl": ["gvsl.input_size=[32,32,32]", "features=[4,4,8,8,16,4]", "num_groups=2", "views_on=device"],
     "drasclr": ["patch_size=8", "landmark_step=4", "widths=[4,4,4,8,8]", "rep_dim=8", "drasclr.proj_dim=6",
                 "num_experts=3", "queue_size=4", "n_neighbors=2"],
 }
@@ -73,6 +74,8 @@ def check_method(method: str, args: argparse.Namespace, out: str) -> dict:
         "batch_size": cfg.train.batch_size, "workers": cfg.train.num_workers,
         "step_time_s": mean("step_time_s"), "samples_per_s": mean("samples_per_s"),
         "data_wait_pct": mean("data_wait_pct"),
+        # The views' device part (Method.device_views) on the worker, inside the data wait; None without one.
+        "device_views_s_per_batch": mean("device_views_s_per_batch"),
         "peak_gpu_mem_mb": max((r.get("gpu_peak_mem_mb", 0.0) for r in reports), default=None) if gpu else None,
         "data_cpu_s_per_sample": mean("data_cpu_s_per_sample"),
         # data_cores_needed covers all workers' consumption: per GPU it is divided by the workers.
@@ -113,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         rows.append(check_method(method, args, out))
     print(f"\n{'method':8} {'profile':7} {'step s':>8} {'samples/s':>10} {'data wait':>9} {'GPU MiB':>8} "
-          f"{'CPU-s/sample':>12} {'cores/GPU (<5% wait)':>21}")
+          f"{'CPU-s/sample':>12} {'cores/GPU (<5% wait)':>21} {'device views s/batch':>20}")
     for r in rows:
         print(f"{r['method']:8} {r['profile']:7} {_fmt(r['step_time_s'], '8.3f')} {_fmt(r['samples_per_s'], '10.2f')} "
               f"{_fmt(r['data_wait_pct'], '8.1f')}% {_fmt(r['peak_gpu_mem_mb'], '8.0f')} "
-              f"{_fmt(r['data_cpu_s_per_sample'], '12.4f')} {_fmt(r['cpu_cores_per_gpu_for_5pct_wait'], '21.2f')}")
+              f"{_fmt(r['data_cpu_s_per_sample'], '12.4f')} {_fmt(r['cpu_cores_per_gpu_for_5pct_wait'], '21.2f')} "
+              f"{_fmt(r['device_views_s_per_batch'], '20.4f')}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"device": args.device, "tiny": args.tiny, "wall_time_s": time.perf_counter() - t0, "methods": rows},

@@ -67,9 +67,13 @@ def run_setting(method_name: str, overrides: list[str], steps: int, every: int, 
                           read_dtype=method.read_dtype, samples_per_step=shared)
     heldout = build_heldout_batches(volumes, method.plan, method.views, cfg, read_dtype=method.read_dtype,
                                     samples_per_step=shared, global_batch=batch)
+    cpu = torch.device("cpu")
+    # The views' device part (GVSL views_on=device), as the training loop applies it; identity otherwise.
+    heldout = type(heldout)([method.device_views({k: torch.as_tensor(v) for k, v in b.items()}, cpu) for b in heldout],
+                            live=getattr(heldout, "live", None))
     torch.manual_seed(seed)
     model = method.build_model()
-    method.setup(model, torch.device("cpu"))
+    method.setup(model, cpu)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], tc)
     scheduler = build_scheduler(optimizer, tc)
 
@@ -97,7 +101,7 @@ def run_setting(method_name: str, overrides: list[str], steps: int, every: int, 
         if step == steps:
             break
         model.train()
-        sample = collate([builder.build_sample(step * batch + i) for i in range(batch)])
+        sample = method.device_views(collate([builder.build_sample(step * batch + i) for i in range(batch)]), cpu)
         outputs = model(sample)
         losses = method.loss(outputs, sample)
         optimizer.zero_grad(set_to_none=True)

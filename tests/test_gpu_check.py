@@ -26,3 +26,5 @@ def test_gpu_check_tiny_on_cpu(ray_local, demo_store_path, tmp_path):
         assert r["step_time_s"] > 0 and r["samples_per_s"] > 0 and 0 <= r["data_wait_pct"] <= 100
         assert r["data_cpu_s_per_sample"] > 0 and r["cpu_cores_per_gpu_for_5pct_wait"] > 0
         assert r["peak_gpu_mem_mb"] is None  # CPU run
+    # GVSL's views run their device part on the worker (views_on=device, as its paper profile); VoCo has none.
+    assert rows[1]["device_views_s_per_batch"] > 0 and rows[0]["device_views_s_per_batch"] is None

@@ -225,10 +225,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Fixed samples never trained on (built by the driver): the objective's low-noise curve.
     heldout_batches = ray.get(loop_config["heldout"]) if loop_config.get("heldout") is not None else []
     device_part = DeviceViews(method, device)
-    if heldout_batches:  # fixed samples: their device part (a function of their parameters) once, here
+    if heldout_batches and method.views_on == "device":
+        # Fixed samples: their device part (a function of their parameters) once, here; they stay on the device.
         heldout_batches = HeldoutBatches(
-            [method.device_views({k: torch.as_tensor(v).to(device) for k, v in b.items()}, device)
-             for b in heldout_batches], live=getattr(heldout_batches, "live", None))
+            [method.device_views({k: torch.as_tensor(v) for k, v in b.items()}, device) for b in heldout_batches],
+            live=getattr(heldout_batches, "live", None))
     heldout_reported = False
 
     metrics_path = posixpath.join(run_dir, "metrics.jsonl")
