@@ -195,3 +195,52 @@ def assert_clean_console(text: str, ray_log: str) -> None:
     assert os.path.isfile(ray_log), ray_log
     with open(ray_log) as f:
         assert "pid=" in f.read(), ray_log  # Ray's workers and actors did say things: here, not on the console
+
+
+def resumed_losses_equal_uninterrupted(cfg, store, make_batch) -> tuple[list[float], list[float]]:
+    """In-process exact-resume check of a method's `cpu` path: 3 steps in one go, and 2 steps + checkpoint (the
+    loop's own writer and reader) + 1 step from a fresh method, builder, model and optimizer (a new process: new
+    actors, new model). `make_batch(method, samples)` turns two ViewBuilder samples into the model's batch.
+    Returns (uninterrupted losses, resumed losses); equal bit for bit when resume is exact."""
+    import torch
+
+    from rayssl.checkpoint import load_checkpoint_dir, write_checkpoint_dir
+    from rayssl.data.pipeline import ViewBuilder
+    from rayssl.data.volumes import load_volumes
+    from rayssl.methods import get_method_class
+    from rayssl.train.optim import build_optimizer, build_scheduler
+
+    def fresh():
+        method = get_method_class(cfg.method)(cfg.method_cfg())
+        volumes = method.prepare(load_volumes(str(store), "all"))
+        builder = ViewBuilder(volumes=volumes, plan_fn=method.plan, views_fn=method.views, seed=5)
+        torch.manual_seed(0)
+        model = method.build_model()
+        optimizer = build_optimizer(list(model.parameters()), cfg.train)
+        return method, builder, model, optimizer, build_scheduler(optimizer, cfg.train)
+
+    def train(method, builder, model, optimizer, scheduler, steps):
+        losses = []
+        for step in steps:
+            batch = make_batch(method, [builder.build_sample(2 * step + i) for i in range(2)])
+            loss = method.loss(model(batch), batch)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            method.after_step(model, {}, step + 1, 3)
+            losses.append(float(loss.detach()))
+        return losses
+
+    full = train(*fresh(), range(3))
+    method, builder, model, optimizer, scheduler = fresh()
+    first = train(method, builder, model, optimizer, scheduler, range(2))
+    path = write_checkpoint_dir({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "method": method.state_dict()}, {"step": 2})
+    state = load_checkpoint_dir(path)
+    method, builder, model, optimizer, scheduler = fresh()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    method.load_state_dict(state["method"])
+    return full, first + train(method, builder, model, optimizer, scheduler, range(2, 3))

@@ -205,51 +205,17 @@ def test_the_loop_counts_the_device_part_as_data_wait():
 def test_resume_with_device_views_replays_the_uninterrupted_run_exactly(tiny_store):
     """Views from the data actors' ViewBuilder carry their parameters; the device part is a function of
     them, so 2 steps + checkpoint + 1 step equal 3 steps, bit for bit."""
-    from rayssl.checkpoint import load_checkpoint_dir, write_checkpoint_dir
+    from helpers import resumed_losses_equal_uninterrupted
     from rayssl.config import resolve_config
-    from rayssl.data.pipeline import ViewBuilder
-    from rayssl.data.volumes import load_volumes
-    from rayssl.methods import get_method_class
-    from rayssl.train.optim import build_optimizer, build_scheduler
 
     cfg = resolve_config(method="gvsl", profile="cpu", overrides=[
         "input_size=[16,16,16]", "features=[4,4,8,8,16,4]", "num_groups=2", "elastic_sigma=[1.5,2.0]",
         "elastic_magnitude=[0,4]", "shuffle_blocks=50", "views_on=device", "train.steps=3", "train.amp=false"])
 
-    def fresh():
-        method = get_method_class("gvsl")(cfg.method_cfg())
-        volumes = method.prepare(load_volumes(str(tiny_store), "all"))
-        builder = ViewBuilder(volumes=volumes, plan_fn=method.plan, views_fn=method.views, seed=5)
-        torch.manual_seed(0)
-        model = method.build_model()
-        optimizer = build_optimizer(list(model.parameters()), cfg.train)
-        return method, builder, model, optimizer, build_scheduler(optimizer, cfg.train)
+    def make_batch(method, samples):
+        assert "aug_affine" in samples[0]
+        return method.device_views(_stack([{k: v for k, v in s.items() if k != "sample"} for s in samples]),
+                                   torch.device("cpu"))
 
-    def train(method, builder, model, optimizer, scheduler, steps):
-        losses = []
-        for step in steps:
-            samples = [builder.build_sample(2 * step + i) for i in range(2)]
-            assert "aug_affine" in samples[0]
-            batch = method.device_views(_stack([{k: v for k, v in s.items() if k != "sample"} for s in samples]),
-                                        torch.device("cpu"))
-            loss = method.loss(model(batch), batch)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            method.after_step(model, {}, step + 1, 3)
-            losses.append(float(loss.detach()))
-        return losses
-
-    full = train(*fresh(), range(3))
-    method, builder, model, optimizer, scheduler = fresh()
-    first = train(method, builder, model, optimizer, scheduler, range(2))
-    path = write_checkpoint_dir({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "method": method.state_dict()}, {"step": 2})
-    state = load_checkpoint_dir(path)
-    method, builder, model, optimizer, scheduler = fresh()  # a new process: new actors, new model
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    method.load_state_dict(state["method"])
-    assert first + train(method, builder, model, optimizer, scheduler, range(2, 3)) == full
+    full, resumed = resumed_losses_equal_uninterrupted(cfg, tiny_store, make_batch)
+    assert resumed == full

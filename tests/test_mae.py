@@ -15,6 +15,7 @@ from rayssl.config import resolve_config
 from rayssl.methods import get_method_class
 from rayssl.methods.mae import MAE, MAEConfig, block_mask, masked_mse, normalise_crop
 
+from helpers import resumed_losses_equal_uninterrupted
 from test_export import make_run, strict_net
 from test_profiles import DOCS, _step_inputs, _volumes
 
@@ -174,48 +175,14 @@ def test_recipe_table_in_the_docs_matches_rayssl_recipe():
 def test_resume_replays_the_uninterrupted_run_exactly(tiny_store):
     """The data actors' ViewBuilder with the same seed gives the same crops and masks for a sample
     index, so 2 steps + checkpoint (the loop's own writer/reader) + 1 step equal 3 steps, bit for bit."""
-    from rayssl.checkpoint import load_checkpoint_dir, write_checkpoint_dir
-    from rayssl.data.pipeline import ViewBuilder
-    from rayssl.data.volumes import load_volumes
-    from rayssl.train.optim import build_optimizer, build_scheduler
-
     cfg = resolve_config(method="mae", profile="cpu", overrides=[
         "input_size=[16,16,16]", "block_size=4", "features=[4,4,8,8,16,4]", "num_groups=2", "train.steps=3"])
 
-    def fresh():
-        method = get_method_class("mae")(cfg.method_cfg())
-        volumes = method.prepare(load_volumes(str(tiny_store), "all"))
-        builder = ViewBuilder(volumes=volumes, plan_fn=method.plan, views_fn=method.views, seed=5)
-        torch.manual_seed(0)
-        model = method.build_model()
-        optimizer = build_optimizer(list(model.parameters()), cfg.train)
-        return method, builder, model, optimizer, build_scheduler(optimizer, cfg.train)
+    def make_batch(method, samples):
+        return {k: torch.as_tensor(np.stack([s[k] for s in samples])) for k in ("target", "mask")}
 
-    def train(method, builder, model, optimizer, scheduler, steps):
-        losses = []
-        for step in steps:
-            samples = [builder.build_sample(2 * step + i) for i in range(2)]
-            batch = {k: torch.as_tensor(np.stack([s[k] for s in samples])) for k in ("target", "mask")}
-            loss = method.loss(model(batch), batch)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-        return losses
-
-    full = train(*fresh(), range(3))
-    method, builder, model, optimizer, scheduler = fresh()
-    first = train(method, builder, model, optimizer, scheduler, range(2))
-    path = write_checkpoint_dir({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "method": method.state_dict()}, {"step": 2})
-    state = load_checkpoint_dir(path)
-    method, builder, model, optimizer, scheduler = fresh()  # a new process: new actors, new model
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    method.load_state_dict(state["method"])
-    assert first + train(method, builder, model, optimizer, scheduler, range(2, 3)) == full
+    full, resumed = resumed_losses_equal_uninterrupted(cfg, tiny_store, make_batch)
+    assert resumed == full
 
 
 def test_preview_shows_mask_and_reconstruction_and_renders(tiny_store, tmp_path):
