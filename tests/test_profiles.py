@@ -73,7 +73,8 @@ def _attach_landmarks(method, volumes: list[VolumeInfo]) -> list[VolumeInfo]:
 
 
 def _batch(method, volumes, arrays, size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """`size` samples built as the data actors build them: plan -> read boxes -> views -> stack."""
+    """`size` samples built as the data actors build them (plan -> read boxes -> views -> stack), then the views'
+    device part as the training loop applies it (`Method.device_views`, e.g. GVSL's paper `views_on: device`)."""
     from rayssl.data.read import read_box
 
     dtype = np.float32 if method.read_dtype == "float32" else None
@@ -83,7 +84,8 @@ def _batch(method, volumes, arrays, size: int, rng: np.random.Generator) -> dict
         crops = [read_box(arrays[r.volume], r.start, r.size, volumes[r.volume].background, dtype=dtype)
                  for r in requests]
         samples.append(method.views(crops, requests, rng))
-    return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+    batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+    return method.device_views(batch, torch.device("cpu"))
 
 
 def _step_inputs(method_name: str, profile: str, overrides: list[str]):
