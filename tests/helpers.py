@@ -223,12 +223,13 @@ def resumed_losses_equal_uninterrupted(cfg, store, make_batch) -> tuple[list[flo
         losses = []
         for step in steps:
             batch = make_batch(method, [builder.build_sample(2 * step + i) for i in range(2)])
-            loss = method.loss(model(batch), batch)["loss"]
+            outputs = model(batch)
+            loss = method.loss(outputs, batch)["loss"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
-            method.after_step(model, {}, step + 1, 3)
+            method.after_step(model, outputs, step + 1, 3)  # e.g. DrasCLR enqueues the step's keys
             losses.append(float(loss.detach()))
         return losses
 

@@ -1,6 +1,7 @@
-"""The views' device part (issue 29): GVSL's augmentation on the actors and on the device is one function of the
-drawn parameters; its distribution matches the reference implementations (MONAI Rand3DElastic / Affine, numpy
-Models Genesis); the training loop counts its time as data wait; resume stays exact."""
+"""The views' device part (issue 29): GVSL's and DrasCLR's augmentations on the actors and on the device are one
+function of the drawn parameters; their distribution matches the reference implementations (MONAI Rand3DElastic /
+Affine / RandAffine / AdjustContrast, numpy Models Genesis); the training loop counts its time as data wait;
+resume stays exact."""
 
 from __future__ import annotations
 
@@ -45,6 +46,13 @@ def _samples(method: GVSL, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]
 
 def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+
+
+def _device_batch(method, samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """ViewBuilder samples carrying their augmentation parameters -> the batch the training loop gives the model."""
+    assert "aug_affine" in samples[0]
+    return method.device_views(_stack([{k: v for k, v in s.items() if k != "sample"} for s in samples]),
+                               torch.device("cpu"))
 
 
 class TestHash:
@@ -212,10 +220,166 @@ def test_resume_with_device_views_replays_the_uninterrupted_run_exactly(tiny_sto
         "input_size=[16,16,16]", "features=[4,4,8,8,16,4]", "num_groups=2", "elastic_sigma=[1.5,2.0]",
         "elastic_magnitude=[0,4]", "shuffle_blocks=50", "views_on=device", "train.steps=3", "train.amp=false"])
 
-    def make_batch(method, samples):
-        assert "aug_affine" in samples[0]
-        return method.device_views(_stack([{k: v for k, v in s.items() if k != "sample"} for s in samples]),
-                                   torch.device("cpu"))
-
-    full, resumed = resumed_losses_equal_uninterrupted(cfg, tiny_store, make_batch)
+    full, resumed = resumed_losses_equal_uninterrupted(cfg, tiny_store, _device_batch)
     assert resumed == full
+
+
+# ---- DrasCLR: RandAffine, RandGaussianNoise, RandAdjustContrast of each landmark patch (issue 29) ----------------
+
+
+def _drasclr(**overrides):
+    from rayssl.methods.drasclr import DrasCLR, DrasCLRConfig
+    from test_drasclr import TINY as DRASCLR_TINY
+
+    return DrasCLR(DrasCLRConfig(**{**DRASCLR_TINY, **overrides}))
+
+
+def _drasclr_samples(method, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Samples as the data actors build them, from smooth HU patches (the crops of the plan's boxes)."""
+    from test_drasclr import _volumes
+
+    volumes, out = _volumes(), []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        requests = method.plan(volumes, i % len(volumes), rng)
+        crops = [(1400.0 * _smooth(3 * i + k, r.size) - 1100.0).astype(np.float32) for k, r in enumerate(requests)]
+        out.append(method.views(crops, requests, rng))
+    return out
+
+
+class TestDrasCLRDeviceViews:
+    @pytest.mark.parametrize("overrides", [
+        dict(),  # the official probabilities (noise and contrast 0.25 each)
+        dict(noise_prob=1.0, contrast_prob=1.0),
+        dict(noise_prob=0.0, contrast_prob=0.0, affine_rotate_deg=0.0, affine_translate=0.0, affine_scale=0.0),
+    ])
+    def test_device_batch_equals_the_actor_path_for_the_same_parameters(self, overrides):
+        on_actors = _drasclr(**overrides, views_on="actors")
+        on_device = _drasclr(**overrides, views_on="device")
+        finished, parts = _drasclr_samples(on_actors, 6), _drasclr_samples(on_device, 6)  # same seeds, same parameters
+        views = {"view_q", "view_k", "neighbors"}
+        assert views <= set(finished[0]) and not any(k.startswith("aug_") for k in finished[0])
+        assert {"view_q", "neighbors", "aug_affine", "aug_flags", "aug_values", "aug_seeds", "aug_half"} <= set(parts[0])
+        assert "view_k" not in parts[0]
+        state = torch.random.get_rng_state()
+        batch = on_device.device_views(_stack(parts), torch.device("cpu"))  # one batch of 6
+        assert torch.equal(state, torch.random.get_rng_state())  # the device part draws nothing
+        assert set(batch) == set(finished[0])
+        for key in finished[0]:
+            np.testing.assert_allclose(batch[key].numpy(), np.stack([s[key] for s in finished]), atol=1e-5,
+                                       err_msg=key)
+        assert on_device.device_views(batch, torch.device("cpu")) is batch
+        np.testing.assert_allclose(on_device.finish_views(parts[0])["view_k"], finished[0]["view_k"], atol=1e-5)
+        if not overrides:  # two independent augmentations of one patch
+            assert not np.allclose(batch["view_q"].numpy(), batch["view_k"].numpy())
+
+    def test_preview_finishes_device_views(self):
+        """`rayssl preview` gets the actor's sample: preview_geometry applies the device part itself."""
+        from test_drasclr import _volumes
+
+        figures = []
+        for on in ("actors", "device"):
+            method = _drasclr(views_on=on)
+            sample = _drasclr_samples(method, 1)[0]
+            rng = np.random.default_rng([0, 0])
+            figures.append(method.preview_geometry(_volumes(), method.plan(_volumes(), 0, rng), sample))
+        assert [i.title for i in figures[0].images] == [i.title for i in figures[1].images]
+        for a, b in zip(figures[0].images, figures[1].images):
+            np.testing.assert_allclose(a.image, b.image, atol=1e-5)
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    def test_cuda_equals_cpu(self):
+        method = _drasclr(views_on="device", noise_prob=1.0, contrast_prob=1.0, patch_size=32)
+        batch = _stack(_drasclr_samples(method, 4))
+        cpu = method.device_views(batch, torch.device("cpu"))
+        gpu = method.device_views(batch, torch.device("cuda"))
+        for key in ("view_q", "view_k", "neighbors"):
+            torch.testing.assert_close(gpu[key].cpu(), cpu[key], atol=1e-4, rtol=0)
+
+    def test_fixed_parameters_give_monais_affine_and_adjust_contrast(self):
+        """One augmentation with given parameters: MONAI's Affine (what RandAffine applies: bilinear, border
+        padding) then AdjustContrast, then the [-1, 1] scaling; noise with std 0 changes nothing."""
+        from monai.transforms import AdjustContrast
+
+        method = _drasclr(views_on="device", patch_size=16)
+        patch = (1264.0 * _smooth(4, (16, 16, 16))).astype(np.float32)
+        rotate, translate, scale, gamma, half = [0.12, -0.1, 0.15], [2.5, -4.0, 1.0], [1.08, 0.93, 1.02], 2.2, 632.0
+        matrix = create_rotate(3, rotate) @ create_translate(3, translate) @ create_scale(3, scale)
+        sample = {"view_q": patch[None], "neighbors": np.stack([patch, patch[::-1].copy()])[:, None],
+                  "aug_affine": np.stack([matrix] * 3).astype(np.float32),
+                  "aug_flags": np.array([[1, 1]] * 3), "aug_values": np.array([[0.0, gamma]] * 3, dtype=np.float32),
+                  "aug_seeds": np.array([1, 2, 3]), "aug_half": np.array([half], dtype=np.float32)}
+        done = method.finish_views(sample)
+        affine = Affine(rotate_params=rotate, translate_params=translate, scale_params=scale, mode="bilinear",
+                        padding_mode="border", image_only=True)
+        reference = np.asarray(AdjustContrast(gamma)(affine(torch.from_numpy(patch)[None]))) / half - 1.0
+        np.testing.assert_allclose(done["view_q"], reference, atol=2e-5)
+        np.testing.assert_allclose(done["view_k"], reference, atol=2e-5)
+        # The neighbours are one two-channel image: one warp, and one min / range for the contrast.
+        both = np.asarray(AdjustContrast(gamma)(affine(torch.from_numpy(sample["neighbors"][:, 0])))) / half - 1.0
+        np.testing.assert_allclose(done["neighbors"][:, 0], both, atol=2e-5)
+
+    def test_parameters_have_the_distribution_of_monais_transforms(self):
+        """Many samples' drawn parameters against MONAI's own draws (RandAffine's matrix entries, KS test) and
+        the noise / contrast frequencies and ranges against RandGaussianNoise / RandAdjustContrast's."""
+        import math
+
+        from monai.transforms import RandAffine
+
+        method = _drasclr(views_on="device", patch_size=32)
+        cfg, n = method.config, 600
+        rng = np.random.default_rng(11)
+        drawn = [method.draw_augmentation(rng) for _ in range(n)]
+        ours = np.concatenate([d["aug_affine"] for d in drawn])  # [3n, 4, 4]
+        reference = RandAffine(prob=1.0, spatial_size=(32,) * 3, translate_range=(cfg.affine_translate * 32,) * 3,
+                               rotate_range=(math.radians(cfg.affine_rotate_deg),) * 3,
+                               scale_range=(cfg.affine_scale,) * 3, padding_mode="border")
+        reference.set_random_state(seed=3)
+        theirs = []
+        for _ in range(3 * n):
+            reference.randomize()
+            # RandAffine's matrix does not depend on the grid's size: a 2^3 grid makes it cheaply.
+            reference.rand_affine_grid(spatial_size=(2, 2, 2), randomize=False)
+            theirs.append(np.asarray(reference.rand_affine_grid.get_transformation_matrix(), dtype=np.float64))
+        theirs = np.stack(theirs)
+        for i in range(3):
+            for j in range(4):
+                assert stats.ks_2samp(ours[:, i, j], theirs[:, i, j]).pvalue > 1e-3, (i, j)
+        flags = np.concatenate([d["aug_flags"] for d in drawn])
+        values = np.concatenate([d["aug_values"] for d in drawn])
+        for column, p in ((0, cfg.noise_prob), (1, cfg.contrast_prob)):  # binomial sd sqrt(p(1-p)/3n) = 0.01
+            assert abs(flags[:, column].mean() - p) < 0.04, column
+        assert 0.0 <= values[:, 0].min() and values[:, 0].max() <= cfg.noise_std
+        assert abs(values[:, 0].mean() - cfg.noise_std / 2) < 0.05 * cfg.noise_std  # U(0, std): sd 0.012 std
+        low, high = cfg.contrast_gamma
+        assert low <= values[:, 1].min() and values[:, 1].max() <= high
+        assert abs(values[:, 1].mean() - (low + high) / 2) < 0.05 * (high - low)
+        assert len({int(s) for d in drawn for s in d["aug_seeds"]}) == 3 * n
+
+    def test_noise_std_on_the_patch_matches_the_drawn_std(self):
+        """The applied noise (device part, contrast off, identity affine): zero mean, sd the drawn std."""
+        method = _drasclr(views_on="device", patch_size=32)
+        patch = np.full((1, 32, 32, 32), 500.0, np.float32)
+        eye = np.stack([np.eye(4)] * 3).astype(np.float32)
+        sample = {"view_q": patch, "neighbors": np.stack([patch, patch]), "aug_affine": eye,
+                  "aug_flags": np.array([[1, 0], [1, 0], [0, 0]]),
+                  "aug_values": np.array([[40.0, 1.0], [10.0, 1.0], [40.0, 1.0]], dtype=np.float32),
+                  "aug_seeds": np.array([5, 6, 7]), "aug_half": np.array([500.0], dtype=np.float32)}
+        done = method.finish_views(sample)
+        for key, std in (("view_q", 40.0), ("view_k", 10.0)):
+            noise = (done[key] + 1.0) * 500.0 - 500.0
+            assert abs(noise.mean()) < 0.02 * std and abs(noise.std() / std - 1.0) < 0.02, key
+        np.testing.assert_allclose(done["neighbors"], 0.0, atol=1e-5)  # noise off: the flat patch, exactly
+
+    def test_resume_with_device_views_replays_the_uninterrupted_run_exactly(self, demo_store_path):
+        from helpers import resumed_losses_equal_uninterrupted
+        from rayssl.config import resolve_config
+        from test_drasclr import TINY as DRASCLR_TINY
+
+        sets = [f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in DRASCLR_TINY.items() if k != "widths"]
+        cfg = resolve_config(method="drasclr", profile="cpu", overrides=[
+            *sets, "widths=[4,4,4,8,8]", "views_on=device", "noise_prob=0.5", "contrast_prob=0.5",
+            "train.steps=3", "train.amp=false"])
+
+        full, resumed = resumed_losses_equal_uninterrupted(cfg, demo_store_path, _device_batch)
+        assert resumed == full

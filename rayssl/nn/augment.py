@@ -112,9 +112,16 @@ def elastic_affine_dvf(shape: Sequence[int], affine: torch.Tensor, sigma: torch.
     return moved - centred
 
 
-def warp_stack(images: torch.Tensor, dvf: torch.Tensor) -> torch.Tensor:
-    """`images` [B, C, *shape] warped by `dvf` (voxels): trilinear, zero padding (MONAI's Resample)."""
-    return warp(images, dvf, mode="bilinear", padding_mode="zeros")
+def affine_dvf(shape: Sequence[int], affine: torch.Tensor) -> torch.Tensor:
+    """The DVF [B, 3, *shape] (voxels) of homogeneous `affine` [B, 4, 4] acting on centred voxel coordinates,
+    as MONAI's AffineGrid builds RandAffine's grid: `elastic_affine_dvf` without the elastic part."""
+    zeros = torch.zeros(affine.shape[0], device=affine.device)
+    return elastic_affine_dvf(shape, affine, zeros, zeros, zeros.long(), tail=0)
+
+
+def warp_stack(images: torch.Tensor, dvf: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """`images` [B, C, *shape] warped by `dvf` (voxels): trilinear, zero padding by default (MONAI's Resample)."""
+    return warp(images, dvf, mode="bilinear", padding_mode=padding_mode)
 
 
 # ---- Models Genesis corruptions --------------------------------------------------------------------
@@ -219,3 +226,41 @@ def paint(x: torch.Tensor, mode: torch.Tensor, boxes: torch.Tensor, count: torch
     noise = hash_uniform(seeds, x[0].numel(), x.device).view(x.shape).to(x.dtype)
     painted = torch.where((mode == 1) & inside, noise, x)
     return torch.where((mode == 2) & ~inside, noise, painted)
+
+
+# ---- intensity: MONAI's RandGaussianNoise and AdjustContrast ----------------------------------------
+
+
+def hash_normal(seeds: torch.Tensor, count: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[B, count] standard normal float32 values from `hash_uniform` (Box-Muller, both of each pair's values):
+    the same on every device."""
+    pairs = (count + 1) // 2
+    u = hash_uniform(seeds, 2 * pairs, device)
+    radius = torch.sqrt(-2.0 * torch.log(1.0 - u[:, :pairs]))  # 1 - u in (0, 1]
+    angle = (2.0 * math.pi) * u[:, pairs:]
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :count]
+
+
+def gaussian_noise(x: torch.Tensor, apply: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """[B, ...] plus zero-mean Gaussian noise of std `std[b]` where `apply[b]` (MONAI's RandGaussianNoise with
+    its std drawn by the caller); the noise at an element is `hash_normal(seed)` at its flat index, drawn only
+    for the samples it is added to."""
+    chosen = torch.nonzero(apply.to(x.device).bool()).flatten()
+    out = x.clone()
+    if chosen.numel() == 0:
+        return out
+    noise = hash_normal(seeds.to(x.device)[chosen], x[0].numel(), x.device).view(-1, *x.shape[1:]).to(x.dtype)
+    out[chosen] = x[chosen] + noise * std.to(x)[chosen].view(-1, *[1] * (x.dim() - 1))
+    return out
+
+
+def adjust_contrast(x: torch.Tensor, apply: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """MONAI's AdjustContrast of each sample of [B, ...] where `apply[b]`, with gamma `gamma[b]`: min and range
+    over the whole sample (all channels), ((x - min) / (range + 1e-7)) ** gamma * range + min."""
+    b = x.shape[0]
+    shape = (b, *[1] * (x.dim() - 1))
+    flat = x.reshape(b, -1)
+    low = flat.min(dim=1).values.view(shape)
+    span = flat.max(dim=1).values.view(shape) - low
+    adjusted = ((x - low) / (span + 1e-7)) ** gamma.to(x).view(shape) * span + low
+    return torch.where(apply.to(x.device).bool().view(shape), adjusted, x)

@@ -33,6 +33,7 @@ from rayssl.methods.base import (
     request_box,
     with_intensity,
 )
+from rayssl.nn import augment
 from rayssl.nn.backbones import Backbone
 from rayssl.nn.condconv import LocCondConv3d
 from rayssl.nn.contrastive import info_nce
@@ -98,6 +99,14 @@ class DrasCLRConfig(MethodConfig):
     noise_std: float = Field(50.0, ge=0.0, description="Gaussian noise std in HU (MONAI samples std in [0, noise_std])")
     contrast_prob: float = Field(0.25, ge=0.0, le=1.0)
     contrast_gamma: tuple[float, float] = Field((0.5, 4.5), description="gamma range of RandAdjustContrast")
+    # Where the three augmentations run (issue 29). The data actor draws every parameter from the sample's
+    # seed as MONAI's RandAffine (rotate/translate/scale ranges above, AffineGrid's composition, bilinear,
+    # border padding), RandGaussianNoise (std uniform in [0, noise_std]) and RandAdjustContrast would, and
+    # one torch function applies them (rayssl.nn.augment): "actors" applies it there, one sample at a
+    # time; "device" sends the patches and the parameters, and the training loop applies it batched on
+    # the worker's device (Method.device_views) before the forward pass.
+    views_on: Literal["actors", "device"] = Field(
+        "actors", description="where the augmentations run: actors (data actor CPU) or device (training loop)")
     # Encoder (official cnn3d.Encoder: widths 8-16-32-64-128, rep 128, 8 experts).
     widths: tuple[int, int, int, int, int] = Field(
         (8, 16, 32, 64, 128), description="channels of stem, 3 blocks, last conv"
@@ -368,6 +377,8 @@ class DrasCLR(Method):
         "patch_size": 32, "landmark_step": 26, "n_neighbors": 2, "spacing_mm": 1.0, "widths": (8, 16, 32, 64, 128),
         "rep_dim": 128, "proj_dim": 128, "num_experts": 8, "queue_size": 4096, "momentum": 0.999,
         "temperature": 0.2, "neighbor_weight": 1.0, "norm": "batch",
+        # The augmentations on the GPU (issue 29): on the actors they were most of the CPU time per sample.
+        "views_on": "device",
         # train.py trains one landmark at a time: num_iter_sub_epoch = iterations / num_patch steps of
         # all subjects at patch_idx, then the next (data/copd_patch.py set_patch_idx).
         "landmark_sampling": "per_batch", "landmark_hold_steps": None,
@@ -406,7 +417,6 @@ class DrasCLR(Method):
     def __init__(self, config: DrasCLRConfig) -> None:
         super().__init__(config)
         self.config: DrasCLRConfig = config
-        self._augment = None
         self._bank: KeyedMemoryQueues | None = None
         self._enqueued: torch.Tensor | None = None  # keys received per landmark (for the fill metric)
         self._device: torch.device = torch.device("cpu")
@@ -522,34 +532,56 @@ class DrasCLR(Method):
     def intensity_rule(self) -> IntensityRule:
         return DRASCLR_INTENSITY
 
-    def _augmenter(self):
-        if self._augment is None:
-            from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandGaussianNoise
+    def draw_augmentation(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """The parameters of one sample's three augmentations (view_q, view_k, the neighbours jointly), as
+        MONAI's RandAffine, RandGaussianNoise and RandAdjustContrast (the official 'agc') draw them: rotation
+        U(-r, r), translation U(-t, t) voxels and scale 1 + U(-s, s) per axis, composed as MONAI's AffineGrid
+        (rotate @ translate @ scale); noise with probability noise_prob, std U(0, noise_std), its values from
+        a seed; contrast with probability contrast_prob, gamma U(contrast_gamma). Every draw is made whether
+        used or not, so the stream has a fixed length. Fixed-size arrays: they travel in the batch."""
+        from monai.transforms.utils import create_rotate, create_scale, create_translate
 
-            cfg = self.config
-            p = cfg.patch_size
-            self._augment = Compose(
-                [
-                    RandAffine(
-                        prob=1.0,
-                        spatial_size=(p, p, p),
-                        translate_range=(cfg.affine_translate * p,) * 3,
-                        rotate_range=(math.radians(cfg.affine_rotate_deg),) * 3,
-                        scale_range=(cfg.affine_scale,) * 3,
-                        padding_mode="border",
-                        mode="bilinear",
-                    ),
-                    RandGaussianNoise(prob=cfg.noise_prob, mean=0.0, std=cfg.noise_std),
-                    RandAdjustContrast(prob=cfg.contrast_prob, gamma=cfg.contrast_gamma),
-                ]
-            )
-        return self._augment
+        cfg = self.config
+        rotate, translate = math.radians(cfg.affine_rotate_deg), cfg.affine_translate * cfg.patch_size
+        affines, flags, values = [], [], []
+        for _ in range(3):
+            r = rng.uniform(-rotate, rotate, 3)
+            t = rng.uniform(-translate, translate, 3)
+            scale = 1.0 + rng.uniform(-cfg.affine_scale, cfg.affine_scale, 3)
+            affines.append(create_rotate(3, list(r)) @ create_translate(3, list(t)) @ create_scale(3, list(scale)))
+            noise, std = rng.random() < cfg.noise_prob, rng.uniform(0.0, cfg.noise_std)
+            contrast, gamma = rng.random() < cfg.contrast_prob, rng.uniform(*cfg.contrast_gamma)
+            flags.append((noise, contrast))
+            values.append((std, gamma))
+        return {"aug_affine": np.asarray(affines, dtype=np.float32), "aug_flags": np.asarray(flags, dtype=np.int64),
+                "aug_values": np.asarray(values, dtype=np.float32),
+                "aug_seeds": rng.integers(0, 2**62, size=3, dtype=np.int64)}
 
-    def _augment_once(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        augment = self._augmenter()
-        augment.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
-        out = augment(x)
-        return np.asarray(out.detach().cpu().numpy() if torch.is_tensor(out) else out, dtype=np.float32)
+    def apply_augmentation(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The views of a batch of raw patches (view_q: the anchor shifted to [0, width], neighbors [B, n, 1, P,
+        P, P]), the parameters of `draw_augmentation` and `aug_half` (width / 2), on one device: for each of
+        view_q, view_k (both from the anchor) and the neighbours (one multi-channel image), the affine warp
+        (trilinear, border padding), the noise, the contrast; then x / half - 1. The parameters are dropped."""
+        anchor, neighbors = batch["view_q"].float(), batch["neighbors"].float()
+        b, n = neighbors.shape[:2]
+        affine, flags = batch["aug_affine"].to(anchor.device), batch["aug_flags"].to(anchor.device)
+        values, seeds = batch["aug_values"].to(anchor.device), batch["aug_seeds"].to(anchor.device)
+        half = batch["aug_half"].to(anchor).view(b, 1, 1, 1, 1)
+
+        def augmented(x: torch.Tensor, i: int) -> torch.Tensor:
+            x = augment.warp_stack(x, augment.affine_dvf(x.shape[2:], affine[:, i]), padding_mode="border")
+            x = augment.gaussian_noise(x, flags[:, i, 0], values[:, i, 0], seeds[:, i])
+            return augment.adjust_contrast(x, flags[:, i, 1], values[:, i, 1]) / half - 1.0
+
+        rest = {k: v for k, v in batch.items() if not k.startswith("aug_") and k not in ("view_q", "neighbors")}
+        return {**rest, "view_q": augmented(anchor, 0), "view_k": augmented(anchor, 1),
+                "neighbors": augmented(neighbors[:, :, 0], 2)[:, :, None]}
+
+    def device_views(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """With `views_on: device`: `apply_augmentation` on `device`; a finished batch passes unchanged."""
+        if "aug_affine" not in batch:
+            return batch
+        return self.apply_augmentation({k: torch.as_tensor(v).to(device) for k, v in batch.items()})
 
     def views(
         self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator
@@ -559,6 +591,8 @@ class DrasCLR(Method):
         As the official code: intensities are clipped to the HU window and shifted to [0, hi - lo]
         (so the noise std is in HU), augmented, then scaled to [-1, 1]. The neighbours share one
         random transform (the official code augments them as one multi-channel image).
+        With `views_on: device` the sample is the shifted patches (view_q: the anchor, neighbors) plus the
+        augmentations' parameters (`draw_augmentation`); `device_views` finishes it on the device.
         """
         landmark = requests[0].context
         if landmark is None:
@@ -571,26 +605,29 @@ class DrasCLR(Method):
         mapping = self.request_intensity(requests[0])
         lo, hi = mapping.bounds(crops[0])  # type: ignore[misc]
         width = max(hi - lo, 1e-6)
-        half = width / 2.0
-        shifted = [mapping.apply(c, (lo, lo + width), out_range=(0.0, width)) for c in crops]
-        view_q = self._augment_once(shifted[0][None], rng) / half - 1.0
-        view_k = self._augment_once(shifted[0][None], rng) / half - 1.0
-        neighbors = self._augment_once(np.stack(shifted[1:]), rng) / half - 1.0
-        return {
-            "view_q": view_q.astype(np.float32),
-            "view_k": view_k.astype(np.float32),
-            "neighbors": neighbors[:, None].astype(np.float32),
+        shifted = [mapping.apply(c, (lo, lo + width), out_range=(0.0, width)).astype(np.float32) for c in crops]
+        sample = {
+            "view_q": shifted[0][None],
+            "neighbors": np.stack(shifted[1:])[:, None],
             "loc": np.asarray(landmark["loc"], dtype=np.float32),
             "neighbor_loc": np.asarray(landmark["neighbor_loc"], dtype=np.float32),
             "landmark": np.asarray(landmark["landmark"], dtype=np.int64),
             "n_landmarks": np.asarray(landmark["n_landmarks"], dtype=np.int64),
+            "aug_half": np.asarray([width / 2.0], dtype=np.float32),
+            **self.draw_augmentation(rng),
         }
+        if self.config.views_on == "device":
+            return sample
+        # The actor path: the device part's function on this CPU, on a batch of one.
+        done = self.apply_augmentation({k: torch.from_numpy(np.asarray(v)[None]) for k, v in sample.items()})
+        return {k: v[0].numpy() for k, v in done.items()}
 
     def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
                          views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
         """The sample's landmark patch and its neighbours' patches on the subject, and the same
         landmarks among all landmarks of the atlas (where the Loc-CondConv coordinates come from)."""
         cfg = self.config
+        views = self.finish_views(views)
         j = int(np.asarray(views["landmark"]).reshape(-1)[0])
         subject = volumes[requests[0].volume]
         neighbors = [int(n) for n in np.asarray(subject.extra[EXTRA_NEIGHBORS])[j]]
