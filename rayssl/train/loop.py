@@ -9,13 +9,11 @@ import math
 import os
 import posixpath
 import random
-import re
 import resource
-import sys
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterable
 
-import fsspec
 import numpy as np
 import ray.train
 import ray.train.torch
@@ -25,29 +23,19 @@ import torch.distributed as dist
 from rayssl.config import RunConfig
 from rayssl.export import complete_state, export_card, write_export
 from rayssl.methods import get_method_class
-from rayssl.nn.health import collapse_warnings, representation_health
+from rayssl.nn.health import representation_health
 from rayssl.nn.norm import MIN_BATCHNORM_ROWS, count_batchnorm_rows, has_batchnorm
 from rayssl.checkpoint import load_newest_state, rng_state, set_rng_state, write_checkpoint_dir
 from rayssl.train.heldout import (
-    FirstHeldout,
     HeldoutBatches,
     evaluate_heldout,
     heldout_due,
-    progress_text,
     restore_running_norm_stats,
     running_norm_stats,
 )
 from rayssl.train.optim import accumulate_gradients, build_optimizer, build_scheduler, effective_batch
-from rayssl.train.stall import DataWaitMeter, SteadyEta
-
-
-def _say(message: str) -> None:
-    """One progress line to the worker's stdout (forwarded to the driver by Ray).
-
-    Train V2 patches `print` to also log through the root logger, which Ray forwards a second time;
-    writing to the process's own stdout prints each line once.
-    """
-    print(message, file=sys.__stdout__, flush=True)
+from rayssl.train.report import Reporter, say, write_text
+from rayssl.train.stall import DataWaitMeter
 
 
 def _quiet_train_reports() -> None:
@@ -72,6 +60,7 @@ def count_crops(batch: dict[str, torch.Tensor]) -> int:
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks: a collective, so every rank calls it at the same reports."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     keys = sorted(values)
@@ -82,16 +71,12 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
 
 
 def _any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank: a collective, so every rank calls it at the same points of a step."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-def _write_text(path: str, text: str) -> None:
-    with fsspec.open(path, "w") as f:
-        f.write(text)
 
 
 def small_batchnorm_warning(model: torch.nn.Module, rows: dict[str, int], method: str, method_fields: Any,
@@ -158,26 +143,125 @@ class DeviceViews:
         return out
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+@dataclass(frozen=True)
+class _Worker:
+    """What stays fixed on this worker for the whole run, so the loop's pieces take one argument for it."""
+
+    cfg: RunConfig
+    run_dir: str
+    rank: int
+    world: int
+    method: Any
+    device: torch.device
+    samples_per_epoch: int
+
+    @property
+    def stop(self) -> int:
+        """The step this session ends at: train.steps, or train.stop_after when that comes first."""
+        return min(self.cfg.train.stop_after or self.cfg.train.steps, self.cfg.train.steps)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker. `loop_config`: {"run": RunConfig dict, "run_dir", "data_start_step", "dataset", "card"}."""
-    # Wall-clock start-up marks (benchmarks/startup.py): worker up, model and data ready, first batch, first step.
-    startup = {"worker_started": time.time()}
+@dataclass
+class TrainState:
+    """What the optimizer steps advance and a checkpoint keeps, with the DDP wrapper and precision they run under."""
+
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], ContextManager[Any]]
+    step: int = 0
+    grad_norm: float = math.nan  # the last counted step's (nan without train.grad_clip)
+
+
+class _Meters:
+    """This worker's measurements between two reports (data wait, the views' device part, throughput) and the run's clock."""
+
+    def __init__(self, data_wait: DataWaitMeter, device_part: DeviceViews, world: int) -> None:
+        self.data_wait, self.device_part, self.world = data_wait, device_part, world
+        self.started = time.perf_counter()
+        self.restart()
+
+    def restart(self) -> None:
+        """Opens the next report's window."""
+        self.window_started, self.samples, self.crops, self.steps = time.perf_counter(), 0, 0, 0
+
+    def add(self, step_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Counts an optimizer step's samples and crops, all workers' (every worker steps on the same batch size)."""
+        batch_size = sum(next(v.shape[0] for v in b.values() if isinstance(v, torch.Tensor)) for b in step_batches)
+        self.samples += batch_size * self.world
+        self.crops += sum(count_crops(b) for b in step_batches) * self.world
+        self.steps += 1
+
+    def waits(self, elapsed: float) -> dict[str, float]:
+        """The window's data wait and the views' device part (this worker's)."""
+        return {**self.data_wait.window(elapsed, self.samples), **self.device_part.window()}
+
+    def rates(self, elapsed: float) -> dict[str, float]:
+        """The window's throughput: samples and crops per second (all workers), seconds per step."""
+        return {"samples_per_s": self.samples / max(elapsed, 1e-9), "crops_per_s": self.crops / max(elapsed, 1e-9),
+                "step_time_s": elapsed / max(self.steps, 1)}
+
+
+class _Heldout:
+    """Fixed samples never trained on (built by the driver): the objective's low-noise curve."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+        self.reported = False
+
+    def metrics(self, w: _Worker, train: TrainState) -> dict[str, float]:
+        """The held-out loss when heldout_due says so (the first report always), else nothing."""
+        if not (self.batches and heldout_due(train.step, w.stop, w.cfg.train, first_report=not self.reported)):
+            return {}
+        self.reported = True
+        return evaluate_heldout(train.model, w.method.loss, self.batches, w.device, autocast=train.autocast,
+                                reference_fn=w.method.heldout_reference)
+
+
+class _BatchnormCheck:
+    """The first step's check that every BatchNorm layer normalises over enough rows, warned of once."""
+
+    def __init__(self, w: _Worker) -> None:
+        self.w = w
+        self.done = False
+
+    def counting(self, model: torch.nn.Module) -> ContextManager[dict[str, int]]:
+        """Counts, during the first step only, the rows every BatchNorm layer normalises over (forward pre-hooks)."""
+        return count_batchnorm_rows(model) if not self.done else contextlib.nullcontext({})
+
+    def check(self, model: torch.nn.Module, rows: dict[str, int], step: int) -> None:
+        """After the first step: rank 0 says and writes (warnings.json) which layers saw too few rows."""
+        if self.done:
+            return
+        self.done = True
+        w = self.w
+        warning = small_batchnorm_warning(model, rows, w.cfg.method, type(w.method.config).model_fields)
+        if warning and w.rank == 0:
+            say(f"[rayssl] warning: {warning}")
+            write_text(posixpath.join(w.run_dir, "warnings.json"),
+                       json.dumps({"step": step, "warnings": [warning]}, indent=2) + "\n")
+
+
+def _seed_everything(seed: int) -> None:
+    """The same seed in torch, NumPy and random on every rank: the model starts identical everywhere."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _set_up(loop_config: dict[str, Any]) -> tuple[_Worker, torch.nn.Module]:
+    """The worker's facts and the method's model on its device, seeded, with BatchNorm synced if asked."""
     cfg = RunConfig.model_validate(loop_config["run"])
-    run_dir: str = loop_config["run_dir"]
     tc = cfg.train
     _quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tc.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    random.seed(cfg.seed)
+    _seed_everything(cfg.seed)
     method_cfg = cfg.method_cfg()
     method = get_method_class(cfg.method)(method_cfg)
     device = ray.train.torch.get_device()
@@ -187,71 +271,183 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # One set of batch statistics over every worker's rows; parameters stay the same objects.
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif rank == 0:
-            _say("[rayssl] warning: train.sync_batchnorm needs GPU workers (torch's SyncBatchNorm runs on CUDA "
-                 "only); BatchNorm stays per worker")
+            say("[rayssl] warning: train.sync_batchnorm needs GPU workers (torch's SyncBatchNorm runs on CUDA "
+                "only); BatchNorm stays per worker")
     method.setup(model, device)
+    w = _Worker(cfg, loop_config["run_dir"], rank, world, method, device,
+                int(loop_config.get("samples_per_epoch", 1)))
+    return w, model
 
+
+def _checkpoint_state(train: TrainState, method: Any, epoch: int) -> dict[str, Any]:
+    """Everything `_resume` restores, so that a resumed run continues exactly: weights, optimizer, schedule,
+    the method's own state (queues, momentum encoders), step and RNG."""
+    return {
+        "model": train.model.state_dict(), "optimizer": train.optimizer.state_dict(),
+        "scheduler": train.scheduler.state_dict(), "method": method.state_dict(),
+        "step": train.step, "epoch": epoch, "rng": rng_state(),
+    }
+
+
+def _resume(w: _Worker, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    """The step of the newest complete checkpoint in the run folder, its state loaded (0, nothing loaded, if none);
+    it may be newer than the one Train registered."""
+    state = load_newest_state(w.run_dir, registered=ray.train.get_checkpoint())
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    w.method.load_state_dict(state["method"])
+    set_rng_state(state["rng"])
+    step = int(state["step"])
+    if w.rank == 0:
+        say(f"[rayssl] resumed from checkpoint at step {step}")
+    return step
+
+
+def _train_state(w: _Worker, model: torch.nn.Module) -> TrainState:
+    """Optimizer and schedule over the trainable parameters, resumed from the newest checkpoint, then the
+    model wrapped for DDP and the mixed precision chosen (the wrap comes after the resume, as it always has)."""
+    tc = w.cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tc)
     scheduler = build_scheduler(optimizer, tc)
-
-    step = 0
-    # The newest complete checkpoint in the run folder, which may be newer than the one Train registered.
-    state = load_newest_state(run_dir, registered=ray.train.get_checkpoint())
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        method.load_state_dict(state["method"])
-        set_rng_state(state["rng"])
-        step = int(state["step"])
-        if rank == 0:
-            _say(f"[rayssl] resumed from checkpoint at step {step}")
-
+    step = _resume(w, model, optimizer, scheduler)
     ddp_model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": method.find_unused_parameters})
-    use_amp = tc.amp and device.type == "cuda"
+        model, parallel_strategy_kwargs={"find_unused_parameters": w.method.find_unused_parameters})
+    use_amp = tc.amp and w.device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    return TrainState(model, ddp_model, params, optimizer, scheduler, scaler, step=step,
+                      autocast=lambda: torch.autocast(device_type=w.device.type, dtype=amp_dtype, enabled=use_amp))
 
-    stop = min(tc.stop_after or tc.steps, tc.steps)
-    # "train" (split by Ray Train) or, for step-shared plans, this rank's own stream "train_{rank}".
-    shard = ray.train.get_dataset_shard(str(loop_config.get("dataset", "train")).format(rank=rank))
-    batches = shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=True,
-                                       prefetch_batches=cfg.data.prefetch_batches)
+
+def _batches(w: _Worker, loop_config: dict[str, Any]) -> Iterable[dict[str, torch.Tensor]]:
+    """This worker's batches: of "train" (split by Ray Train) or, for step-shared plans, its own stream "train_{rank}"."""
+    shard = ray.train.get_dataset_shard(str(loop_config.get("dataset", "train")).format(rank=w.rank))
+    return shard.iter_torch_batches(batch_size=w.cfg.train.batch_size, drop_last=True,
+                                    prefetch_batches=w.cfg.data.prefetch_batches)
+
+
+def _heldout_batches(w: _Worker, loop_config: dict[str, Any]) -> list[Any]:
+    """The driver's held-out batches, with their device part applied once here (a function of their fixed
+    parameters), so they stay on the device."""
+    batches = ray.get(loop_config["heldout"]) if loop_config.get("heldout") is not None else []
+    if batches and w.method.views_on == "device":
+        batches = HeldoutBatches(
+            [w.method.device_views({k: torch.as_tensor(v) for k, v in b.items()}, w.device) for b in batches],
+            live=getattr(batches, "live", None))
+    return batches
+
+
+def _accumulate(w: _Worker, train: TrainState, step_batches: list[dict[str, torch.Tensor]],
+                batchnorm: _BatchnormCheck) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Forward and backward of one step's micro-batches into `.grad`: (mean loss terms, outputs for after_step)."""
+    train.optimizer.zero_grad(set_to_none=True)
+    with batchnorm.counting(train.model) as rows:
+        losses, outputs = accumulate_gradients(
+            train.ddp_model, w.method.loss, step_batches, scale=train.scaler.scale, autocast=train.autocast,
+            all_ranks_finite=lambda finite: not _any_rank(not finite))
+    batchnorm.check(train.model, rows, train.step + 1)
+    return losses, outputs
+
+
+def _optimizer_step(w: _Worker, train: TrainState, losses: dict[str, torch.Tensor],
+                    norm_stats: list[tuple[torch.Tensor, torch.Tensor]] | None) -> bool:
+    """The optimizer step from the accumulated gradients, unless any rank's loss or clipped gradient norm is
+    non-finite (nan_policy=stop raises, skip leaves no trace). Returns whether the step counted."""
+    tc = w.cfg.train
+    if _any_rank(not bool(torch.isfinite(losses["loss"].detach()).all())):
+        if tc.nan_policy == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss at step {train.step + 1} ({ {k: float(v) for k, v in losses.items()} }); "
+                f"stopping. The last good checkpoint in {w.run_dir} is kept; lower train.lr, check the data, "
+                f"or set train.nan_policy=skip")
+        train.optimizer.zero_grad(set_to_none=True)
+        restore_running_norm_stats(norm_stats)
+        if w.rank == 0:
+            say(f"[rayssl] step {train.step + 1}: non-finite loss, step skipped (nan_policy=skip)")
+        return False
+    grad_norm = float("nan")
+    if tc.grad_clip is not None:
+        train.scaler.unscale_(train.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(train.params, tc.grad_clip))
+    if _any_rank(not math.isfinite(grad_norm) and tc.grad_clip is not None):
+        if tc.nan_policy == "stop":
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {train.step + 1}; stopping, the last good checkpoint is kept "
+                f"(lower train.lr or set train.nan_policy=skip)")
+        train.optimizer.zero_grad(set_to_none=True)
+        restore_running_norm_stats(norm_stats)
+        train.scaler.update()
+        return False
+    train.scaler.step(train.optimizer)
+    train.scaler.update()
+    train.scheduler.step()
+    train.step += 1
+    train.grad_norm = grad_norm
+    return True
+
+
+def _metrics(w: _Worker, train: TrainState, losses: dict[str, torch.Tensor], extra: dict[str, float],
+             outputs: dict[str, torch.Tensor], meters: _Meters, heldout: _Heldout) -> dict[str, float]:
+    """A report's metrics, the same keys on every rank and averaged over them, then the step's own columns."""
+    elapsed = time.perf_counter() - meters.window_started
+    metrics = {k: float(v.detach()) for k, v in losses.items()}
+    metrics.update({k: float(v) for k, v in extra.items()})
+    metrics.update(meters.waits(elapsed))
+    embeddings = w.method.embeddings(outputs)  # the same keys on every rank: same method, same batch size
+    metrics.update(representation_health(embeddings) if embeddings is not None else {})
+    # Every rank reports at the same steps, so all evaluate together (a forward may use collectives).
+    metrics.update(heldout.metrics(w, train))
+    metrics = _mean_across_ranks(metrics)
+    metrics.update({
+        "step": train.step, "epoch": train.step * effective_batch(w.cfg.train) // max(1, w.samples_per_epoch),
+        "lr": train.scheduler.get_last_lr()[0], "grad_norm": train.grad_norm,
+        **meters.rates(elapsed),
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "time_s": time.perf_counter() - meters.started,
+        **({"gpu_peak_mem_mb": torch.cuda.max_memory_allocated(w.device) / 2**20} if w.device.type == "cuda" else {}),
+    })
+    meters.restart()
+    return metrics
+
+
+def _checkpoint(w: _Worker, train: TrainState, metrics: dict[str, float]) -> ray.train.Checkpoint:
+    """This step's checkpoint, written to a local directory for Train to upload (rank 0 only)."""
+    return ray.train.Checkpoint.from_directory(write_checkpoint_dir(
+        _checkpoint_state(train, w.method, metrics["epoch"]),
+        {"step": train.step, "method": w.cfg.method, "loss": metrics["loss"]}))
+
+
+def _write_startup(startup: dict[str, Any], run_dir: str) -> None:
+    """Rank 0's start-up marks, written once, at the first report (benchmarks/startup.py reads them)."""
+    if "written" not in startup:
+        write_text(posixpath.join(run_dir, "startup_worker.json"), json.dumps(startup, indent=2) + "\n")
+        startup["written"] = True
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker. `loop_config`: {"run": RunConfig dict, "run_dir", "data_start_step", "dataset", "card"}."""
+    # Wall-clock start-up marks (benchmarks/startup.py): worker up, model and data ready, first batch, first step.
+    startup = {"worker_started": time.time()}
+    w, model = _set_up(loop_config)
+    tc = w.cfg.train
+    train = _train_state(w, model)  # resumed from the newest state in the run folder
+
+    batches = _batches(w, loop_config)
     # The driver starts the dataset at the step it resumes from; after an in-run restart (node
     # loss) the dataset restarts at its own beginning, so skip what the checkpoint already covered.
-    to_skip = (step - int(loop_config.get("data_start_step", 0))) * tc.accumulate
-    # Fixed samples never trained on (built by the driver): the objective's low-noise curve.
-    heldout_batches = ray.get(loop_config["heldout"]) if loop_config.get("heldout") is not None else []
-    device_part = DeviceViews(method, device)
-    if heldout_batches and method.views_on == "device":
-        # Fixed samples: their device part (a function of their parameters) once, here; they stay on the device.
-        heldout_batches = HeldoutBatches(
-            [method.device_views({k: torch.as_tensor(v) for k, v in b.items()}, device) for b in heldout_batches],
-            live=getattr(heldout_batches, "live", None))
-    heldout_reported = False
-
-    metrics_path = posixpath.join(run_dir, "metrics.jsonl")
-    history: list[str] = []
-    if rank == 0 and step > 0:
-        try:
-            with fsspec.open(metrics_path, "r") as f:
-                history = [line.rstrip("\n") for line in f if json.loads(line)["step"] <= step]
-        except FileNotFoundError:
-            history = []
-    # The run's first held-out loss: the reference line of a method with none of its own (on resume, from metrics.jsonl).
-    first_heldout = FirstHeldout([json.loads(line) for line in history])
-
-    t_start = time.perf_counter()
-    t_window, samples_window, crops_window, steps_window = time.perf_counter(), 0, 0, 0
-    steps_done_here = 0
+    to_skip = (train.step - int(loop_config.get("data_start_step", 0))) * tc.accumulate
+    heldout = _Heldout(_heldout_batches(w, loop_config))
+    device_part = DeviceViews(w.method, w.device)
+    data_wait = DataWaitMeter(world_size=w.world)
+    reporter = Reporter(w.run_dir, train.step, w.rank, w.stop, w.cfg.data, data_wait)
+    meters = _Meters(data_wait, device_part, w.world)
+    batchnorm = _BatchnormCheck(w)
     last_metrics: dict[str, float] = {}
     micro_batches: list[dict[str, torch.Tensor]] = []
-    data_wait, eta = DataWaitMeter(world_size=world), SteadyEta()
-    last_warnings: list[str] = []
-    batchnorm_checked = False
-    reports_since_warning = 0
     startup["loop_ready"] = time.time()
     # The device part of the views runs inside the timed fetch: its time counts as data wait.
     for batch in data_wait.timed(device_part.stream(batches, skip=max(to_skip, 0))):
@@ -259,151 +455,45 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if to_skip > 0:
             to_skip -= 1
             continue
-        if step >= stop:
+        if train.step >= w.stop:
             break
         # train.accumulate micro-batches make one optimizer step (see docs/methods/*.md, "recipe").
         micro_batches.append(batch)
         if len(micro_batches) < tc.accumulate:
             continue
         step_batches, micro_batches = micro_batches, []
-        ddp_model.train()
+        train.ddp_model.train()
         # nan_policy=skip: a skipped step must leave no trace, but a train-mode forward has already
         # folded the bad batch into BatchNorm running statistics; keep them to put back.
-        norm_stats = running_norm_stats(model) if tc.nan_policy == "skip" else None
-        optimizer.zero_grad(set_to_none=True)
-        # The first step counts the rows every BatchNorm layer normalises over (forward pre-hooks).
-        with count_batchnorm_rows(model) if not batchnorm_checked else contextlib.nullcontext({}) as batchnorm_rows:
-            losses, outputs = accumulate_gradients(
-                ddp_model, method.loss, step_batches, scale=scaler.scale,
-                autocast=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp),
-                all_ranks_finite=lambda finite: not _any_rank(not finite))
-        if not batchnorm_checked:
-            batchnorm_checked = True
-            warning = small_batchnorm_warning(model, batchnorm_rows, cfg.method, type(method_cfg).model_fields)
-            if warning and rank == 0:
-                _say(f"[rayssl] warning: {warning}")
-                _write_text(posixpath.join(run_dir, "warnings.json"),
-                            json.dumps({"step": step + 1, "warnings": [warning]}, indent=2) + "\n")
-        loss = losses["loss"]
-        if _any_rank(not bool(torch.isfinite(loss.detach()).all())):
-            if tc.nan_policy == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step + 1} ({ {k: float(v) for k, v in losses.items()} }); "
-                    f"stopping. The last good checkpoint in {run_dir} is kept; lower train.lr, check the data, "
-                    f"or set train.nan_policy=skip")
-            optimizer.zero_grad(set_to_none=True)
-            restore_running_norm_stats(norm_stats)
-            if rank == 0:
-                _say(f"[rayssl] step {step + 1}: non-finite loss, step skipped (nan_policy=skip)")
+        norm_stats = running_norm_stats(train.model) if tc.nan_policy == "skip" else None
+        losses, outputs = _accumulate(w, train, step_batches, batchnorm)
+        if not _optimizer_step(w, train, losses, norm_stats):
             continue
-        grad_norm = float("nan")
-        if tc.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
-        if _any_rank(not math.isfinite(grad_norm) and tc.grad_clip is not None):
-            if tc.nan_policy == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm at step {step + 1}; stopping, the last good checkpoint is kept "
-                    f"(lower train.lr or set train.nan_policy=skip)")
-            optimizer.zero_grad(set_to_none=True)
-            restore_running_norm_stats(norm_stats)
-            scaler.update()
-            continue
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        steps_done_here += 1
         startup.setdefault("first_step", time.time())
-        extra = method.after_step(model, outputs, step, tc.steps)
+        extra = w.method.after_step(train.model, outputs, train.step, tc.steps)
+        meters.add(step_batches)
 
-        batch_size = sum(next(v.shape[0] for v in b.values() if isinstance(v, torch.Tensor)) for b in step_batches)
-        samples_window += batch_size * world
-        crops_window += sum(count_crops(b) for b in step_batches) * world
-        steps_window += 1
-        final = step >= stop
-        due_ckpt = step % tc.checkpoint_every == 0 or final
-        if step % tc.report_every == 0 or due_ckpt:
-            elapsed = time.perf_counter() - t_window
-            metrics = {k: float(v.detach()) for k, v in losses.items()}
-            metrics.update({k: float(v) for k, v in extra.items()})
-            metrics.update(data_wait.window(elapsed, samples_window))
-            metrics.update(device_part.window())
-            embeddings = method.embeddings(outputs)  # the same keys on every rank: same method, same batch size
-            metrics.update(representation_health(embeddings) if embeddings is not None else {})
-            # Every rank reports at the same steps, so all evaluate together (a forward may use collectives).
-            if heldout_batches and heldout_due(step, stop, tc, first_report=not heldout_reported):
-                heldout_reported = True
-                metrics.update(evaluate_heldout(
-                    model, method.loss, heldout_batches, device,
-                    autocast=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp),
-                    reference_fn=method.heldout_reference))
-            metrics = _mean_across_ranks(metrics)
-            metrics.update({
-                "step": step, "epoch": step * effective_batch(tc) // max(1, int(loop_config.get("samples_per_epoch", 1))),
-                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "samples_per_s": samples_window / max(elapsed, 1e-9),
-                "crops_per_s": crops_window / max(elapsed, 1e-9),
-                "step_time_s": elapsed / max(steps_window, 1),
-                "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "time_s": time.perf_counter() - t_start,
-                **({"gpu_peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}),
-            })
-            t_window, samples_window, crops_window, steps_window = time.perf_counter(), 0, 0, 0
-            ckpt_obj = None
-            if due_ckpt and rank == 0:
-                state = {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "method": method.state_dict(),
-                    "step": step, "epoch": metrics["epoch"], "rng": rng_state(),
-                }
-                ckpt_obj = ray.train.Checkpoint.from_directory(
-                    write_checkpoint_dir(state, {"step": step, "method": cfg.method, "loss": metrics["loss"]}))
-            if rank == 0 and "written" not in startup:
-                _write_text(posixpath.join(run_dir, "startup_worker.json"), json.dumps(startup, indent=2) + "\n")
-                startup["written"] = True
-            if rank == 0:
-                first_heldout.annotate(metrics)
-                history.append(json.dumps(metrics))
-                _write_text(metrics_path, "\n".join(history) + "\n")
-                remaining = eta.update(step, stop)
-                terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in losses and k != "loss")
-                _say(f"[rayssl] step {step}/{stop} | loss {metrics['loss']:.4f} ({terms}) | "
-                     f"{metrics['samples_per_s']:.2f} samples/s {metrics['crops_per_s']:.1f} crops/s | "
-                     f"data wait {metrics['data_wait_pct']:.0f}% | lr {metrics['lr']:.2e} | "
-                     f"ETA {_fmt_eta(remaining) if remaining is not None else '--'}"
-                     + (f" | {progress_text(metrics)}" if "heldout_loss" in metrics else ""))
-                advice = data_wait.advice(metrics, data_cpus=cfg.data.actors_max * cfg.data.actor_cpus,
-                                          actors_max=cfg.data.actors_max)
-                if advice and metrics.get("device_views_s", 0.0) > 0.25 * metrics.get("data_wait_s", 0.0):
-                    advice += (f" Of the last window's {metrics['data_wait_s']:.1f} s of data wait, "
-                               f"{metrics['device_views_s']:.1f} s was the views' device part on this worker "
-                               f"({metrics['device_views_s_per_batch']:.3f} s per batch), which more actors do not "
-                               f"shorten; the method's views_on=actors moves it back to the actors.")
-                if advice:
-                    _say(f"[rayssl] warning: {advice}")
-                warnings = collapse_warnings({k: v for k, v in metrics.items() if k.startswith("health_")})
-                # Said when it starts or changes kind (not value), and again every 10 reports while it lasts.
-                kinds = [re.sub(r"[\d.]+", "#", w.split(" (")[0]) for w in warnings]
-                if warnings and (kinds != last_warnings or reports_since_warning >= 10):
-                    for warning in warnings:
-                        _say(f"[rayssl] warning: step {step}: {warning}")
-                    reports_since_warning = 0
-                reports_since_warning += 1
-                last_warnings = kinds
+        final = train.step >= w.stop
+        due_ckpt = train.step % tc.checkpoint_every == 0 or final
+        if train.step % tc.report_every == 0 or due_ckpt:
+            metrics = _metrics(w, train, losses, extra, outputs, meters, heldout)
+            checkpoint = _checkpoint(w, train, metrics) if due_ckpt and w.rank == 0 else None
+            if w.rank == 0:
+                _write_startup(startup, w.run_dir)
+                reporter.record(metrics, losses, train.step)
             # The local copy goes once uploaded: otherwise every checkpoint stays in the node's /tmp
             # (a paper-size model + AdamW state is ~0.75 GB each).
-            ray.train.report(metrics, checkpoint=ckpt_obj, delete_local_checkpoint_after_upload=True)
+            ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
             last_metrics = metrics
         if final:
             break
 
-    if step < stop:
+    if train.step < w.stop:
         raise RuntimeError(
-            f"the data stream ended at step {step} before the target {stop}; this is a bug in the dataset "
+            f"the data stream ended at step {train.step} before the target {w.stop}; this is a bug in the dataset "
             f"size computation, please report it")
-    if rank == 0 and step >= tc.steps:
-        _export(method, model, run_dir, cfg, loop_config.get("card", {}), step, last_metrics)
+    if w.rank == 0 and train.step >= tc.steps:
+        _export(w.method, train.model, w.run_dir, w.cfg, loop_config.get("card", {}), train.step, last_metrics)
 
 
 def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str, Any], step: int,
@@ -418,4 +508,4 @@ def _export(method, model, run_dir: str, cfg: RunConfig, card_context: dict[str,
     card = export_card(exported.network, exported.network_kwargs, exported.key_groups, initialized, facts)
     export_dir = posixpath.join(run_dir, "export")
     write_export(export_dir, state, card, "monai")
-    _say(f"[rayssl] exported backbone ({len(exported.state_dict)} pretrained of {len(state)} tensors) to {export_dir}")
+    say(f"[rayssl] exported backbone ({len(exported.state_dict)} pretrained of {len(state)} tensors) to {export_dir}")
