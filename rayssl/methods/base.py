@@ -46,7 +46,12 @@ def with_intensity(requests: Sequence[ReadRequest], volumes: Sequence[VolumeInfo
 
 def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of `module`'s state dict (what an export holds, independent of training)."""
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return cpu_copy(module.state_dict())
+
+
+def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a state dict."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def other_rows(keys: torch.Tensor) -> torch.Tensor:
@@ -71,9 +76,10 @@ class ExportedBackbone:
     @classmethod
     def of(cls, backbone: Backbone, notes: str = "",
            state_dict: dict[str, torch.Tensor] | None = None) -> "ExportedBackbone":
-        """The export of a `rayssl.nn.backbones.Backbone`: its weights on the CPU (or `state_dict`, e.g.
-        without a pretext head) under the network, arguments and key groups the backbone names."""
-        return cls(state_dict=cpu_state_dict(backbone) if state_dict is None else state_dict,  # type: ignore[arg-type]
+        """The export of a `rayssl.nn.backbones.Backbone`: its weights on the CPU under the network's own
+        key names (or `state_dict`, e.g. without a pretext head) with the network, arguments and key
+        groups the backbone names."""
+        return cls(state_dict=cpu_copy(backbone.network_state_dict()) if state_dict is None else state_dict,
                    network=backbone.network(), network_kwargs=dict(backbone.network_kwargs),
                    key_groups=backbone.key_groups(), notes=notes)
 

@@ -100,7 +100,6 @@ from rayssl.methods.base import (
     StepInfo,
     VolumeInfo,
     box_centre,
-    cpu_state_dict,
     other_rows,
     with_intensity,
 )
@@ -533,9 +532,6 @@ class MLSSCL(Method):
 
     def export(self, model: nn.Module) -> ExportedBackbone:
         encoder = self.backbone(model)
-        state = cpu_state_dict(encoder)
-        if isinstance(encoder, ResNetEncoder):  # the wrapper holds MONAI's ResNet under `resnet.`
-            state = {k.removeprefix("resnet."): v for k, v in state.items()}
         cfg = self.config
         notes = (
             "MLSSCL online encoder. Pretrained on clips [1, C, H, W] (clip axis = first spatial dim) with "
@@ -543,7 +539,7 @@ class MLSSCL(Method):
             "stride (1, 2, 2) so the clip axis was not downsampled. Strides are not weights: the standard "
             "MONAI network (strides (2, 2, 2)) loads these weights as they are."
         )
-        return ExportedBackbone.of(encoder, notes=notes, state_dict=state)
+        return ExportedBackbone.of(encoder, notes=notes)
 
     def recipe(self) -> dict[str, str]:
         c = self.config

@@ -45,6 +45,11 @@ class Backbone(ABC):
     def feature_levels(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Feature maps of every level, shallow to deep (`loc` only for location-conditioned encoders)."""
 
+    def network_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under `network()`'s own key names (what an export holds): the module's state_dict,
+        unless it keeps the network under an attribute of its own."""
+        return self.state_dict()  # type: ignore[attr-defined]  # mixed into an nn.Module
+
 
 # Networks a model card may name: building one imports its module, so only these packages are trusted.
 TRUSTED_PACKAGES = ("monai.", "rayssl.")
@@ -290,6 +295,10 @@ class ResNetEncoder(nn.Module, Backbone):
 
     def network(self) -> str:
         return self.factory
+
+    def network_state_dict(self) -> dict[str, torch.Tensor]:
+        """MONAI's ResNet's own keys, without this wrapper's `resnet.`."""
+        return self.resnet.state_dict()
 
     def key_groups(self) -> dict[str, list[str]]:
         return {"encoder": [""], "stem": ["conv1.", "bn1."], "input_projection": ["conv1."]}
