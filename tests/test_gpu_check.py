@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-# ~3.5 min for five pretrain runs of a benchmark script, mostly Ray worker start-up (README: Testing)
+# ~4.5 min for five pretrain runs of a benchmark script, mostly Ray worker start-up (README: Testing)
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 
