@@ -70,9 +70,28 @@ def in_process_rate(volumes, method, samples: int, seed: int) -> dict:
             "crops_per_sample": crops / samples, "cpu_seconds_per_sample": cpu / samples}
 
 
+def grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                               output_padding, groups, output_mask, out_shape, **kwargs) -> int:
+    """torch's count of a convolution's backward, with the weight gradient divided by `groups`.
+
+    torch 2.13's formula ignores groups in the weight gradient: it counts a grouped convolution as if every
+    input channel met every output channel, so a convolution with groups=B (DrasCLR's CondConv runs each
+    sample's own kernel that way) is counted B times too high, growing with the batch squared.
+    """
+    from torch.utils.flop_counter import conv_backward_flop
+
+    conv_backward_flop = conv_backward_flop.__wrapped__  # torch's formula on shapes (this one gets shapes too)
+    grad_input = conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                                    output_padding, groups, [output_mask[0], False, False], out_shape)
+    everything = conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                                    output_padding, groups, [output_mask[0], output_mask[1], False], out_shape)
+    return grad_input + (everything - grad_input) // max(int(groups), 1)
+
+
 def train_step_tflop(method, views: dict[str, np.ndarray], batch_size: int) -> float:
     """FLOPs (in TFLOP) of one training step (forward of every branch, loss, backward) at `batch_size`,
-    counted with torch's FlopCounterMode on the meta device (no compute), on CPU if a model refuses meta."""
+    counted with torch's FlopCounterMode on the meta device (no compute), on CPU if a model refuses meta;
+    a grouped convolution's weight gradient counted per group (`grouped_conv_backward_flop`)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -83,7 +102,8 @@ def train_step_tflop(method, views: dict[str, np.ndarray], batch_size: int) -> f
         try:
             model_d = model.to(device)
             batch_d = {k: v.to(device) for k, v in batch.items()}
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping={
+                    torch.ops.aten.convolution_backward: grouped_conv_backward_flop}) as counter:
                 loss = method.loss(model_d(batch_d), batch_d)["loss"]
                 if loss.requires_grad:
                     loss.backward()
