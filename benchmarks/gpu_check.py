@@ -112,11 +112,24 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("gpu_check: no CUDA device visible; run on a GPU machine or pass --device cpu --tiny", file=sys.stderr)
             return 2
+    from rayssl.methods import get_method_class
+
+    methods, skipped = [], {}
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        cls = get_method_class(method)
+        if args.profile in cls.profiles:
+            methods.append(method)
+        else:  # e.g. --profile official: MLSSCL and MAE have none; say why before any run starts
+            skipped[method] = cls.missing_profiles.get(args.profile, f"no {args.profile!r} profile")
+            print(f"[gpu_check] skipping {method}: no {args.profile!r} profile ({skipped[method]})", file=sys.stderr)
+    if not methods:
+        print(f"gpu_check: none of the methods has a {args.profile!r} profile", file=sys.stderr)
+        return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out = args.out or tempfile.mkdtemp(prefix="rayssl-gpu-check-")
     rows = []
     t0 = time.perf_counter()
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for method in methods:
         rows.append(check_method(method, args, out))
     print(f"\n{'method':8} {'profile':7} {'step s':>8} {'samples/s':>10} {'data wait':>9} {'GPU MiB':>8} "
           f"{'CPU-s/sample':>12} {'cores/GPU (<5% wait)':>21} {'device views s/batch':>20}")
@@ -127,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{_fmt(r['device_views_s_per_batch'], '20.4f')}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"device": args.device, "tiny": args.tiny, "wall_time_s": time.perf_counter() - t0, "methods": rows},
-                  f, indent=2)
+        json.dump({"device": args.device, "tiny": args.tiny, "profile": args.profile,
+                   "wall_time_s": time.perf_counter() - t0, "methods": rows, "skipped": skipped}, f, indent=2)
     print(f"\n[gpu_check] {len(rows)} methods in {time.perf_counter() - t0:.0f} s; results in {args.json}")
     return 0 if all(r["status"] == "finished" for r in rows) else 1
 

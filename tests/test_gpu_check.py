@@ -7,15 +7,20 @@ import os
 
 import pytest
 
-# ~4.5 min for five pretrain runs of a benchmark script, mostly Ray worker start-up (README: Testing)
-pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
-
-def test_gpu_check_tiny_on_cpu_runs_every_paper_profile(ray_local, demo_store_path, tmp_path):
+def _gpu_check():
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+# ~4.5 min for five pretrain runs of a benchmark script, mostly Ray worker start-up (README: Testing)
+@pytest.mark.slow
+@pytest.mark.extended
+def test_gpu_check_tiny_on_cpu_runs_every_paper_profile(ray_local, demo_store_path, tmp_path):
+    gpu_check = _gpu_check()
     out = tmp_path / "gpu_check.json"
     code = gpu_check.main(["--device", "cpu", "--tiny", "--steps", "2", "--actors", "1",
                            "--data", str(demo_store_path), "--out", str(tmp_path / "runs"), "--json", str(out)])
@@ -36,3 +41,13 @@ def test_gpu_check_tiny_on_cpu_runs_every_paper_profile(ray_local, demo_store_pa
         on_device = get_method_class(name).profiles["paper"].get("views_on") == "device"
         assert (r["device_views_s_per_batch"] is not None and r["device_views_s_per_batch"] > 0) == on_device, name
     assert rows["gvsl"]["device_views_s_per_batch"] > 0
+
+
+def test_gpu_check_says_which_methods_lack_the_profile_before_running_any(tmp_path, capsys):
+    """`--profile official`: MLSSCL and MAE have none; the check names them and why, and runs nothing."""
+    code = _gpu_check().main(["--device", "cpu", "--tiny", "--profile", "official", "--methods", "mlsscl,mae",
+                           "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "gpu_check.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "skipping mlsscl: no 'official' profile" in err and "skipping mae: no 'official' profile" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "gpu_check.json").exists()
