@@ -27,14 +27,14 @@ _MULT = 0x45D9F3B  # odd, < 2^27: a 32-bit state times it stays below 2^63 in in
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (three xor-shift-multiply rounds) of int64 values in [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = (x * _MULT) & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * _MULT) & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * _MULT) & _MASK32
-    return x ^ (x >> 16)
+    """A bijective 32-bit integer hash (three xor-shift-multiply rounds) of int64 values in [0, 2^32), computed
+    in place on `x` (its callers pass temporaries): full-size int64 temporaries were most of its time."""
+    for _ in range(3):
+        x ^= x >> 16
+        x *= _MULT
+        x &= _MASK32
+    x ^= x >> 16
+    return x
 
 
 def hash_uniform(seeds: torch.Tensor, count: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -44,10 +44,13 @@ def hash_uniform(seeds: torch.Tensor, count: int, device: torch.device | str | N
     """
     seeds = seeds.to(device=device, dtype=torch.int64).reshape(-1, 1)
     key = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) + 0x9E3779B) & _MASK32))
-    index = torch.arange(count, device=seeds.device, dtype=torch.int64).unsqueeze(0)
-    bits = _mix32((index + key) & _MASK32)
-    bits = _mix32(bits ^ key)
-    return (bits >> 8).to(torch.float32) * (1.0 / 2**24)
+    bits = torch.arange(count, device=seeds.device, dtype=torch.int64).unsqueeze(0) + key
+    bits &= _MASK32
+    bits = _mix32(bits)
+    bits ^= key
+    bits = _mix32(bits)
+    bits >>= 8
+    return bits.to(torch.float32).mul_(1.0 / 2**24)
 
 
 # ---- spatial: elastic + affine ---------------------------------------------------------------------
