@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import socket
+from types import ModuleType
 from typing import Callable
 
 # A tiny VoCo: 2x2 base crops of a 64x64x32 region, 32^3 inputs, a narrow UNet encoder.
@@ -245,3 +247,12 @@ def resumed_losses_equal_uninterrupted(cfg, store, make_batch) -> tuple[list[flo
     scheduler.load_state_dict(state["scheduler"])
     method.load_state_dict(state["method"])
     return full, first + train(method, builder, model, optimizer, scheduler, range(2, 3))
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

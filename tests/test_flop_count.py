@@ -1,18 +1,9 @@
 """benchmarks/actor_scaling.py counts a grouped convolution's backward per group (docs/scaling.md, `t`)."""
 
-import importlib.util
-import os
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-
-def _actor_scaling():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "actor_scaling.py")
-    spec = importlib.util.spec_from_file_location("actor_scaling", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def _counts(x: torch.Tensor, w: torch.Tensor, groups: int, mapping: dict) -> dict[str, int]:
@@ -26,7 +17,7 @@ def test_grouped_convolution_backward_counts_like_the_same_work_ungrouped():
     """DrasCLR's CondConv: B samples' own kernels as one convolution with groups=B. Its work equals an
     ungrouped convolution with the same channel pairs; the backward (input and weight gradients) is twice
     the forward. torch's own formula counts the grouped weight gradient B times too high."""
-    count = _actor_scaling().grouped_conv_backward_flop
+    count = load_benchmark("actor_scaling").grouped_conv_backward_flop
     mapping = {torch.ops.aten.convolution_backward: count}
     b, c_in, c_out = 8, 4, 6
     x = torch.randn(1, b * c_in, 6, 6, 6)

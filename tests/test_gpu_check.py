@@ -1,26 +1,18 @@
 """benchmarks/gpu_check.py runs its GPU code path on CPU with tiny sizes (`--device cpu --tiny`), so it cannot rot:
 every method's `paper` profile (optimizer, schedule, norms, loss form, `views_on`) at its unit-test sizes."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-
-def _gpu_check():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    return gpu_check
+from helpers import load_benchmark
 
 
 # ~4.5 min for five pretrain runs of a benchmark script, mostly Ray worker start-up (README: Testing)
 @pytest.mark.slow
 @pytest.mark.extended
 def test_gpu_check_tiny_on_cpu_runs_every_paper_profile(ray_local, demo_store_path, tmp_path):
-    gpu_check = _gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     out = tmp_path / "gpu_check.json"
     code = gpu_check.main(["--device", "cpu", "--tiny", "--steps", "2", "--actors", "1",
                            "--data", str(demo_store_path), "--out", str(tmp_path / "runs"), "--json", str(out)])
@@ -45,7 +37,7 @@ def test_gpu_check_tiny_on_cpu_runs_every_paper_profile(ray_local, demo_store_pa
 
 def test_gpu_check_says_which_methods_lack_the_profile_before_running_any(tmp_path, capsys):
     """`--profile official`: MLSSCL and MAE have none; the check names them and why, and runs nothing."""
-    code = _gpu_check().main(["--device", "cpu", "--tiny", "--profile", "official", "--methods", "mlsscl,mae",
+    code = load_benchmark("gpu_check").main(["--device", "cpu", "--tiny", "--profile", "official", "--methods", "mlsscl,mae",
                            "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "gpu_check.json")])
     err = capsys.readouterr().err
     assert code == 2
