@@ -39,6 +39,10 @@ def config_intensity_rule(config: MethodConfig) -> IntensityRule:
     return IntensityRule(CONFIG_INTENSITY_MODES[mode], hu_window=window, percentiles=tuple(float(v) for v in pct))  # type: ignore[arg-type]
 
 
+# A sample's keys that carry the random parameters of its device part (`Method.device_views`).
+AUGMENTATION_PREFIX = "aug_"
+
+
 def with_intensity(requests: Sequence[ReadRequest], volumes: Sequence[VolumeInfo], rule: IntensityRule) -> list[ReadRequest]:
     """`requests` with each image box carrying its volume's resolved mapping (what `views` applies)."""
     return [replace(r, intensity=rule.resolve(volumes[r.volume])) if r.array == "image" else r for r in requests]
@@ -229,12 +233,27 @@ class Method(ABC):
         """The device part of the views, batched, in torch, on the worker's `device`: the training loop
         applies it to every batch (and the held-out batches) before the forward pass.
 
-        `batch` is what `views` returned, stacked (a batch already finished passes unchanged). The
-        actor part (chunk reads, crops) draws every random parameter from the sample's seed, and
-        they travel in the batch, so the device part is a deterministic function of the batch: a
-        run stays reproducible and resume exact. The same function on one sample on the CPU must
-        be what `views` returns with `views_on: actors`. Default: no device part (identity)."""
-        return batch
+        `batch` is what `views` returned, stacked. The actor part (chunk reads, crops) draws every random
+        parameter from the sample's seed, and they travel in the batch under `AUGMENTATION_PREFIX` keys,
+        so the device part is a deterministic function of the batch: a run stays reproducible and resume
+        exact. A batch with such keys goes through `apply_augmentation` on `device`; one without them (a
+        method with no device part, or a batch already finished) passes unchanged."""
+        if not any(k.startswith(AUGMENTATION_PREFIX) for k in batch):
+            return batch
+        return self.apply_augmentation({k: torch.as_tensor(v).to(device) for k, v in batch.items()})
+
+    def apply_augmentation(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The views of a batch whose augmentation parameters (`AUGMENTATION_PREFIX` keys) travel with it,
+        on the batch's device, the parameters dropped. Only a method whose `views` puts such keys in a
+        sample has one."""
+        raise NotImplementedError(f"{type(self).__name__}.views put {AUGMENTATION_PREFIX}* keys in a sample "
+                                  f"but the method has no apply_augmentation")
+
+    def views_for(self, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What `views` returns for a `sample` carrying its augmentation parameters: the sample itself with
+        `views_on: device` (the training loop finishes it), else finished here on the actor's CPU by the
+        same function on a batch of one, so both paths give the same views."""
+        return sample if self.views_on == "device" else self.finish_views(sample)
 
     def finish_views(self, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One sample's `views` with the device part applied on the CPU (preview, benchmarks, probes

@@ -430,11 +430,7 @@ class GVSL(Method):
         a, b = (_resize(self.request_intensity(request).apply(crop), cfg.input_size)
                 for crop, request in zip(crops, requests))
         sample = {"image_a": a[None], "image_b": b[None], **self.draw_augmentation(rng)}
-        if cfg.views_on == "device":
-            return sample
-        # The actor path: the device part's function on this CPU, on a batch of one.
-        done = self.apply_augmentation({k: torch.from_numpy(np.asarray(v)[None]) for k, v in sample.items()})
-        return {k: v[0].numpy() for k, v in done.items()}
+        return self.views_for(sample)
 
     def _shuffle_block(self) -> tuple[int, int, int]:
         cfg = self.config
@@ -518,12 +514,6 @@ class GVSL(Method):
         stacked = augment.warp_stack(torch.cat([a, corrupted[:, None], b], dim=1), dvf).clamp(0.0, 1.0)
         rest = {k: v for k, v in batch.items() if not k.startswith("aug_") and k not in ("image_a", "image_b")}
         return {**rest, "image_a": stacked[:, 0:1], "image_a_corrupted": stacked[:, 1:2], "image_b": stacked[:, 2:3]}
-
-    def device_views(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        """With `views_on: device`: `apply_augmentation` on `device`; a finished batch passes unchanged."""
-        if "aug_affine" not in batch:
-            return batch
-        return self.apply_augmentation({k: torch.as_tensor(v).to(device) for k, v in batch.items()})
 
     def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
                          views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:

@@ -577,12 +577,6 @@ class DrasCLR(Method):
         return {**rest, "view_q": augmented(anchor, 0), "view_k": augmented(anchor, 1),
                 "neighbors": augmented(neighbors[:, :, 0], 2)[:, :, None]}
 
-    def device_views(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        """With `views_on: device`: `apply_augmentation` on `device`; a finished batch passes unchanged."""
-        if "aug_affine" not in batch:
-            return batch
-        return self.apply_augmentation({k: torch.as_tensor(v).to(device) for k, v in batch.items()})
-
     def views(
         self, crops: list[np.ndarray], requests: list[ReadRequest], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
@@ -616,11 +610,7 @@ class DrasCLR(Method):
             "aug_half": np.asarray([width / 2.0], dtype=np.float32),
             **self.draw_augmentation(rng),
         }
-        if self.config.views_on == "device":
-            return sample
-        # The actor path: the device part's function on this CPU, on a batch of one.
-        done = self.apply_augmentation({k: torch.from_numpy(np.asarray(v)[None]) for k, v in sample.items()})
-        return {k: v[0].numpy() for k, v in done.items()}
+        return self.views_for(sample)
 
     def preview_geometry(self, volumes: Sequence[VolumeInfo], requests: list[ReadRequest],
                          views: dict[str, np.ndarray], model: nn.Module | None = None) -> PreviewFigure:
