@@ -199,3 +199,27 @@ def test_server_stopping_mid_stream_is_a_clear_error_not_a_hang(s3, s3_store):
         assert time.monotonic() - started < 60
     finally:
         other.stop()
+
+
+def test_metrics_history_in_a_bucket_is_put_whole_and_read_back_on_resume(s3):
+    """An object store cannot append: each report puts the whole metrics.jsonl; a resume reads it back."""
+    import json
+
+    import fsspec
+    import torch
+
+    from rayssl.config import DataSection
+    from rayssl.train.report import Reporter
+    from rayssl.train.stall import DataWaitMeter
+
+    run_dir = "s3://rayssl-test/runs/metrics-history"
+    row = lambda step: {"step": step, "loss": 1.0, "samples_per_s": 2.0, "crops_per_s": 8.0,  # noqa: E731
+                        "data_wait_pct": 0.0, "lr": 1e-3}
+    reporter = Reporter(run_dir, 0, rank=0, stop=4, data=DataSection(), data_wait=DataWaitMeter())
+    assert not reporter.appends
+    for step in (1, 2, 3):
+        reporter.record(row(step), {"loss": torch.tensor(1.0)}, step)
+    resumed = Reporter(run_dir, 2, rank=0, stop=4, data=DataSection(), data_wait=DataWaitMeter())
+    resumed.record(row(3), {"loss": torch.tensor(1.0)}, 3)
+    with fsspec.open(f"{run_dir}/metrics.jsonl", "r") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]

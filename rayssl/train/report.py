@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 import sys
@@ -10,6 +11,7 @@ from typing import Any
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from rayssl.config import DataSection
 from rayssl.nn.health import collapse_warnings
@@ -32,6 +34,13 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def _replace_local(path: str, text: str) -> None:
+    """`text` as the whole of the local file at `path`, swapped in at once (never a half-written file)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def fmt_eta(seconds: float) -> str:
     """A remaining time as minutes and seconds, e.g. 3m07s."""
     seconds = int(max(seconds, 0))
@@ -39,12 +48,21 @@ def fmt_eta(seconds: float) -> str:
 
 
 def _read_history(metrics_path: str, step: int) -> list[str]:
-    """The lines of metrics.jsonl up to `step`: a resumed run continues the file, dropping what it redoes."""
+    """The lines of metrics.jsonl up to `step`: a resumed run continues the file, dropping what it redoes.
+
+    A last line cut short (the worker killed while appending it) is dropped too: its step comes after
+    the checkpoint the run resumes from, so it is redone."""
     try:
         with fsspec.open(metrics_path, "r") as f:
-            return [line.rstrip("\n") for line in f if json.loads(line)["step"] <= step]
+            lines = [line.rstrip("\n") for line in f if line.strip()]
     except FileNotFoundError:
         return []
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    return [line for line in lines if json.loads(line)["step"] <= step]
 
 
 class Reporter:
@@ -54,6 +72,14 @@ class Reporter:
                  data_wait: DataWaitMeter) -> None:
         self.metrics_path = posixpath.join(run_dir, "metrics.jsonl")
         self.history = _read_history(self.metrics_path, step) if rank == 0 and step > 0 else []
+        # A local file grows by one appended line per report; an object store cannot append, so there the
+        # whole file is put again (each put replaces the object at once).
+        fs, self.local_path = fsspec.core.url_to_fs(self.metrics_path)
+        self.appends = isinstance(fs, LocalFileSystem)
+        if rank == 0 and self.appends and (self.history or os.path.exists(self.local_path)):
+            # Start from what this attempt keeps: the lines up to the resumed step (none for a restart
+            # from scratch), written whole before the first append.
+            _replace_local(self.local_path, "".join(line + "\n" for line in self.history))
         # The run's first held-out loss: the reference line of a method with none of its own (on resume, from metrics.jsonl).
         self.first_heldout = FirstHeldout([json.loads(line) for line in self.history])
         self.stop, self.data, self.data_wait = stop, data, data_wait
@@ -65,8 +91,13 @@ class Reporter:
         """Adds the first held-out reference to `metrics` (in place: Train reports them so), appends them to
         metrics.jsonl, and says the console line and any stall or collapse warning."""
         self.first_heldout.annotate(metrics)
-        self.history.append(json.dumps(metrics))
-        write_text(self.metrics_path, "\n".join(self.history) + "\n")
+        line = json.dumps(metrics)
+        self.history.append(line)
+        if self.appends:
+            with open(self.local_path, "a") as f:
+                f.write(line + "\n")
+        else:
+            write_text(self.metrics_path, "\n".join(self.history) + "\n")
         say(self.console_line(metrics, losses, step))
         advice = self.stall_advice(metrics)
         if advice:
