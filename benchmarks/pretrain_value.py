@@ -54,6 +54,10 @@ from _common import WORK, fmt_table, machine_info, wait_for_quiet, write_json  #
 from rayssl.eval.cli import _fractions  # noqa: E402  (the same "10,30,100" parsing as `rayssl probe`)
 
 METHODS = ("voco", "mlsscl", "drasclr", "gvsl", "mae")
+# Methods whose `cpu` profile refuses the MR population: VoCo's intensity is an HU window (its paper
+# pretrains on CT only) and DrasCLR's patches need one voxel spacing for every volume (lung CT in its
+# paper). Under `--pretrain-data population` they pretrain on the CT population alone.
+CT_ONLY = {"voco": "HU-window intensity (CT only)", "drasclr": "one voxel spacing for all volumes (CT only)"}
 BASELINE = "mae"  # the masked-image-modelling baseline every other method is compared with (issue 30)
 
 
@@ -121,10 +125,16 @@ def main() -> int:
     if args.quick:
         seeds, fractions, repeats = seeds[:2] or [0, 1], (1.0,), 1
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-    stores = pretraining_stores(args.pretrain_data, args.population_n)
-    if stores:
-        args.overrides = [f"data.stores={json.dumps(stores)}" if len(stores) > 1 else f"data.store={stores[0]}",
-                          *args.overrides]
+    data_by_method = {m: args.pretrain_data if not (args.pretrain_data == "population" and m in CT_ONLY)
+                      else "population-ct" for m in methods}
+    overrides_by_method = {}
+    for method in methods:
+        stores = pretraining_stores(data_by_method[method], args.population_n)
+        overrides_by_method[method] = ([f"data.stores={json.dumps(stores)}" if len(stores) > 1
+                                        else f"data.store={stores[0]}"] if stores else []) + args.overrides
+        if data_by_method[method] != args.pretrain_data:
+            print(f"[bench] {method} pretrains on {data_by_method[method]}: its cpu profile needs "
+                  f"{CT_ONLY[method]}", flush=True)
     load = wait_for_quiet(args.max_load, max_wait_s=900)
     print(f"[bench] load {load[0]:.2f}; methods {methods}, seeds {seeds}, budget {args.minutes} min per run; "
           f"probes {probes} at {[f'{f:.0%}' for f in fractions]}, {repeats} repeats; runs in {out}", flush=True)
@@ -137,16 +147,17 @@ def main() -> int:
             steps = 2
         else:
             calibration = pretrain(run_config(method, 999, args.calibration_steps, out, f"{method}-calibration",
-                                              args.profile, args.overrides))
+                                              args.profile, overrides_by_method[method]))
             step_time = steady_step_time(calibration.run_dir)
             steps = max(args.min_steps, int(args.minutes * 60 / step_time))
             mine.update(step_time_s=step_time)
         mine["steps"] = steps
+        mine["pretrain_data"] = data_by_method[method]
         print(f"[bench] {method}: {steps} steps per run", flush=True)
         for seed in seeds:
             t0 = time.time()
             result = pretrain(run_config(method, seed, steps, out, f"{method}-seed{seed}", args.profile,
-                                         args.overrides))
+                                         overrides_by_method[method]))
             if result.status != "finished":
                 raise RuntimeError(f"{method} seed {seed}: pretraining {result.status}: {result.error}")
             with open(os.path.join(result.run_dir, "metrics.jsonl")) as f:
