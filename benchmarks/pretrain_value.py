@@ -266,6 +266,8 @@ def report(results: dict[str, Any], probes: list[str], fractions: Any, out: Path
     if results["gain_over_baseline"]:
         print(fmt_table([[g["method"], g["probe_set"], f"{g['fraction']:.0%}", f"{g['gain']:+.3f} ± {g['gain_ci95']:.3f}",
                           "/".join(map(str, g["seeds"])), "yes" if g["ci_excludes_0"] else "no"]
+                         if "not_comparable" not in g else
+                         [g["method"], g["probe_set"], "all", f"not comparable: {g['not_comparable']}", "", ""]
                          for g in results["gain_over_baseline"]],
                         ["method", "probe set", "labels", f"pretrained score - {BASELINE}'s ± 95 % CI (Welch)",
                          "seeds", "CI excludes 0"]))
@@ -285,6 +287,12 @@ def _seed_scores(mine: dict[str, Any], probe: str, fraction: float) -> list[floa
     return scores
 
 
+def _probe_metric(mine: dict[str, Any], probe: str) -> set[tuple[str, str]]:
+    """The (probe kind, metric) pairs a method's pretrained rows on `probe` were scored with."""
+    return {(r["probe"], r["metric"]) for run in mine["runs"] for r in run["probes"].get(probe, [])
+            if r["init"] == "pretrained" and r["probe"] != "finetune"}
+
+
 def gains_over(results: dict[str, Any], probes: list[str], fractions: Any, baseline: str = BASELINE) -> list[dict[str, Any]]:
     """Each method's pretrained probe score minus the baseline's (issue 30: "is it worth it over MAE?"),
     per probe set and fraction, with a 95 % Welch interval over the two methods' pretraining seeds
@@ -298,6 +306,13 @@ def gains_over(results: dict[str, Any], probes: list[str], fractions: Any, basel
         if method == baseline:
             continue
         for probe in probes:
+            mine_metric, base_metric = _probe_metric(mine, probe), _probe_metric(results["methods"][baseline], probe)
+            if mine_metric != base_metric:
+                # A patch probe's balanced accuracy minus a voxel probe's Dice is no comparison: say so, compute nothing.
+                rows.append({"method": method, "baseline": baseline, "probe_set": probe, "fraction": None,
+                             "not_comparable": f"{'/'.join(map(' '.join, sorted(mine_metric)))} vs "
+                                               f"{'/'.join(map(' '.join, sorted(base_metric)))}"})
+                continue
             for fraction in fractions:
                 a, b = _seed_scores(mine, probe, fraction), _seed_scores(results["methods"][baseline], probe, fraction)
                 if not a or not b:
