@@ -99,6 +99,9 @@ def main() -> int:
     p.add_argument("--probes", default="demo,mni152", help="probe sets (names or labelled store paths)")
     p.add_argument("--fractions", type=_fractions, default=(0.1, 0.3, 1.0))
     p.add_argument("--probe-repeats", type=int, default=3, help="repeats of each probe (its own interval)")
+    p.add_argument("--probe-tasks", default="auto", choices=("auto", "voxel", "patch", "both"),
+                   help="which probe reads the features (auto: the method's own); with --reprobe, `patch` puts a "
+                        "voxel-probed method (MAE) on the patch probe's scale, to compare it with MLSSCL and DrasCLR")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra config override for every run (all methods), e.g. train.lr=1e-3")
     p.add_argument("--max-load", type=float, default=1.0, help="wait for the 1-min load average to drop below this")
@@ -168,7 +171,7 @@ def main() -> int:
                    # calibration's (its data actors keep producing on the same 2 cores).
                    "train_min": round(training_minutes(result.run_dir), 2),
                    "loss_first": losses[0], "loss_last_10pct": statistics.fmean(losses[-max(1, len(losses) // 10):]),
-                   "probes": probe_run(result.run_dir, probes, fractions, repeats)}
+                   "probes": probe_run(result.run_dir, probes, fractions, repeats, args.probe_tasks)}
             mine["runs"].append(run)
             write_json(out / "pretrain_value.json", results)
     results["wall_s"] = round(time.time() - t_start, 1)
@@ -187,13 +190,13 @@ def pretraining_stores(choice: str, n: int) -> list[str]:
     return [str(demo_store(n=n, kind=kind, seed=POPULATION_SEEDS[kind], progress=True)) for kind in kinds[choice]]
 
 
-def probe_run(run_dir: str, probes: list[str], fractions: Any, repeats: int) -> dict[str, Any]:
+def probe_run(run_dir: str, probes: list[str], fractions: Any, repeats: int, tasks: str = "auto") -> dict[str, Any]:
     """Every probe set's rows for one pretraining run (pretrained and random init)."""
     from rayssl.eval.probe import ProbeConfig
     from rayssl.eval.report import run_probe
 
     return {probe: run_probe(run_dir, store=probe, out_dir=os.path.join(run_dir, f"probe-{probe}"),
-                             cfg=ProbeConfig(fractions=fractions, repeats=repeats, threads=2)).rows
+                             cfg=ProbeConfig(fractions=fractions, repeats=repeats, threads=2, tasks=tasks)).rows
             for probe in probes}
 
 
@@ -203,10 +206,14 @@ def reprobe(args: argparse.Namespace, out: Path) -> int:
         results = json.load(f)
     probes = [s for s in args.probes.split(",") if s]
     results.update(reprobed_from=args.reprobe, reprobe_args=vars(args))
+    # Only the methods asked for (default: every method in the file).
+    wanted = [m for m in args.methods.split(",") if m]
+    results["methods"] = {m: mine for m, mine in results["methods"].items() if m in wanted}
     for method, mine in results["methods"].items():
         for run in mine["runs"]:
             print(f"[bench] probing {method} seed {run['seed']} again on {probes} ({run['run_dir']})", flush=True)
-            run["probes"].update(probe_run(run["run_dir"], probes, args.fractions, args.probe_repeats))
+            run["probes"].update(probe_run(run["run_dir"], probes, args.fractions, args.probe_repeats,
+                                           args.probe_tasks))
             write_json(out / "pretrain_value.json", results)
     every_set = list(dict.fromkeys(p for mine in results["methods"].values() for run in mine["runs"] for p in run["probes"]))
     report(results, every_set, args.fractions, out)
