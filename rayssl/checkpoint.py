@@ -22,6 +22,14 @@ META_FILE = "meta.json"
 before_state_commit: Callable[[str, int], None] | None = None
 
 
+def write_text_atomically(path: str, text: str) -> None:
+    """`text` as the whole of the local file at `path`, swapped in at once (tmp file + rename), so a
+    reader or a kill never meets a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_checkpoint_dir(state: dict[str, Any], meta: dict[str, Any]) -> str:
     """Write `state` into a fresh temp directory atomically (tmp file + rename); return the directory.
 

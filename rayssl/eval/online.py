@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rayssl.checkpoint import complete_checkpoints
+from rayssl.checkpoint import complete_checkpoints, write_text_atomically
 from rayssl.config import RunConfig
 from rayssl.eval.features import RunWeights, initial_weights, load_run_weights
 from rayssl.eval.probe import ProbeConfig, ProbeData, load_probe_data, probe_score, resolve_probe_store
@@ -190,12 +190,7 @@ def record(run_dir: str, summary: dict[str, Any]) -> None:
     rows in metrics.jsonl (`probe_score`, `probe_random`, `probe_gain`) and the model card."""
     import os
 
-    def replace_file(path: str, text: str) -> None:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-
-    replace_file(os.path.join(run_dir, PROBE_FILE), json.dumps(summary, indent=2))
+    write_text_atomically(os.path.join(run_dir, PROBE_FILE), json.dumps(summary, indent=2))
     by_step = {p["step"]: p for p in summary["points"]}
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if by_step and os.path.exists(metrics_path):
@@ -205,10 +200,10 @@ def record(run_dir: str, summary: dict[str, Any]) -> None:
             point = by_step.get(row.get("step"))
             if point is not None:
                 row.update(probe_score=point["score"], probe_random=summary["random_init"], probe_gain=point["gain"])
-        replace_file(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+        write_text_atomically(metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
     card_path = os.path.join(run_dir, "export", "model_card.json")
     if os.path.exists(card_path):
         with open(card_path) as f:
             card = json.load(f)
         card["online_probe"] = {k: summary[k] for k in ("store", "metric", "random_init", "points", "best_step")}
-        replace_file(card_path, json.dumps(card, indent=2, default=str))
+        write_text_atomically(card_path, json.dumps(card, indent=2, default=str))

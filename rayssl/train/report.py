@@ -13,6 +13,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from rayssl.checkpoint import write_text_atomically
 from rayssl.config import DataSection
 from rayssl.nn.health import collapse_warnings
 from rayssl.train.heldout import FirstHeldout, progress_text
@@ -32,13 +33,6 @@ def write_text(path: str, text: str) -> None:
     """`text` as the whole of the file at `path` (local or any fsspec URL)."""
     with fsspec.open(path, "w") as f:
         f.write(text)
-
-
-def _replace_local(path: str, text: str) -> None:
-    """`text` as the whole of the local file at `path`, swapped in at once (never a half-written file)."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def fmt_eta(seconds: float) -> str:
@@ -79,7 +73,7 @@ class Reporter:
         if rank == 0 and self.appends and (self.history or os.path.exists(self.local_path)):
             # Start from what this attempt keeps: the lines up to the resumed step (none for a restart
             # from scratch), written whole before the first append.
-            _replace_local(self.local_path, "".join(line + "\n" for line in self.history))
+            write_text_atomically(self.local_path, "".join(line + "\n" for line in self.history))
         # The run's first held-out loss: the reference line of a method with none of its own (on resume, from metrics.jsonl).
         self.first_heldout = FirstHeldout([json.loads(line) for line in self.history])
         self.stop, self.data, self.data_wait = stop, data, data_wait
