@@ -173,12 +173,17 @@ def test_a_cpu_profile_step_never_meets_batchnorm_with_fewer_than_16_rows(method
         assert rows and min(rows.values()) == 2 * 18  # the projector's BatchNorm: 2 volumes x 18 crops
 
 
-def test_the_paper_norm_at_the_cpu_batch_meets_batchnorm_with_2_rows_and_the_warning_names_it():
-    """The same cpu step with MLSSCL's paper norms: BatchNorm sees 4 views x 2 clips (online) and
-    3 x 2 (target); the start-up warning names the layers and both fixes."""
+def test_the_cpu_profile_heads_see_24_and_18_rows_and_batch_2_would_warn():
+    """MLSSCL's cpu heads keep the paper's BatchNorm1d over a batch of 6: 4 views x 6 clips online,
+    3 x 6 target. At batch 2 with the paper's norms, BatchNorm sees 4 x 2 (online) and 3 x 2 (target);
+    the start-up warning names the layers and both fixes."""
     from rayssl.train.loop import small_batchnorm_warning
 
-    model, rows = _cpu_step_batchnorm_rows("mlsscl", ["mlsscl.norm=batch", "mlsscl.head_norm=batch"])
+    _, rows = _cpu_step_batchnorm_rows("mlsscl", [])
+    assert rows["online.projector.1"] == 24 and rows["predictor.1"] == 24 and rows["target.projector.1"] == 18
+    assert not any(name.startswith(("online.backbone", "target.backbone")) for name in rows)  # GroupNorm there
+    model, rows = _cpu_step_batchnorm_rows("mlsscl", ["mlsscl.norm=batch", "mlsscl.head_norm=batch",
+                                                      "train.batch_size=2"])
     assert rows["online.backbone.resnet.bn1"] == 8 and rows["target.backbone.resnet.bn1"] == 6
     assert rows["online.projector.1"] == 8 and rows["predictor.1"] == 8
     warning = small_batchnorm_warning(model, rows, "mlsscl", ["norm", "head_norm"])

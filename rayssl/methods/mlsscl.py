@@ -252,16 +252,18 @@ class MLSSCL(Method):
     # The optimizer recipe is in each profile's "train" section; docs/methods/mlsscl.md has the
     # table of sources that tests/test_profiles.py holds against `rayssl recipe`.
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
-        # Small enough for the 2-core demo run: 16 x 32 x 32 clips, ResNet-18 at quarter width.
+        # Small enough for the 2-core demo run: 8 x 24 x 24 clips, ResNet-18 at quarter width.
         "cpu": {
-            "clip_length": 16, "long_stride": 4, "short_stride": 2, "plane_size": 48, "image_size": 32,
+            "clip_length": 8, "long_stride": 4, "short_stride": 2, "plane_size": 48, "image_size": 24,
             "resnet_widen_factor": 0.25, "proj_dim": 64, "queue_length": 64, "temperature": 0.2,
-            # Batch-independent norms: BatchNorm over a batch of 2 volumes made queue keys incomparable
-            # across steps and the InfoNCE terms sat at chance (issue 24, docs/methods/mlsscl.md).
-            "norm": "group", "head_norm": "layer",
+            # GroupNorm in the ResNet (batch-independent); BatchNorm in the heads, as the paper's, over
+            # a batch of 6 volumes (24 online rows, 18 target rows: >= 16). LayerNorm heads collapsed the
+            # embedding to one vector within 10 steps; BatchNorm heads standardise over samples and the
+            # fixed-negative held-out objective falls below chance (issue 24, docs/methods/mlsscl.md).
+            "norm": "group", "head_norm": "batch",
             "momentum": 0.99, "alpha": 0.5, "beta": 0.5, "multiview_direction": "one_way",
             "train": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-5, "schedule": "cosine",
-                      "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 2, "accumulate": 1,
+                      "warmup_steps": 5, "final_lr_fraction": 0.0, "batch_size": 6, "accumulate": 1,
                       "steps": 40, "grad_clip": 1.0, "amp": True},
         },
         # Paper Sec. 3.1 ("Implementation Details"): C, δL, δS, α, β, B = 64, queue 320, starting
@@ -573,7 +575,7 @@ class MLSSCL(Method):
             "recommended_downstream_patch_size": [cfg.image_size] * 3,
         }
 
-    # Held-out reference (rayssl/train/heldout.py): at least 17 fixed samples in whole batches (18 at batch 2),
+    # Held-out reference (rayssl/train/heldout.py): at least 17 fixed samples in whole batches (18 at batch 2 or 6),
     # so K = M - 1 >= 16 negatives per anchor and chance ln M per term.
     heldout_reference_samples: ClassVar[int] = 17
 

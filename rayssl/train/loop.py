@@ -100,9 +100,12 @@ def small_batchnorm_warning(model: torch.nn.Module, rows: dict[str, int], method
     convs = any(not isinstance(modules.get(name), torch.nn.BatchNorm1d) for name in names)
     if convs and "norm" in method_fields:
         fixes.append(f"--set {method}.norm=group")
+    # For heads a larger batch comes first: per-row LayerNorm does not standardise over samples, and
+    # MLSSCL's embedding collapsed with it (issue 24); smaller crops can pay for the batch.
+    fixes.append(f"a larger train.batch_size (>= {minimum} rows per layer; smaller crops pay for it)")
     if heads and "head_norm" in method_fields:
         fixes.append(f"--set {method}.head_norm=layer")
-    fixes += ["a larger train.batch_size", "train.sync_batchnorm=true across several GPU workers"]
+    fixes.append("train.sync_batchnorm=true across several GPU workers")
     return (f"{len(names)} BatchNorm layer(s) normalise over fewer than {minimum} rows per step: {shown}. Batch "
             f"statistics of so few samples are noise, and embeddings normalised by different steps' statistics "
             f"are not comparable (a queue of negatives then holds incomparable keys). Fix: {', or '.join(fixes)}")
