@@ -156,6 +156,12 @@ def main() -> int:
     return 0
 
 
+# The config fields a method's `prepare` reads (DrasCLR: its landmarks and atlas registration), so that
+# settings differing only in views, model or loss share one cached preparation; others key on the whole config.
+PREPARE_FIELDS = {"drasclr": ("mask", "atlas", "patch_size", "landmark_step", "landmark_min_fraction", "n_neighbors",
+                              "spacing_mm")}
+
+
 def prepared_volumes(method: Any, store: str, method_cfg: Any) -> list[Any]:
     """`method.prepare` of the store's train volumes, cached under benchmarks/_work/prepared/ by store and
     method config (DrasCLR's in-process atlas registration of 256 volumes takes minutes; every setting
@@ -165,7 +171,9 @@ def prepared_volumes(method: Any, store: str, method_cfg: Any) -> list[Any]:
 
     from rayssl.data.volumes import load_volumes
 
-    key = hashlib.sha256(f"{Path(store).resolve()}|{method_cfg.model_dump_json()}".encode()).hexdigest()[:12]
+    fields = PREPARE_FIELDS.get(method.name)
+    config = method_cfg.model_dump_json(include=set(fields)) if fields else method_cfg.model_dump_json()
+    key = hashlib.sha256(f"{Path(store).resolve()}|{config}".encode()).hexdigest()[:12]
     path = WORK / "prepared" / f"{method.name}-{key}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())
